@@ -1,0 +1,112 @@
+//! Signals into a poll loop through a self-pipe, one byte per delivery.
+//!
+//! signal-hook's `pending()` reports each signal once per drain, but gunicorn's
+//! semantics count every TTIN and TTOU, so the handler writes the signal number
+//! itself into a non-blocking, close-on-exec pipe. The handler does nothing else:
+//! all work happens in the loop that reads the pipe.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
+
+static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signum: libc::c_int) {
+    // SAFETY: only async-signal-safe calls: errno is saved and restored around a
+    // non-blocking write(2) of one byte from the stack.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let fd = WRITE_FD.load(Ordering::Relaxed);
+        if fd >= 0 {
+            let byte = signum as u8;
+            // A full pipe (EAGAIN) drops this delivery: thousands of signals are
+            // already queued and the loop is about to read them.
+            libc::write(fd, (&byte as *const u8).cast(), 1);
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// The read end of the self-pipe; the loop polls it and calls [`SignalPipe::drain`].
+pub struct SignalPipe {
+    read: OwnedFd,
+    _write: OwnedFd,
+    handled: Vec<Signal>,
+}
+
+impl SignalPipe {
+    /// Create the pipe and route `signals` into it. One per process.
+    pub fn install(signals: &[Signal]) -> io::Result<SignalPipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        WRITE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::all(),
+        );
+        for &sig in signals {
+            // SAFETY: the handler above is async-signal-safe.
+            unsafe { sigaction(sig, &action) }?;
+        }
+        Ok(SignalPipe {
+            read,
+            _write: write,
+            handled: signals.to_vec(),
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// Every delivery since the last drain, in arrival order.
+    pub fn drain(&self) -> Vec<Signal> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match nix::unistd::read(&self.read, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.extend(
+                        buf[..n]
+                            .iter()
+                            .filter_map(|&b| Signal::try_from(b as libc::c_int).ok()),
+                    );
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// The signals routed into this pipe, for a child to reset before exec.
+    pub fn handled(&self) -> &[Signal] {
+        &self.handled
+    }
+}
+
+/// Block every signal and return the previous mask: used around fork so that no
+/// handler of the master runs in a child before it resets its dispositions.
+pub fn block_all() -> io::Result<SigSet> {
+    let mut old = SigSet::empty();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))?;
+    Ok(old)
+}
+
+/// Restore a mask saved by [`block_all`].
+pub fn restore(mask: &SigSet) {
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None);
+}
+
+/// The short upper-case name operators use: `TERM`, `TTIN`, `KILL`.
+pub fn short_name(sig: Signal) -> &'static str {
+    let full = sig.as_str();
+    full.strip_prefix("SIG").unwrap_or(full)
+}
