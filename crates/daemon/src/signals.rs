@@ -14,17 +14,24 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signa
 
 static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
 
-extern "C" fn on_signal(signum: libc::c_int) {
+/// One delivery as written into the pipe: the signal number and the sender's pid.
+/// Eight bytes, well under PIPE_BUF, so each write is atomic.
+const RECORD: usize = 8;
+
+extern "C" fn on_signal(signum: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: only async-signal-safe calls: errno is saved and restored around a
-    // non-blocking write(2) of one byte from the stack.
+    // non-blocking write(2) of a record built on the stack; `info` is the kernel's.
     unsafe {
         let errno = *libc::__errno_location();
         let fd = WRITE_FD.load(Ordering::Relaxed);
         if fd >= 0 {
-            let byte = signum as u8;
+            let sender = if info.is_null() { 0 } else { (*info).si_pid() };
+            let mut rec = [0u8; RECORD];
+            rec[..4].copy_from_slice(&signum.to_ne_bytes());
+            rec[4..].copy_from_slice(&sender.to_ne_bytes());
             // A full pipe (EAGAIN) drops this delivery: thousands of signals are
             // already queued and the loop is about to read them.
-            libc::write(fd, (&byte as *const u8).cast(), 1);
+            libc::write(fd, rec.as_ptr().cast(), RECORD);
         }
         *libc::__errno_location() = errno;
     }
@@ -43,8 +50,8 @@ impl SignalPipe {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         WRITE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
         let action = SigAction::new(
-            SigHandler::Handler(on_signal),
-            SaFlags::SA_RESTART,
+            SigHandler::SigAction(on_signal),
+            SaFlags::SA_RESTART | SaFlags::SA_SIGINFO,
             SigSet::all(),
         );
         for &sig in signals {
@@ -64,17 +71,28 @@ impl SignalPipe {
 
     /// Every delivery since the last drain, in arrival order.
     pub fn drain(&self) -> Vec<Signal> {
+        self.drain_with_sender()
+            .into_iter()
+            .map(|(sig, _)| sig)
+            .collect()
+    }
+
+    /// Every delivery since the last drain, in arrival order, with the pid of the
+    /// process that sent it (`None` when the kernel sent it, or for SIGCHLD's child).
+    pub fn drain_with_sender(&self) -> Vec<(Signal, Option<i32>)> {
         let mut out = Vec::new();
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; RECORD * 64];
         loop {
             match nix::unistd::read(&self.read, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    out.extend(
-                        buf[..n]
-                            .iter()
-                            .filter_map(|&b| Signal::try_from(b as libc::c_int).ok()),
-                    );
+                    for rec in buf[..n].chunks_exact(RECORD) {
+                        let signum = i32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
+                        let sender = i32::from_ne_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                        if let Ok(sig) = Signal::try_from(signum) {
+                            out.push((sig, (sender > 0).then_some(sender)));
+                        }
+                    }
                     if n < buf.len() {
                         break;
                     }
@@ -96,7 +114,11 @@ impl SignalPipe {
 /// handler of the master runs in a child before it resets its dispositions.
 pub fn block_all() -> io::Result<SigSet> {
     let mut old = SigSet::empty();
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))?;
+    nix::sys::signal::sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )?;
     Ok(old)
 }
 

@@ -1,0 +1,975 @@
+//! The master: its state and its loop, meant to be read top to bottom.
+//!
+//! One thread, one `poll`. Each turn: drain signals -> read exec statuses -> reap ->
+//! check deadlines -> converge the worker table toward the target. The poll timeout
+//! is the nearest deadline, so an idle master with nothing due sleeps.
+//!
+//! Signals and (later) control commands go through the same methods (`reload`,
+//! `scale_to`, `begin_shutdown`), so `kill -HUP` and a control command cannot behave
+//! differently.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use arbiter_proto::worker as contract;
+
+use crate::config::{Config, ReadyMode, WorkerProgram};
+use crate::listeners::{self, Listener};
+use crate::pidfile::Pidfile;
+use crate::signals::{self, SignalPipe};
+use crate::spawn::{self, Plan, Prepared};
+use crate::workers::{self, Heartbeat, State, Worker};
+use crate::{critical, debug, error, info, warning};
+
+/// The signals the master handles; everything else keeps its default.
+pub const HANDLED_SIGNALS: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGCHLD,
+];
+
+/// Between ABRT for a heartbeat timeout and the KILL that follows.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// How long a quick shutdown (INT, QUIT) waits before KILL, at most.
+const QUICK_GRACE: Duration = Duration::from_secs(2);
+/// A worker that lived this long resets its slot's failure count.
+const STABLE_PERIOD: Duration = Duration::from_secs(10);
+/// Crash-loop backoff bounds.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// From this many failures in a row, a slot is reported as crash-looping.
+const CRASH_LOOP_AFTER: u32 = 3;
+
+struct Reload {
+    /// The generation that keeps serving if this reload fails.
+    from: u64,
+    to: u64,
+    started: Instant,
+}
+
+#[derive(Clone, Debug)]
+pub enum ReloadOutcome {
+    Succeeded { generation: u64, took: Duration },
+    Failed { generation: u64, reason: String },
+}
+
+struct Shutdown {
+    graceful: bool,
+    deadline: Instant,
+}
+
+/// Crash-loop bookkeeping for one slot.
+#[derive(Default)]
+struct SlotHealth {
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+pub struct Arbiter {
+    cfg: Config,
+    listeners: Vec<Listener>,
+    signals: SignalPipe,
+    pidfile: Option<Pidfile>,
+    master_pid: Pid,
+    /// The environment every worker starts from (the master's, less what is ours).
+    base_env: Vec<Vec<u8>>,
+    heartbeat_dir: PathBuf,
+
+    workers: Vec<Worker>,
+    /// How many workers of the current generation we want.
+    target: usize,
+    /// The generation new workers belong to.
+    generation: u64,
+    /// The highest generation number handed out so far.
+    last_generation: u64,
+    next_worker_id: u64,
+    reload: Option<Reload>,
+    last_reload: Option<ReloadOutcome>,
+    shutdown: Option<Shutdown>,
+    exit_status: u8,
+    exit_reason: Option<String>,
+    /// The first generation was fully ready once: exit 3/4 no longer halts.
+    served: bool,
+    slots: HashMap<usize, SlotHealth>,
+    /// A worker of this generation exited with EX_CONFIG: spawn none until it changes.
+    config_failed: Option<u64>,
+    fork_failures: u32,
+    fork_not_before: Option<Instant>,
+}
+
+impl Arbiter {
+    pub fn new(
+        cfg: Config,
+        listeners: Vec<Listener>,
+        pidfile: Option<Pidfile>,
+    ) -> std::io::Result<Arbiter> {
+        let signals = SignalPipe::install(HANDLED_SIGNALS)?;
+        // Orphans of our workers' own children come back to us, to be reaped silently,
+        // instead of going to init with nobody watching them.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        let base_env = std::env::vars_os()
+            .filter(|(k, _)| !is_reserved_env(k))
+            .map(|(k, v)| {
+                let mut e = k.into_vec();
+                e.push(b'=');
+                e.extend_from_slice(v.as_bytes());
+                e
+            })
+            .collect();
+        Ok(Arbiter {
+            target: cfg.workers,
+            cfg,
+            listeners,
+            signals,
+            pidfile,
+            master_pid: nix::unistd::getpid(),
+            base_env,
+            heartbeat_dir: workers::heartbeat_dir(),
+            workers: Vec::new(),
+            generation: 1,
+            last_generation: 1,
+            next_worker_id: 1,
+            reload: None,
+            last_reload: None,
+            shutdown: None,
+            exit_status: 0,
+            exit_reason: None,
+            served: false,
+            slots: HashMap::new(),
+            config_failed: None,
+            fork_failures: 0,
+            fork_not_before: None,
+        })
+    }
+
+    /// Run until shut down; returns the exit status.
+    pub fn run(mut self) -> u8 {
+        info!("Starting arbiter {}", env!("CARGO_PKG_VERSION"));
+        let shown: Vec<&str> = self.listeners.iter().map(|l| l.display.as_str()).collect();
+        info!("Listening at: {} ({})", shown.join(", "), self.master_pid);
+        info!("Using worker: {}", self.worker_description());
+        self.converge(Instant::now());
+        loop {
+            if self.shutdown.is_some() && self.workers.is_empty() {
+                break;
+            }
+            self.wait_for_events();
+            let now = Instant::now();
+            self.reap(now);
+            self.check_deadlines(now);
+            self.converge(now);
+        }
+        self.finish()
+    }
+
+    fn worker_description(&self) -> String {
+        match &self.cfg.program {
+            WorkerProgram::Builtin => "builtin (HTTP)".to_string(),
+            WorkerProgram::Command { argv, .. } => argv
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    // ---------------------------------------------------------------- the poll
+
+    /// Sleep until a signal, an exec status, or the nearest deadline, and handle
+    /// what woke us.
+    fn wait_for_events(&mut self) {
+        let timeout = self.poll_timeout(Instant::now());
+        let (signals_ready, exec_ready) = {
+            let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+            let mut owners = Vec::new();
+            for w in &self.workers {
+                if let Some(fd) = &w.exec_status {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    owners.push(w.pid);
+                }
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                // Every signal interrupts poll (SA_RESTART does not apply to it); the
+                // byte waits in the pipe for the next turn.
+                Err(nix::errno::Errno::EINTR) => return,
+                Err(e) => {
+                    critical!("poll failed: {e}");
+                    return;
+                }
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            let exec_ready: Vec<Pid> = fds[1..]
+                .iter()
+                .zip(owners)
+                .filter(|(fd, _)| ready(fd))
+                .map(|(_, pid)| pid)
+                .collect();
+            (ready(&fds[0]), exec_ready)
+        };
+        if signals_ready {
+            for (sig, sender) in self.signals.drain_with_sender() {
+                self.handle_signal(sig, sender);
+            }
+        }
+        for pid in exec_ready {
+            self.on_exec_status(pid);
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> PollTimeout {
+        let Some(next) = self.next_deadline() else {
+            return PollTimeout::NONE;
+        };
+        let wait = next.saturating_duration_since(now);
+        // Round up: a sub-millisecond remainder must not become 0 and spin the loop.
+        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+    }
+
+    /// The earliest moment something is due: a graceful-stop deadline, a heartbeat
+    /// expiry, a boot timeout, a spawn backoff. `None`: nothing is due, sleep.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(s) = &self.shutdown {
+            at(s.deadline);
+        }
+        for w in &self.workers {
+            match w.state {
+                State::Stopping { deadline } | State::Aborted { deadline } => at(deadline),
+                State::Booting => {
+                    at(w.started + self.cfg.boot_timeout);
+                    self.heartbeat_deadline(w).map(&mut at);
+                }
+                State::Ready { .. } => {
+                    self.heartbeat_deadline(w).map(&mut at);
+                }
+                State::Killed => {}
+            }
+        }
+        if self.shutdown.is_none() && self.active_in_generation() < self.target {
+            for h in self.slots.values() {
+                if let Some(t) = h.not_before {
+                    at(t);
+                }
+            }
+            if let Some(t) = self.fork_not_before {
+                at(t);
+            }
+        }
+        next
+    }
+
+    /// When the worker's heartbeat must next be looked at.
+    fn heartbeat_deadline(&self, w: &Worker) -> Option<Instant> {
+        let timeout = self.cfg.timeout?;
+        Some(match w.heartbeat.last_beat {
+            Some(beat) => beat + timeout,
+            // Not beating yet: never killed for that, but looked at now and then to
+            // notice the first beat.
+            None => w.heartbeat.last_check() + probe_interval(timeout),
+        })
+    }
+
+    // ---------------------------------------------------------------- signals
+
+    fn handle_signal(&mut self, sig: Signal, sender: Option<i32>) {
+        if sig == Signal::SIGCHLD {
+            debug!("Handling signal: chld");
+            return;
+        }
+        info!(
+            "Handling signal: {}",
+            signals::short_name(sig).to_ascii_lowercase()
+        );
+        let lifecycle = matches!(
+            sig,
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT | Signal::SIGHUP
+        );
+        if let Some(sender) = sender.filter(|_| lifecycle)
+            && let Some(worker_pid) = self.worker_owning(sender)
+        {
+            // Some libraries signal their parent; a worker must not stop or reload
+            // the whole service that way.
+            warning!(
+                "Ignoring SIG{} sent by worker (pid:{worker_pid}) (sender pid:{sender})",
+                signals::short_name(sig)
+            );
+            return;
+        }
+        match sig {
+            Signal::SIGHUP => {
+                info!("Hang up: Master");
+                self.reload();
+            }
+            Signal::SIGTERM => self.begin_shutdown(true),
+            Signal::SIGINT | Signal::SIGQUIT => self.begin_shutdown(false),
+            Signal::SIGTTIN => self.scale_to(self.target.saturating_add(1)),
+            Signal::SIGTTOU => {
+                if self.target <= 1 {
+                    info!("SIGTTOU ignored: already at 1 worker");
+                } else {
+                    self.scale_to(self.target - 1);
+                }
+            }
+            Signal::SIGUSR1 => self.reopen_logs(),
+            Signal::SIGUSR2 => warning!("SIGUSR2 ignored: hot upgrade is not implemented yet"),
+            Signal::SIGWINCH => info!("SIGWINCH ignored. Not daemonized"),
+            _ => {}
+        }
+    }
+
+    /// The worker whose process (or process group) `pid` belongs to, if any.
+    fn worker_owning(&self, pid: i32) -> Option<Pid> {
+        if let Some(w) = self.workers.iter().find(|w| w.pid.as_raw() == pid) {
+            return Some(w.pid);
+        }
+        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok()?;
+        self.workers.iter().find(|w| w.pid == pgid).map(|w| w.pid)
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    /// Start a new generation; old workers retire as new ones become ready.
+    pub fn reload(&mut self) {
+        if self.shutdown.is_some() {
+            info!("Reload ignored: shutting down");
+            return;
+        }
+        self.last_generation += 1;
+        let to = self.last_generation;
+        let from = match self.reload.take() {
+            // A reload during a reload: the newest wins, and the generation that was
+            // serving before either keeps serving if it fails.
+            Some(r) => r.from,
+            None => self.generation,
+        };
+        info!("Reloading: generation {} -> {to}", self.generation);
+        self.generation = to;
+        self.config_failed = None;
+        self.slots.clear();
+        self.reload = Some(Reload {
+            from,
+            to,
+            started: Instant::now(),
+        });
+    }
+
+    pub fn scale_to(&mut self, n: usize) {
+        if self.shutdown.is_some() {
+            info!("Scale ignored: shutting down");
+            return;
+        }
+        let n = n.max(1);
+        if n != self.target {
+            info!("workers {} -> {n}", self.target);
+        }
+        self.target = n;
+        self.config_failed = None;
+    }
+
+    pub fn begin_shutdown(&mut self, graceful: bool) {
+        let now = Instant::now();
+        match &mut self.shutdown {
+            Some(s) if graceful || !s.graceful => {
+                info!("Already shutting down");
+                return;
+            }
+            Some(s) => {
+                info!("Quick shutdown requested");
+                s.graceful = false;
+                s.deadline = s.deadline.min(now + QUICK_GRACE);
+            }
+            None => {
+                let wait = if graceful {
+                    self.cfg.graceful_timeout
+                } else {
+                    self.cfg.graceful_timeout.min(QUICK_GRACE)
+                };
+                self.shutdown = Some(Shutdown {
+                    graceful,
+                    deadline: now + wait,
+                });
+                // New connections now wait in the backlog of the workers' copies
+                // until those close; the unix socket path goes away at once.
+                listeners::close_all(std::mem::take(&mut self.listeners));
+            }
+        }
+        let deadline = self.shutdown.as_ref().map_or(now, |s| s.deadline);
+        let sig = if graceful {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGQUIT
+        };
+        for w in &mut self.workers {
+            match w.state {
+                State::Killed => {}
+                State::Stopping { .. } | State::Aborted { .. } if graceful => {}
+                _ => w.stop(sig, deadline),
+            }
+        }
+    }
+
+    fn halt(&mut self, status: u8, reason: &str) {
+        error!("{reason} Halting with status {status}");
+        self.exit_status = status;
+        self.exit_reason = Some(reason.to_string());
+        self.begin_shutdown(true);
+    }
+
+    fn reopen_logs(&mut self) {
+        match crate::log::reopen() {
+            Ok(()) => info!("Reopened the log file"),
+            Err(e) => error!("Cannot reopen the log file: {e}"),
+        }
+    }
+
+    // ---------------------------------------------------------------- workers
+
+    fn on_exec_status(&mut self, pid: Pid) {
+        let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+            return;
+        };
+        let Some(fd) = &w.exec_status else { return };
+        match spawn::read_status(fd) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Ok(None) | Err(_) => {
+                if self.cfg.ready == ReadyMode::Exec && w.state == State::Booting {
+                    w.mark_ready(Instant::now());
+                    debug!("Worker (pid:{pid}) is ready");
+                }
+            }
+            Ok(Some((step, errno))) => {
+                let what = step.map_or("starting", |s| s.describe());
+                error!(
+                    "Worker (pid:{pid}) failed to start: {what}: {} ({})",
+                    nix::errno::Errno::from_raw(errno).desc(),
+                    nix::errno::Errno::from_raw(errno)
+                );
+            }
+        }
+        w.exec_status = None;
+    }
+
+    /// Collect every exited child: one SIGCHLD may stand for many exits, and a lost
+    /// wakeup must not leave a zombie, so this runs every turn.
+    fn reap(&mut self, now: Instant) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, Death::Code(code), now),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.on_exit(pid, Death::Signal(sig), now),
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, death: Death, now: Instant) {
+        let Some(idx) = self.workers.iter().position(|w| w.pid == pid) else {
+            // An orphan that came to us as subreaper, or a child of something else.
+            debug!("Reaped unknown child process (pid:{pid})");
+            return;
+        };
+        let w = self.workers.remove(idx);
+        let was_ready = w.ready_once;
+        log_death(&w, death);
+        if w.retiring {
+            return;
+        }
+        let failed = !was_ready || !matches!(death, Death::Code(0));
+        if let Death::Code(code @ (contract::EXIT_BOOT_ERROR | contract::EXIT_APP_LOAD_ERROR)) =
+            death
+            && !self.served
+            && self.shutdown.is_none()
+        {
+            let reason = if code == contract::EXIT_BOOT_ERROR {
+                "Worker failed to boot."
+            } else {
+                "App failed to load."
+            };
+            self.halt(code as u8, reason);
+            return;
+        }
+        if let Some(r) = &self.reload
+            && w.generation == r.to
+            && !was_ready
+        {
+            let reason = format!(
+                "worker (pid:{pid}) {} before it was ready",
+                death.describe()
+            );
+            self.abandon_reload(reason);
+            return;
+        }
+        if matches!(death, Death::Code(contract::EXIT_CONFIG)) && w.generation == self.generation {
+            error!(
+                "Worker (pid:{pid}) exited with code 78 (configuration error): not restarting generation {} until a reload or a scale",
+                w.generation
+            );
+            self.config_failed = Some(w.generation);
+            return;
+        }
+        if w.generation != self.generation {
+            return;
+        }
+        let health = self.slots.entry(w.slot).or_default();
+        if !failed {
+            health.failures = 0;
+            health.not_before = None;
+            return;
+        }
+        if now.saturating_duration_since(w.started) >= STABLE_PERIOD {
+            health.failures = 0;
+        }
+        health.failures += 1;
+        let delay = backoff(health.failures);
+        health.not_before = Some(now + delay);
+        if health.failures >= CRASH_LOOP_AFTER {
+            warning!(
+                "Worker slot {} is crash-looping ({} failures in a row); next start in {:.1}s",
+                w.slot,
+                health.failures,
+                delay.as_secs_f64()
+            );
+        }
+    }
+
+    fn abandon_reload(&mut self, reason: String) {
+        let Some(r) = self.reload.take() else { return };
+        error!(
+            "Reload to generation {} failed: {reason}; generation {} keeps serving",
+            r.to, r.from
+        );
+        self.last_reload = Some(ReloadOutcome::Failed {
+            generation: r.to,
+            reason,
+        });
+        // The new generation's workers become "other" workers: the booting ones are
+        // retired at once, the ready ones as the old generation is back to strength.
+        self.generation = r.from;
+        self.slots.clear();
+    }
+
+    /// Timeouts: boot, heartbeat, graceful stop, shutdown.
+    fn check_deadlines(&mut self, now: Instant) {
+        let timeout = self.cfg.timeout;
+        let boot_timeout = self.cfg.boot_timeout;
+        for w in &mut self.workers {
+            match w.state {
+                State::Stopping { deadline } | State::Aborted { deadline } if now >= deadline => {
+                    warning!(
+                        "Worker (pid:{}) still running after its {}; sending SIGKILL",
+                        w.pid,
+                        if matches!(w.state, State::Aborted { .. }) {
+                            "abort grace"
+                        } else {
+                            "graceful timeout"
+                        }
+                    );
+                    let _ = w.signal(Signal::SIGKILL);
+                    w.state = State::Killed;
+                }
+                State::Booting if now >= w.started + boot_timeout => {
+                    error!(
+                        "Worker (pid:{}) not ready after {:.1}s (--boot-timeout); killing it",
+                        w.pid,
+                        boot_timeout.as_secs_f64()
+                    );
+                    let _ = w.signal(Signal::SIGKILL);
+                    w.state = State::Killed;
+                }
+                State::Booting | State::Ready { .. } => {
+                    let Some(timeout) = timeout else { continue };
+                    let due = match w.heartbeat.last_beat {
+                        Some(beat) => now >= beat + timeout,
+                        None => now >= w.heartbeat.last_check() + probe_interval(timeout),
+                    };
+                    if !due {
+                        continue;
+                    }
+                    w.heartbeat.check(now);
+                    if let Some(beat) = w.heartbeat.last_beat
+                        && now >= beat + timeout
+                    {
+                        critical!("WORKER TIMEOUT (pid:{})", w.pid);
+                        let _ = w.signal(Signal::SIGABRT);
+                        w.state = State::Aborted {
+                            deadline: now + ABORT_GRACE,
+                        };
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = &self.shutdown
+            && now >= s.deadline
+        {
+            for w in &mut self.workers {
+                if w.state != State::Killed {
+                    warning!(
+                        "Worker (pid:{}) still running at the shutdown deadline; sending SIGKILL",
+                        w.pid
+                    );
+                    let _ = w.signal(Signal::SIGKILL);
+                    w.state = State::Killed;
+                }
+            }
+        }
+    }
+
+    fn active_in_generation(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.generation == self.generation && w.state.is_active())
+            .count()
+    }
+
+    /// Move the worker table toward the target: spawn what is missing, retire what
+    /// is surplus, and retire older generations as the current one becomes ready.
+    fn converge(&mut self, now: Instant) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let current_gen = self.generation;
+
+        // Surplus of the current generation (TTOU, scale down): oldest first.
+        let mut current: Vec<(u64, Pid)> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == current_gen && w.state.is_active())
+            .map(|w| (w.id, w.pid))
+            .collect();
+        current.sort();
+        if current.len() > self.target {
+            for &(_, pid) in &current[..current.len() - self.target] {
+                self.retire(pid, "scale down");
+            }
+        }
+
+        // Missing workers of the current generation.
+        if self.config_failed != Some(current_gen) {
+            let mut used: Vec<usize> = self
+                .workers
+                .iter()
+                .filter(|w| w.generation == current_gen && w.state.is_active())
+                .map(|w| w.slot)
+                .collect();
+            let mut missing = self.target.saturating_sub(used.len());
+            let mut slot = 0;
+            while missing > 0 {
+                while used.contains(&slot) {
+                    slot += 1;
+                }
+                let waiting = self
+                    .slots
+                    .get(&slot)
+                    .and_then(|h| h.not_before)
+                    .is_some_and(|t| now < t);
+                if !waiting {
+                    if self.fork_not_before.is_some_and(|t| now < t) {
+                        break;
+                    }
+                    if !self.spawn(slot, now) {
+                        break;
+                    }
+                }
+                used.push(slot);
+                missing -= 1;
+            }
+        }
+
+        // Older generations: the booting ones are useless, retire them now; keep
+        // just enough ready ones to cover what the current generation lacks.
+        let ready_current = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == current_gen && w.is_ready())
+            .count();
+        let mut others: Vec<(bool, u64, Pid)> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != current_gen && w.state.is_active())
+            .map(|w| (w.is_ready(), w.id, w.pid))
+            .collect();
+        others.sort();
+        let keep = self.target.saturating_sub(ready_current);
+        let surplus = others.len().saturating_sub(keep);
+        for &(_, _, pid) in &others[..surplus] {
+            self.retire(pid, "replaced by a new generation");
+        }
+
+        if !self.served && ready_current >= self.target {
+            self.served = true;
+            info!("Serving: {} worker(s) ready", ready_current);
+        }
+        if let Some(r) = &self.reload
+            && self.workers.iter().all(|w| w.generation == r.to)
+            && ready_current >= self.target
+        {
+            let took = r.started.elapsed();
+            info!(
+                "Reload to generation {} complete in {:.2}s",
+                r.to,
+                took.as_secs_f64()
+            );
+            self.last_reload = Some(ReloadOutcome::Succeeded {
+                generation: r.to,
+                took,
+            });
+            self.reload = None;
+        }
+    }
+
+    fn retire(&mut self, pid: Pid, why: &str) {
+        let deadline = Instant::now() + self.cfg.graceful_timeout;
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            info!("Stopping worker (pid:{pid}) gracefully: {why}");
+            w.stop(Signal::SIGTERM, deadline);
+        }
+    }
+
+    /// Fork and exec one worker into `slot`. False if it could not be started now
+    /// (the caller stops spawning for this turn; a backoff deadline is set).
+    fn spawn(&mut self, slot: usize, now: Instant) -> bool {
+        let owner = self.cfg.user.as_ref().map(|u| {
+            (
+                u.uid.as_raw(),
+                self.cfg.group.as_ref().map_or(u.gid, |g| g.gid).as_raw(),
+            )
+        });
+        let heartbeat = match Heartbeat::create(&self.heartbeat_dir, owner) {
+            Ok(h) => h,
+            Err(e) => {
+                self.spawn_failed(
+                    &format!(
+                        "cannot create a heartbeat file in {}: {e}",
+                        self.heartbeat_dir.display()
+                    ),
+                    now,
+                );
+                return false;
+            }
+        };
+        let id = self.next_worker_id;
+        let mut prepared = match self.prepare(id, slot, &heartbeat) {
+            Ok(p) => p,
+            Err(e) => {
+                self.spawn_failed(&format!("cannot prepare the worker: {e}"), now);
+                return false;
+            }
+        };
+        match prepared.spawn() {
+            Ok((pid, exec_status)) => {
+                self.next_worker_id += 1;
+                self.fork_failures = 0;
+                self.fork_not_before = None;
+                info!(
+                    "Booting worker with pid: {pid} (id:{id} slot:{slot} gen:{})",
+                    self.generation
+                );
+                self.workers.push(Worker {
+                    id,
+                    slot,
+                    pid,
+                    generation: self.generation,
+                    state: State::Booting,
+                    started: now,
+                    started_wall: SystemTime::now(),
+                    exec_status: Some(exec_status),
+                    heartbeat,
+                    sent: None,
+                    status_text: None,
+                    ready_once: false,
+                    retiring: false,
+                });
+                true
+            }
+            Err(e) => {
+                self.spawn_failed(&format!("fork failed: {e}"), now);
+                false
+            }
+        }
+    }
+
+    fn spawn_failed(&mut self, what: &str, now: Instant) {
+        self.fork_failures += 1;
+        let delay = backoff(self.fork_failures + 1);
+        self.fork_not_before = Some(now + delay);
+        error!(
+            "Cannot start a worker: {what}; retrying in {:.1}s",
+            delay.as_secs_f64()
+        );
+    }
+
+    /// Everything the child needs, built before fork.
+    fn prepare(&self, id: u64, slot: usize, heartbeat: &Heartbeat) -> std::io::Result<Prepared> {
+        let mut fds: Vec<i32> = self
+            .listeners
+            .iter()
+            .map(|l| l.as_fd().as_raw_fd())
+            .collect();
+        let heartbeat_target = contract::LISTEN_FDS_START + fds.len() as i32;
+        fds.push(heartbeat.fd());
+        let names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
+        let mut env = self.base_env.clone();
+        let mut set =
+            |k: &str, v: &dyn std::fmt::Display| env.push(format!("{k}={v}").into_bytes());
+        set(contract::ENV_LISTEN_FDS, &self.listeners.len());
+        set(contract::ENV_LISTEN_FDNAMES, &names.join(":"));
+        set(contract::ENV_WORKER_ID, &id);
+        set(contract::ENV_SLOT, &slot);
+        set(contract::ENV_GENERATION, &self.generation);
+        set(contract::ENV_MASTER_PID, &self.master_pid);
+        set(contract::ENV_HEARTBEAT_FD, &heartbeat_target);
+        let timeout_secs = self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64());
+        set(contract::ENV_TIMEOUT, &timeout_secs);
+        let builtin_title;
+        let (path, argv): (&OsStr, Vec<&OsStr>) = match &self.cfg.program {
+            WorkerProgram::Builtin => {
+                builtin_title = OsString::from(format!("arbiter: worker [{}]", self.cfg.name));
+                (
+                    OsStr::new("/proc/self/exe"),
+                    vec![
+                        builtin_title.as_os_str(),
+                        OsStr::new(crate::BUILTIN_WORKER_ARG),
+                    ],
+                )
+            }
+            WorkerProgram::Command { path, argv } => (
+                path.as_os_str(),
+                argv.iter().map(|a| a.as_os_str()).collect(),
+            ),
+        };
+        let credentials = self.cfg.user.as_ref().map(|u| {
+            (
+                u.uid.as_raw(),
+                self.cfg.group.as_ref().map_or(u.gid, |g| g.gid).as_raw(),
+            )
+        });
+        Prepared::new(Plan {
+            path,
+            argv: &argv,
+            env,
+            pid_keys: &[contract::ENV_LISTEN_PID],
+            fds,
+            credentials,
+        })
+    }
+
+    // ---------------------------------------------------------------- exit
+
+    fn finish(self) -> u8 {
+        listeners::close_all(self.listeners);
+        if let Some(p) = self.pidfile {
+            p.remove();
+        }
+        if self.exit_status == 0 {
+            info!("Shutting down: Master");
+        } else {
+            error!("Shutting down: Master");
+        }
+        if let Some(reason) = &self.exit_reason {
+            error!("Reason: {reason}");
+        }
+        self.exit_status
+    }
+}
+
+/// How a worker ended.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    Code(i32),
+    Signal(Signal),
+}
+
+impl Death {
+    fn describe(self) -> String {
+        match self {
+            Death::Code(c) => format!("exited with code {c}"),
+            Death::Signal(s) => format!("was killed by {s}"),
+        }
+    }
+}
+
+fn log_death(w: &Worker, death: Death) {
+    let pid = w.pid;
+    match death {
+        Death::Code(0) => info!("Worker (pid:{pid}) exited with code 0."),
+        Death::Code(c) => error!("Worker (pid:{pid}) exited with code {c}."),
+        Death::Signal(sig) if w.sent == Some(sig) => {
+            info!("Worker (pid:{pid}) was sent {sig} by the master.")
+        }
+        Death::Signal(Signal::SIGKILL) => {
+            error!("Worker (pid:{pid}) was sent SIGKILL! Perhaps out of memory?")
+        }
+        Death::Signal(Signal::SIGTERM) => info!("Worker (pid:{pid}) was sent SIGTERM!"),
+        Death::Signal(sig) => warning!("Worker (pid:{pid}) was sent {sig}!"),
+    }
+}
+
+/// Delay before the n-th consecutive failure's restart: the first is immediate.
+fn backoff(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = (failures - 2).min(16);
+    (BACKOFF_FIRST * 2u32.pow(exp)).min(BACKOFF_MAX)
+}
+
+/// How often a worker that has not beaten yet is looked at.
+fn probe_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Variables of the master's own environment a worker must not inherit: systemd's
+/// (they were meant for the master) and ours (each worker gets its own).
+fn is_reserved_env(key: &OsStr) -> bool {
+    let k = key.as_bytes();
+    k.starts_with(b"LISTEN_")
+        || k.starts_with(b"ARBITER_")
+        || k == b"NOTIFY_SOCKET"
+        || k.starts_with(b"WATCHDOG_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(200));
+        assert_eq!(backoff(50), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn reserved_env() {
+        assert!(is_reserved_env(OsStr::new("LISTEN_FDS")));
+        assert!(is_reserved_env(OsStr::new("NOTIFY_SOCKET")));
+        assert!(is_reserved_env(OsStr::new("ARBITER_SLOT")));
+        assert!(!is_reserved_env(OsStr::new("PATH")));
+    }
+}

@@ -1,0 +1,436 @@
+//! Command line -> a validated [`Config`], once, before anything is bound or forked.
+
+use std::ffi::{CString, OsString};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::log::Level;
+
+/// A pre-fork master with gunicorn's Arbiter semantics, for workers in any language.
+///
+/// With no COMMAND each worker runs the built-in HTTP worker; with a COMMAND each
+/// worker is that program, exec'd with the listeners at fds 3, 4, ... and the
+/// systemd LISTEN_FDS variables.
+#[derive(Parser, Debug)]
+#[command(name = "arbiterd", version, about, long_about = None)]
+pub struct Cli {
+    /// Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)
+    #[arg(short, long = "bind", value_name = "ADDR")]
+    pub bind: Vec<String>,
+    /// Number of workers
+    #[arg(short, long, value_name = "N", default_value_t = 1)]
+    pub workers: usize,
+    /// Heartbeat timeout in seconds; 0 disables
+    #[arg(short, long, value_name = "SECS", default_value_t = 30.0)]
+    pub timeout: f64,
+    /// How long TERMed workers may drain before KILL, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub graceful_timeout: f64,
+    /// When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1)
+    #[arg(long, value_name = "MODE", default_value = "exec")]
+    pub ready: String,
+    /// A worker not ready by then is killed and counts as a boot failure, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub boot_timeout: f64,
+    /// Instance name: process titles, default paths, logs
+    #[arg(short, long, value_name = "NAME", default_value = "arbiter")]
+    pub name: String,
+    /// Pidfile
+    #[arg(short, long, value_name = "PATH")]
+    pub pid: Option<PathBuf>,
+    /// Control socket path
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Detach: double fork, setsid, stdio to /dev/null
+    #[arg(short = 'D', long)]
+    pub daemon: bool,
+    /// Log file; `-` is stderr
+    #[arg(long, value_name = "PATH", default_value = "-")]
+    pub log_file: PathBuf,
+    /// debug, info, warning, error or critical
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// TOML file with the same keys as the long options; re-read on reload
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Recycle a worker whose RSS exceeds this many MiB
+    #[arg(long, value_name = "MIB")]
+    pub max_worker_rss: Option<u64>,
+    /// Recycle a worker older than this many seconds
+    #[arg(long, value_name = "SECS")]
+    pub max_worker_age: Option<f64>,
+    /// Set SO_REUSEPORT on the listeners
+    #[arg(long)]
+    pub reuse_port: bool,
+    /// Listen backlog
+    #[arg(long, value_name = "N", default_value_t = 2048)]
+    pub backlog: i32,
+    /// File mode creation mask, octal
+    #[arg(long, value_name = "MODE")]
+    pub umask: Option<String>,
+    /// Change to this directory before anything else
+    #[arg(long, value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+    /// Run workers as this user (name or uid)
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Run workers as this group (name or gid)
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// The worker program and its arguments, after `--`
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindSpec {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    Fd(i32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadyMode {
+    Exec,
+    Notify,
+}
+
+/// What each worker runs.
+#[derive(Clone, Debug)]
+pub enum WorkerProgram {
+    /// This binary, as `arbiterd --builtin-worker`.
+    Builtin,
+    /// COMMAND resolved against PATH at startup.
+    Command { path: PathBuf, argv: Vec<OsString> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub binds: Vec<BindSpec>,
+    /// True when `--bind` was not given and `binds` holds the default.
+    pub default_bind: bool,
+    pub workers: usize,
+    pub timeout: Option<Duration>,
+    pub graceful_timeout: Duration,
+    pub ready: ReadyMode,
+    pub boot_timeout: Duration,
+    pub name: String,
+    pub pidfile: Option<PathBuf>,
+    pub log_file: PathBuf,
+    pub log_level: Level,
+    pub reuse_port: bool,
+    pub backlog: i32,
+    pub umask: Option<u32>,
+    pub chdir: Option<PathBuf>,
+    pub user: Option<nix::unistd::User>,
+    pub group: Option<nix::unistd::Group>,
+    pub program: WorkerProgram,
+}
+
+/// A startup error: one line for a person, exit status 1.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+macro_rules! bail {
+    ($($t:tt)*) => { return Err(ConfigError(format!($($t)*))) }
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v < 0.0 || v > 1e9 {
+        bail!("{flag}: expected a number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Parse one `--bind` value, in gunicorn's forms.
+pub fn parse_bind(s: &str) -> Result<BindSpec, ConfigError> {
+    if let Some(path) = s
+        .strip_prefix("unix://")
+        .or_else(|| s.strip_prefix("unix:"))
+    {
+        if path.is_empty() {
+            bail!("--bind {s}: empty unix socket path");
+        }
+        if path.len() >= 108 {
+            bail!("--bind {s}: unix socket path longer than 107 bytes");
+        }
+        return Ok(BindSpec::Unix(PathBuf::from(path)));
+    }
+    if let Some(n) = s.strip_prefix("fd://") {
+        return match n.parse::<i32>() {
+            Ok(fd) if fd >= 0 => Ok(BindSpec::Fd(fd)),
+            _ => bail!("--bind {s}: '{n}' is not a valid file descriptor"),
+        };
+    }
+    let hostport = s.strip_prefix("tcp://").unwrap_or(s);
+    // An IPv6 literal is bracketed; anything else splits on the last colon.
+    let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, p)) => (
+                h,
+                p.strip_prefix(':')
+                    .unwrap_or(if p.is_empty() { "8000" } else { p }),
+            ),
+            None => bail!("--bind {s}: unclosed '[' in IPv6 address"),
+        }
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p),
+            None => (hostport, "8000"),
+        }
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        bail!("--bind {s}: '{port}' is not a valid port number");
+    };
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(BindSpec::Tcp(SocketAddr::new(ip, port)));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut addrs) => match addrs.find(|a| a.is_ipv4()) {
+            Some(a) => Ok(BindSpec::Tcp(a)),
+            None => bail!("--bind {s}: '{host}' has no IPv4 address"),
+        },
+        Err(e) => bail!("--bind {s}: cannot resolve '{host}': {e}"),
+    }
+}
+
+/// Find COMMAND the way a shell would, once, so that "not found" is a startup error.
+fn resolve_command(cmd: &OsString) -> Result<PathBuf, ConfigError> {
+    let shown = Path::new(cmd).display().to_string();
+    if cmd.is_empty() {
+        bail!("empty COMMAND");
+    }
+    let executable = |p: &Path| -> Result<(), nix::errno::Errno> {
+        let meta = std::fs::metadata(p)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOENT)))?;
+        if meta.is_dir() {
+            return Err(nix::errno::Errno::EISDIR);
+        }
+        nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
+    };
+    if cmd.as_bytes().contains(&b'/') {
+        let p = PathBuf::from(cmd);
+        return match executable(&p) {
+            Ok(()) => Ok(std::path::absolute(&p).unwrap_or(p)),
+            Err(nix::errno::Errno::ENOENT) => bail!("command not found: {shown}"),
+            Err(e) => bail!("command not executable: {shown}: {}", e.desc()),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut denied = None;
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(cmd);
+        match executable(&candidate) {
+            Ok(()) => return Ok(std::path::absolute(&candidate).unwrap_or(candidate)),
+            Err(nix::errno::Errno::EACCES) => denied = Some(candidate),
+            Err(_) => {}
+        }
+    }
+    match denied {
+        Some(p) => bail!("command not executable: {}: permission denied", p.display()),
+        None => bail!("command not found: {shown} (searched PATH)"),
+    }
+}
+
+fn resolve_user(s: &str) -> Result<nix::unistd::User, ConfigError> {
+    let found = match s.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(s),
+    };
+    match found {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => bail!("--user {s}: no such user"),
+        Err(e) => bail!("--user {s}: {}", e.desc()),
+    }
+}
+
+fn resolve_group(s: &str) -> Result<nix::unistd::Group, ConfigError> {
+    let found = match s.parse::<u32>() {
+        Ok(gid) => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)),
+        Err(_) => nix::unistd::Group::from_name(s),
+    };
+    match found {
+        Ok(Some(g)) => Ok(g),
+        Ok(None) => bail!("--group {s}: no such group"),
+        Err(e) => bail!("--group {s}: {}", e.desc()),
+    }
+}
+
+impl Config {
+    /// Validate the command line. `--chdir` is applied by the caller before this
+    /// runs, so relative paths here are relative to it, as in gunicorn.
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        // Options whose behaviour belongs to later work are refused rather than
+        // silently ignored: an operator must not believe they took effect.
+        for (given, flag) in [
+            (cli.daemon, "--daemon"),
+            (cli.control.is_some(), "--control"),
+            (cli.config.is_some(), "--config"),
+            (cli.max_worker_rss.is_some(), "--max-worker-rss"),
+            (cli.max_worker_age.is_some(), "--max-worker-age"),
+        ] {
+            if given {
+                bail!("{flag} is not implemented yet");
+            }
+        }
+        if cli.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        if cli.workers > 65536 {
+            bail!("--workers {}: more than 65536 workers", cli.workers);
+        }
+        if cli.backlog <= 0 {
+            bail!("--backlog must be positive");
+        }
+        let timeout = seconds("--timeout", cli.timeout)?;
+        let ready = match cli.ready.as_str() {
+            "exec" => ReadyMode::Exec,
+            "notify" => ReadyMode::Notify,
+            other => bail!("--ready {other}: expected 'exec' or 'notify'"),
+        };
+        let Some(log_level) = Level::parse(&cli.log_level) else {
+            bail!(
+                "--log-level {}: expected debug, info, warning, error or critical",
+                cli.log_level
+            );
+        };
+        let umask = match &cli.umask {
+            None => None,
+            Some(s) => match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+                Ok(m) if m <= 0o777 => Some(m),
+                _ => bail!("--umask {s}: expected an octal mode such as 022"),
+            },
+        };
+        if cli.name.is_empty() || cli.name.contains('/') || cli.name.len() > 64 {
+            bail!(
+                "--name {:?}: expected 1 to 64 characters and no '/'",
+                cli.name
+            );
+        }
+        let default_bind = cli.bind.is_empty();
+        let binds = if default_bind {
+            vec![BindSpec::Tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))]
+        } else {
+            cli.bind
+                .iter()
+                .map(|b| parse_bind(b))
+                .collect::<Result<_, _>>()?
+        };
+        let program = match cli.command.split_first() {
+            None => WorkerProgram::Builtin,
+            Some((cmd, _)) => WorkerProgram::Command {
+                path: resolve_command(cmd)?,
+                argv: cli.command.clone(),
+            },
+        };
+        for arg in &cli.command {
+            if CString::new(arg.as_bytes()).is_err() {
+                bail!("COMMAND argument contains a NUL byte");
+            }
+        }
+        Ok(Config {
+            binds,
+            default_bind,
+            workers: cli.workers,
+            timeout: (!timeout.is_zero()).then_some(timeout),
+            graceful_timeout: seconds("--graceful-timeout", cli.graceful_timeout)?,
+            ready,
+            boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
+            name: cli.name,
+            pidfile: cli.pid,
+            log_file: cli.log_file,
+            log_level,
+            reuse_port: cli.reuse_port,
+            backlog: cli.backlog,
+            umask,
+            chdir: cli.chdir,
+            user: cli.user.as_deref().map(resolve_user).transpose()?,
+            group: cli.group.as_deref().map(resolve_group).transpose()?,
+            program,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_forms() {
+        assert_eq!(
+            parse_bind("127.0.0.1:80").unwrap(),
+            BindSpec::Tcp("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("tcp://127.0.0.1:81").unwrap(),
+            BindSpec::Tcp("127.0.0.1:81".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("[::1]:82").unwrap(),
+            BindSpec::Tcp("[::1]:82".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("[::1]").unwrap(),
+            BindSpec::Tcp("[::1]:8000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind(":83").unwrap(),
+            BindSpec::Tcp("0.0.0.0:83".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("127.0.0.1").unwrap(),
+            BindSpec::Tcp("127.0.0.1:8000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("unix:/tmp/x.sock").unwrap(),
+            BindSpec::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            parse_bind("unix:///tmp/y.sock").unwrap(),
+            BindSpec::Unix("/tmp/y.sock".into())
+        );
+        assert_eq!(parse_bind("fd://3").unwrap(), BindSpec::Fd(3));
+        assert!(parse_bind("fd://x").is_err());
+        assert!(parse_bind("127.0.0.1:http").is_err());
+        assert!(parse_bind("127.0.0.1:70000").is_err());
+        assert!(parse_bind("[::1").is_err());
+        assert!(parse_bind("unix:").is_err());
+    }
+
+    #[test]
+    fn zero_workers_refused() {
+        let cli = Cli::try_parse_from(["arbiterd", "-w", "0"]).unwrap();
+        assert!(Config::from_cli(cli).unwrap_err().0.contains("--workers"));
+    }
+
+    #[test]
+    fn timeout_zero_disables() {
+        let cli = Cli::try_parse_from(["arbiterd", "-t", "0"]).unwrap();
+        assert_eq!(Config::from_cli(cli).unwrap().timeout, None);
+    }
+
+    #[test]
+    fn missing_command_named() {
+        let cli = Cli::try_parse_from(["arbiterd", "--", "no-such-command-xyz"]).unwrap();
+        let err = Config::from_cli(cli).unwrap_err().0;
+        assert!(err.contains("no-such-command-xyz"), "{err}");
+    }
+
+    #[test]
+    fn command_after_double_dash_keeps_its_flags() {
+        let cli = Cli::try_parse_from(["arbiterd", "-w", "2", "--", "sh", "-w", "9"]).unwrap();
+        assert_eq!(cli.workers, 2);
+        assert_eq!(cli.command, vec!["sh", "-w", "9"]);
+    }
+}

@@ -1,0 +1,120 @@
+//! One line per event, in gunicorn's format:
+//! `[2026-11-22 10:00:00 +0000] [1234] [INFO] Booting worker with pid: 1240`.
+//!
+//! The master is single-threaded, so the logger is a process-wide value behind a
+//! mutex that is never contended; it exists so that every module can log without
+//! threading a handle through every call.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Level {
+    pub fn parse(s: &str) -> Option<Level> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "debug" => Level::Debug,
+            "info" => Level::Info,
+            "warning" | "warn" => Level::Warning,
+            "error" => Level::Error,
+            "critical" => Level::Critical,
+            _ => return None,
+        })
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Level::Debug => "DEBUG",
+            Level::Info => "INFO",
+            Level::Warning => "WARNING",
+            Level::Error => "ERROR",
+            Level::Critical => "CRITICAL",
+        }
+    }
+}
+
+enum Target {
+    Stderr,
+    File { path: PathBuf, file: File },
+}
+
+struct Logger {
+    level: Level,
+    target: Target,
+}
+
+static LOGGER: Mutex<Logger> = Mutex::new(Logger {
+    level: Level::Info,
+    target: Target::Stderr,
+});
+
+fn open_log(path: &PathBuf) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Route logs to `path` (`None` or `-`: stderr) at `level`.
+pub fn init(level: Level, path: Option<&PathBuf>) -> io::Result<()> {
+    let target = match path {
+        Some(p) if p.as_os_str() != "-" => Target::File {
+            file: open_log(p)?,
+            path: p.clone(),
+        },
+        _ => Target::Stderr,
+    };
+    let mut logger = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
+    logger.level = level;
+    logger.target = target;
+    Ok(())
+}
+
+/// Reopen the log file by path (USR1, after logrotate renamed it).
+pub fn reopen() -> io::Result<()> {
+    let mut logger = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Target::File { path, file } = &mut logger.target {
+        *file = open_log(path)?;
+    }
+    Ok(())
+}
+
+pub fn enabled(level: Level) -> bool {
+    level >= LOGGER.lock().unwrap_or_else(|e| e.into_inner()).level
+}
+
+pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
+    let mut logger = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
+    if level < logger.level {
+        return;
+    }
+    let line = format!(
+        "[{}] [{}] [{}] {}\n",
+        chrono::Local::now().format("%Y-%m-%d %H:%M:%S %z"),
+        std::process::id(),
+        level.label(),
+        args
+    );
+    // A log that cannot be written must not take the master down: the line is lost.
+    let _ = match &mut logger.target {
+        Target::Stderr => io::stderr().write_all(line.as_bytes()),
+        Target::File { file, .. } => file.write_all(line.as_bytes()),
+    };
+}
+
+#[macro_export]
+macro_rules! debug { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Debug, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! info { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! warning { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Warning, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! error { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! critical { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Critical, format_args!($($t)*)) } }

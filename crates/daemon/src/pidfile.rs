@@ -1,0 +1,149 @@
+//! The pidfile: written after the binds succeed, atomically (temp file + rename),
+//! and held under `flock` for the master's life, so a lock is the proof of life
+//! rather than a pid that may have been reused by an unrelated process.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+pub struct Pidfile {
+    path: PathBuf,
+    // Holding the open file keeps the lock.
+    _file: File,
+}
+
+#[derive(Debug)]
+pub enum PidfileError {
+    /// A live master holds the lock.
+    Held {
+        path: PathBuf,
+        pid: Option<u32>,
+    },
+    Io {
+        path: PathBuf,
+        err: io::Error,
+    },
+}
+
+impl std::fmt::Display for PidfileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PidfileError::Held {
+                path,
+                pid: Some(pid),
+            } => write!(
+                f,
+                "pidfile {} is held by a running master (pid {pid})",
+                path.display()
+            ),
+            PidfileError::Held { path, pid: None } => {
+                write!(f, "pidfile {} is held by a running master", path.display())
+            }
+            PidfileError::Io { path, err } => write!(f, "pidfile {}: {err}", path.display()),
+        }
+    }
+}
+
+fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock on an open fd.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// The pid recorded in the file at `path`, whoever holds it.
+pub fn read_pid(path: &Path) -> Option<u32> {
+    let mut s = String::new();
+    File::open(path).ok()?.read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+/// Is a live process holding the lock on `path`?
+pub fn is_held(path: &Path) -> io::Result<bool> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => Ok(!try_lock(&f, false)?),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+impl Pidfile {
+    /// Write our pid to `path`, refusing if a live master holds it.
+    pub fn create(path: &Path) -> Result<Pidfile, PidfileError> {
+        let io_err = |err| PidfileError::Io {
+            path: path.to_path_buf(),
+            err,
+        };
+        if is_held(path).map_err(io_err)? {
+            return Err(PidfileError::Held {
+                path: path.to_path_buf(),
+                pid: read_pid(path),
+            });
+        }
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file_name = path.file_name().ok_or_else(|| {
+            io_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a file path",
+            ))
+        })?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io_err)?;
+        let result = (|| {
+            if !try_lock(&file, true)? {
+                return Err(io::Error::other("lock taken by another process"));
+            }
+            file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(err) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(err));
+        }
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Remove the file if it still names us (an upgrade may have replaced it).
+    pub fn remove(self) {
+        if read_pid(&self.path) == Some(std::process::id()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

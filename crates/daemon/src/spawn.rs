@@ -1,0 +1,343 @@
+//! fork + exec of one worker.
+//!
+//! Everything the child needs (path, argv, envp, the fd plan, the signal reset) is
+//! built before fork; between fork and exec the child makes only async-signal-safe
+//! system calls, never allocates and never panics, and ends in `execve` or `_exit`.
+//! An exec failure reaches the master through a close-on-exec pipe: EOF means the
+//! exec succeeded, eight bytes (step, errno) mean it did not.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::unistd::Pid;
+
+/// The steps of the child, as reported through the status pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildStep {
+    ProcessGroup = 1,
+    DeathSignal = 2,
+    Fds = 3,
+    Credentials = 4,
+    Exec = 5,
+}
+
+impl ChildStep {
+    pub fn from_code(c: i32) -> Option<ChildStep> {
+        Some(match c {
+            1 => ChildStep::ProcessGroup,
+            2 => ChildStep::DeathSignal,
+            3 => ChildStep::Fds,
+            4 => ChildStep::Credentials,
+            5 => ChildStep::Exec,
+            _ => return None,
+        })
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ChildStep::ProcessGroup => "setpgid",
+            ChildStep::DeathSignal => "prctl(PR_SET_PDEATHSIG)",
+            ChildStep::Fds => "placing the listeners at fds 3..",
+            ChildStep::Credentials => "dropping privileges",
+            ChildStep::Exec => "execve",
+        }
+    }
+}
+
+/// A NUL-terminated `KEY=` entry with room for a pid, filled in by the child after
+/// fork (LISTEN_PID and WATCHDOG_PID must name the worker itself).
+const PID_ROOM: usize = 12;
+
+/// A prepared spawn: build it, then call [`Prepared::spawn`].
+pub struct Prepared {
+    path: CString,
+    // Keep the storage alive: the pointer arrays point into it.
+    _argv: Vec<CString>,
+    _env: Vec<Vec<u8>>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// (pointer to the first digit byte, room) for each pid slot in `env`.
+    pid_slots: Vec<*mut u8>,
+    fds: Vec<RawFd>,
+    credentials: Option<(libc::uid_t, libc::gid_t)>,
+    master_pid: libc::pid_t,
+}
+
+/// What the caller must supply.
+pub struct Plan<'a> {
+    pub path: &'a OsStr,
+    pub argv: &'a [&'a OsStr],
+    /// `KEY=VALUE` entries.
+    pub env: Vec<Vec<u8>>,
+    /// Keys whose value is the worker's own pid (e.g. `LISTEN_PID`).
+    pub pid_keys: &'a [&'a str],
+    /// Placed at fds 3, 4, ... in this order.
+    pub fds: Vec<RawFd>,
+    pub credentials: Option<(libc::uid_t, libc::gid_t)>,
+}
+
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+}
+
+impl Prepared {
+    pub fn new(plan: Plan<'_>) -> io::Result<Prepared> {
+        let path = cstring(plan.path)?;
+        let argv: Vec<CString> = plan
+            .argv
+            .iter()
+            .map(|a| cstring(a))
+            .collect::<io::Result<_>>()?;
+        let mut env: Vec<Vec<u8>> = Vec::with_capacity(plan.env.len() + plan.pid_keys.len());
+        for mut e in plan.env {
+            if e.contains(&0) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "NUL byte in environment",
+                ));
+            }
+            e.push(0);
+            env.push(e);
+        }
+        let mut pid_offsets = Vec::new();
+        for key in plan.pid_keys {
+            let mut e = format!("{key}=").into_bytes();
+            pid_offsets.push((env.len(), e.len()));
+            e.resize(e.len() + PID_ROOM, 0);
+            env.push(e);
+        }
+        let argv_ptrs = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let mut pid_slots = Vec::new();
+        for (i, off) in pid_offsets {
+            // SAFETY: off + PID_ROOM is within the buffer resized above.
+            pid_slots.push(unsafe { env[i].as_mut_ptr().add(off) });
+        }
+        let envp_ptrs = env
+            .iter()
+            .map(|e| e.as_ptr().cast())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(Prepared {
+            path,
+            _argv: argv,
+            _env: env,
+            argv_ptrs,
+            envp_ptrs,
+            pid_slots,
+            fds: plan.fds,
+            credentials: plan.credentials,
+            master_pid: std::process::id() as libc::pid_t,
+        })
+    }
+
+    /// fork, and exec in the child. Returns the child's pid and the read end of its
+    /// exec-status pipe (non-blocking, close-on-exec) for the master's poll loop.
+    pub fn spawn(&mut self) -> io::Result<(Pid, OwnedFd)> {
+        let (status_r, status_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        // A scratch copy of the fd plan the child may rearrange without allocating.
+        let mut scratch = self.fds.clone();
+        let old_mask = crate::signals::block_all()?;
+        // SAFETY: the master is single-threaded, and the child branch below only
+        // makes async-signal-safe calls before execve/_exit.
+        let forked = unsafe { libc::fork() };
+        if forked == 0 {
+            // SAFETY: we are the child; see child() for its contract.
+            unsafe { self.child(status_w.as_raw_fd(), &mut scratch) }
+        }
+        let fork_err = io::Error::last_os_error();
+        crate::signals::restore(&old_mask);
+        drop(status_w);
+        if forked < 0 {
+            return Err(fork_err);
+        }
+        let pid = Pid::from_raw(forked);
+        // Also from the parent, so the group exists before we ever signal it; EACCES
+        // once the child has exec'd is expected and harmless.
+        let _ = nix::unistd::setpgid(pid, pid);
+        Ok((pid, status_r))
+    }
+
+    /// The child branch. Never returns.
+    ///
+    /// # Safety
+    /// Must only be called in the child right after fork.
+    unsafe fn child(&mut self, status_fd: RawFd, fds: &mut [RawFd]) -> ! {
+        unsafe fn fail(status_fd: RawFd, step: ChildStep) -> ! {
+            // SAFETY: errno read, write(2) from the stack and _exit are async-signal-safe.
+            unsafe {
+                let errno = *libc::__errno_location();
+                let mut rec = [0u8; 8];
+                rec[..4].copy_from_slice(&(step as i32).to_ne_bytes());
+                rec[4..].copy_from_slice(&errno.to_ne_bytes());
+                libc::write(status_fd, rec.as_ptr().cast(), rec.len());
+                libc::_exit(127)
+            }
+        }
+        // SAFETY: only async-signal-safe libc calls on memory prepared before fork.
+        unsafe {
+            // Default dispositions for everything, SIGPIPE included (Rust ignores it,
+            // and an ignored disposition would survive exec).
+            for sig in 1..libc::SIGRTMIN() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            if libc::setpgid(0, 0) != 0 {
+                fail(status_fd, ChildStep::ProcessGroup);
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                fail(status_fd, ChildStep::DeathSignal);
+            }
+            // The master may have died between fork and prctl: then nobody would kill us.
+            if libc::getppid() != self.master_pid {
+                libc::_exit(1);
+            }
+            place_fds(fds).unwrap_or_else(|()| fail(status_fd, ChildStep::Fds));
+            if let Some((uid, gid)) = self.credentials {
+                let groups = [gid];
+                if (libc::geteuid() == 0 && libc::setgroups(1, groups.as_ptr()) != 0)
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    fail(status_fd, ChildStep::Credentials);
+                }
+            }
+            let pid = libc::getpid();
+            for &slot in &self.pid_slots {
+                write_decimal(slot, PID_ROOM, pid as u64);
+            }
+            let empty: libc::sigset_t = std::mem::zeroed();
+            let mut set = empty;
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.envp_ptrs.as_ptr(),
+            );
+            fail(status_fd, ChildStep::Exec)
+        }
+    }
+
+    #[cfg(test)]
+    fn env_entries(&self) -> &[Vec<u8>] {
+        &self._env
+    }
+}
+
+/// Move `fds[i]` to fd `3 + i` for every i, clearing close-on-exec on the targets.
+///
+/// A source that sits on another's target is first moved above the whole range, so
+/// the sequential dup2 calls cannot clobber it. Async-signal-safe, no allocation.
+fn place_fds(fds: &mut [RawFd]) -> Result<(), ()> {
+    let top = 3 + fds.len() as RawFd;
+    for (i, src) in fds.iter_mut().enumerate() {
+        if *src >= 3 && *src < top && *src != 3 + i as RawFd {
+            // SAFETY: fcntl on an fd we own; no memory is touched.
+            let moved = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, top) };
+            if moved < 0 {
+                return Err(());
+            }
+            *src = moved;
+        }
+    }
+    for (i, &src) in fds.iter().enumerate() {
+        let target = 3 + i as RawFd;
+        // SAFETY: fcntl/dup2 on fds we own.
+        let ok = unsafe {
+            if src == target {
+                // dup2 onto itself is a no-op that would leave FD_CLOEXEC set.
+                libc::fcntl(src, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(src, target) == target
+            }
+        };
+        if !ok {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// Write `n` in decimal followed by NUL into `room` bytes at `dst`. No allocation.
+///
+/// # Safety
+/// `dst` must be valid for `room` bytes of writes.
+unsafe fn write_decimal(dst: *mut u8, room: usize, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = len.min(room - 1);
+    for i in 0..len {
+        // SAFETY: i < room - 1 by the clamp above.
+        unsafe { *dst.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= room - 1.
+    unsafe { *dst.add(len) = 0 };
+}
+
+/// Read the exec-status pipe once it is readable: `Ok(None)` = the exec succeeded
+/// (EOF), `Ok(Some((step, errno)))` = the child failed at that step.
+pub fn read_status(fd: &OwnedFd) -> io::Result<Option<(Option<ChildStep>, i32)>> {
+    let mut rec = [0u8; 8];
+    match nix::unistd::read(fd, &mut rec) {
+        Ok(0) => Ok(None),
+        Ok(8) => {
+            let step = i32::from_ne_bytes(rec[..4].try_into().unwrap_or_default());
+            let errno = i32::from_ne_bytes(rec[4..].try_into().unwrap_or_default());
+            Ok(Some((ChildStep::from_code(step), errno)))
+        }
+        Ok(_) => Ok(Some((None, 0))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        let mut buf = [0xffu8; PID_ROOM];
+        unsafe { write_decimal(buf.as_mut_ptr(), PID_ROOM, 4194304) };
+        assert_eq!(&buf[..8], b"4194304\0");
+        unsafe { write_decimal(buf.as_mut_ptr(), PID_ROOM, 0) };
+        assert_eq!(&buf[..2], b"0\0");
+    }
+
+    #[test]
+    fn pid_keys_get_room() {
+        let p = Prepared::new(Plan {
+            path: OsStr::new("/bin/true"),
+            argv: &[OsStr::new("true")],
+            env: vec![b"A=1".to_vec()],
+            pid_keys: &["LISTEN_PID"],
+            fds: vec![],
+            credentials: None,
+        })
+        .unwrap();
+        assert_eq!(p.env_entries()[0], b"A=1\0");
+        assert_eq!(p.env_entries()[1].len(), "LISTEN_PID=".len() + PID_ROOM);
+    }
+}

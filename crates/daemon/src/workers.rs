@@ -1,0 +1,222 @@
+//! One worker as the master sees it, and its heartbeat file.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// Where a worker is in its life. Transitions only go down this list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Forked; not ready yet (exec pending, or waiting for `READY=1`).
+    Booting,
+    /// Serving.
+    Ready { since: Instant },
+    /// Asked to stop (TERM or QUIT); KILL at the deadline.
+    Stopping { deadline: Instant },
+    /// Sent ABRT for a heartbeat timeout; KILL at the deadline.
+    Aborted { deadline: Instant },
+    /// Sent KILL; waiting to be reaped.
+    Killed,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Booting => "booting",
+            State::Ready { .. } => "ready",
+            State::Stopping { .. } => "stopping",
+            State::Aborted { .. } => "aborted",
+            State::Killed => "killed",
+        }
+    }
+
+    /// Booting or ready: counts toward the target, not on its way out.
+    pub fn is_active(self) -> bool {
+        matches!(self, State::Booting | State::Ready { .. })
+    }
+}
+
+/// The unlinked file a worker touches to prove it is alive.
+///
+/// The master reads the file's ctime, which the kernel sets to the current time on
+/// any change (fchmod, write, futimens), so workers may use any of those. ctime is a
+/// wall-clock reading; it is turned into a monotonic instant with the age clamped to
+/// the time since the previous check, so a clock step cannot fake or hide a beat
+/// by more than one check interval.
+pub struct Heartbeat {
+    file: File,
+    fingerprint: [i64; 4],
+    last_check: Instant,
+    /// The last beat seen, on the master's monotonic clock.
+    pub last_beat: Option<Instant>,
+}
+
+impl Heartbeat {
+    /// An unlinked file in `dir`, owned by `owner` if the worker runs as another user.
+    pub fn create(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<Heartbeat> {
+        let file = tmpfile(dir)?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::fchown(file.as_fd(), Some(uid.into()), Some(gid.into()))?;
+        }
+        let fingerprint = fingerprint(&file)?;
+        Ok(Heartbeat {
+            file,
+            fingerprint,
+            last_check: Instant::now(),
+            last_beat: None,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Look at the file; if it changed since the last look, record the beat.
+    /// Returns true when a new beat was seen.
+    pub fn check(&mut self, now: Instant) -> bool {
+        let Ok(fp) = fingerprint(&self.file) else {
+            return false;
+        };
+        let since_check = now.saturating_duration_since(self.last_check);
+        self.last_check = now;
+        if fp == self.fingerprint {
+            return false;
+        }
+        self.fingerprint = fp;
+        let ctime = SystemTime::UNIX_EPOCH
+            + Duration::new(fp[0].max(0) as u64, fp[1].clamp(0, 999_999_999) as u32);
+        let age = SystemTime::now()
+            .duration_since(ctime)
+            .unwrap_or_default()
+            .min(since_check);
+        self.record(now.checked_sub(age).unwrap_or(now));
+        true
+    }
+
+    /// A beat that arrived another way (`WATCHDOG=1`).
+    pub fn record(&mut self, at: Instant) {
+        if self.last_beat.is_none_or(|b| at > b) {
+            self.last_beat = Some(at);
+        }
+    }
+
+    pub fn last_check(&self) -> Instant {
+        self.last_check
+    }
+}
+
+fn fingerprint(file: &File) -> io::Result<[i64; 4]> {
+    let st = nix::sys::stat::fstat(file.as_fd())?;
+    Ok([st.st_ctime, st.st_ctime_nsec, st.st_mtime, st.st_size])
+}
+
+fn tmpfile(dir: &Path) -> io::Result<File> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+    match open(dir, flags, Mode::from_bits_truncate(0o600)) {
+        Ok(fd) => Ok(File::from(fd)),
+        // Filesystems without O_TMPFILE: create a unique name and unlink it at once.
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EISDIR) => {
+            let mut last = io::Error::from(io::ErrorKind::AlreadyExists);
+            for attempt in 0..16u32 {
+                let path = dir.join(format!(
+                    ".arbiter-hb-{}-{attempt}-{}",
+                    std::process::id(),
+                    nanos()
+                ));
+                match open(
+                    &path,
+                    OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                ) {
+                    Ok(fd) => {
+                        let _ = std::fs::remove_file(&path);
+                        return Ok(File::from(fd));
+                    }
+                    Err(e) => last = e.into(),
+                }
+            }
+            Err(last)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn nanos() -> u32 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos()
+}
+
+/// The directory for heartbeat files: a tmpfs where there is one, so a beat never
+/// waits on a disk (gunicorn's users hit that with /tmp on slow disks).
+pub fn heartbeat_dir() -> std::path::PathBuf {
+    for candidate in ["/dev/shm", "/run/shm"] {
+        let p = Path::new(candidate);
+        if p.is_dir() && nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok() {
+            return p.to_path_buf();
+        }
+    }
+    std::env::temp_dir()
+}
+
+pub struct Worker {
+    /// The spawn counter (gunicorn's age): unique for the master's life.
+    pub id: u64,
+    pub slot: usize,
+    pub pid: Pid,
+    pub generation: u64,
+    pub state: State,
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    /// Until the exec succeeded or failed: the read end of the exec-status pipe.
+    pub exec_status: Option<OwnedFd>,
+    pub heartbeat: Heartbeat,
+    /// The last signal the master sent, so a death by it is not reported as a mystery.
+    pub sent: Option<Signal>,
+    /// The worker's own words, from `STATUS=`.
+    pub status_text: Option<String>,
+    /// It was ready at some point (it may be stopping now).
+    pub ready_once: bool,
+    /// The master asked it to stop (retired, or shutting down): its death is expected.
+    pub retiring: bool,
+}
+
+impl Worker {
+    /// Signal the worker's whole process group (it leads one), so a worker's own
+    /// children go with it.
+    pub fn signal(&mut self, sig: Signal) -> nix::Result<()> {
+        self.sent = Some(sig);
+        match nix::sys::signal::killpg(self.pid, sig) {
+            // The group may not exist yet if the child has not run setpgid; the
+            // parent sets it too, so this is only a dead worker not yet reaped.
+            Err(nix::errno::Errno::ESRCH) => nix::sys::signal::kill(self.pid, sig).or(Ok(())),
+            other => other,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
+    pub fn mark_ready(&mut self, now: Instant) {
+        if self.state == State::Booting {
+            self.state = State::Ready { since: now };
+            self.ready_once = true;
+        }
+    }
+
+    /// Ask it to stop (TERM or QUIT) and KILL it at `deadline` if it has not.
+    pub fn stop(&mut self, sig: Signal, deadline: Instant) {
+        self.retiring = true;
+        let _ = self.signal(sig);
+        self.state = State::Stopping { deadline };
+    }
+}
