@@ -1,9 +1,16 @@
 //! What both sides of every arbiter boundary agree on.
 //!
+//! - [`control`]: the control protocol (requests, responses, errors, version).
+//! - [`status`]: the status snapshot.
+//! - [`frame`]: newline-delimited framing with a size bound.
+//! - [`client`]: a blocking client with timeouts (arbiterctl and the tests use it).
+//! - [`paths`]: default locations (the control socket).
 //! - [`worker`]: the worker contract (environment, file descriptors, exit codes,
 //!   heartbeat and readiness helpers a Rust worker can call).
-//!
-//! The control protocol (request/response, status snapshot, framing, client) lives
-//! here too once the control socket exists.
 
+pub mod client;
+pub mod control;
+pub mod frame;
+pub mod paths;
+pub mod status;
 pub mod worker;

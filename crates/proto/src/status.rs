@@ -1,0 +1,99 @@
+//! The status snapshot: what `arbiterctl status` shows and `--json` prints.
+//!
+//! Ages and durations are measured by the master on its monotonic clock and sent
+//! as seconds; wall-clock moments are RFC 3339 UTC strings. Clients format; they do
+//! not subtract their own clock from the master's.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub master: MasterStatus,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MasterStatus {
+    pub pid: i32,
+    pub name: String,
+    pub version: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub uptime_secs: f64,
+    /// `running`, `stopping`.
+    pub state: String,
+    /// The generation new workers belong to.
+    pub generation: u64,
+    /// The target worker count.
+    pub target: u64,
+    /// Ready workers of the current generation.
+    pub ready: u64,
+    /// Every worker process the master has, whatever its state.
+    pub total: u64,
+    pub listeners: Vec<ListenerStatus>,
+    pub reload: Option<ReloadInFlight>,
+    pub last_reload: Option<ReloadOutcome>,
+    /// An upgrade (new master) in flight.
+    pub upgrade: Option<String>,
+    pub reloads: u64,
+    pub upgrades: u64,
+    /// Workers that died without being asked to, since the master started.
+    pub worker_failures: u64,
+    /// Workers spawned since the master started.
+    pub workers_spawned: u64,
+    pub timeout_secs: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// `http://127.0.0.1:8000`, `unix:/run/app.sock`.
+    pub address: String,
+    /// Its `LISTEN_FDNAMES` entry.
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadInFlight {
+    pub from_generation: u64,
+    pub to_generation: u64,
+    pub elapsed_secs: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    pub generation: u64,
+    pub ok: bool,
+    pub message: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The spawn counter (gunicorn's age).
+    pub id: u64,
+    pub slot: u64,
+    pub pid: i32,
+    pub generation: u64,
+    /// `booting`, `ready`, `stopping`, `aborted`, `killed`.
+    pub state: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub uptime_secs: f64,
+    /// Seconds since the last heartbeat; `None` if it never beat.
+    pub last_beat_secs: Option<f64>,
+    /// What the worker said with `STATUS=`.
+    pub status_text: Option<String>,
+    /// Consecutive failures of this worker's slot.
+    pub restarts: u64,
+    pub crash_looping: bool,
+    /// Resident set size in bytes, from /proc.
+    pub rss_bytes: Option<u64>,
+}
+
+impl Status {
+    /// Fewer ready workers than the target (`arbiterctl status` exits 4).
+    pub fn degraded(&self) -> bool {
+        self.master.ready < self.master.target
+    }
+}
