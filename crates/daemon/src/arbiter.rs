@@ -20,9 +20,12 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use arbiter_proto::control::{ErrorKind, Reply, Request, Response};
+use arbiter_proto::status as snapshot;
 use arbiter_proto::worker as contract;
 
 use crate::config::{Config, ReadyMode, WorkerProgram};
+use crate::control::{ClientId, ControlServer, Interest, Peer};
 use crate::listeners::{self, Listener};
 use crate::pidfile::Pidfile;
 use crate::signals::{self, SignalPipe};
@@ -65,8 +68,16 @@ struct Reload {
 
 #[derive(Clone, Debug)]
 pub enum ReloadOutcome {
-    Succeeded { generation: u64, took: Duration },
-    Failed { generation: u64, reason: String },
+    Succeeded {
+        generation: u64,
+        took: Duration,
+        at: SystemTime,
+    },
+    Failed {
+        generation: u64,
+        reason: String,
+        at: SystemTime,
+    },
 }
 
 struct Shutdown {
@@ -111,6 +122,24 @@ pub struct Arbiter {
     config_failed: Option<u64>,
     fork_failures: u32,
     fork_not_before: Option<Instant>,
+
+    control: Option<ControlServer>,
+    /// Control clients waiting for the current reload's outcome.
+    reload_waiters: Vec<ClientId>,
+    /// Control clients waiting for the master to exit.
+    stop_waiters: Vec<ClientId>,
+    started: Instant,
+    started_wall: SystemTime,
+    reloads: u64,
+    worker_failures: u64,
+    workers_spawned: u64,
+}
+
+/// What woke the poll, one entry per polled fd.
+enum Token {
+    Signals,
+    Exec(Pid),
+    Control(Interest),
 }
 
 impl Arbiter {
@@ -118,6 +147,7 @@ impl Arbiter {
         cfg: Config,
         listeners: Vec<Listener>,
         pidfile: Option<Pidfile>,
+        control: Option<ControlServer>,
     ) -> std::io::Result<Arbiter> {
         let signals = SignalPipe::install(HANDLED_SIGNALS)?;
         // Orphans of our workers' own children come back to us, to be reaped silently,
@@ -155,6 +185,14 @@ impl Arbiter {
             config_failed: None,
             fork_failures: 0,
             fork_not_before: None,
+            control,
+            reload_waiters: Vec::new(),
+            stop_waiters: Vec::new(),
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            reloads: 0,
+            worker_failures: 0,
+            workers_spawned: 0,
         })
     }
 
@@ -164,6 +202,9 @@ impl Arbiter {
         let shown: Vec<&str> = self.listeners.iter().map(|l| l.display.as_str()).collect();
         info!("Listening at: {} ({})", shown.join(", "), self.master_pid);
         info!("Using worker: {}", self.worker_description());
+        if let Some(c) = &self.control {
+            info!("Control socket at {}", c.path().display());
+        }
         self.converge(Instant::now());
         loop {
             if self.shutdown.is_some() && self.workers.is_empty() {
@@ -191,45 +232,69 @@ impl Arbiter {
 
     // ---------------------------------------------------------------- the poll
 
-    /// Sleep until a signal, an exec status, or the nearest deadline, and handle
-    /// what woke us.
+    /// Sleep until a signal, an exec status, a control client, or the nearest
+    /// deadline, and handle what woke us.
     fn wait_for_events(&mut self) {
         let timeout = self.poll_timeout(Instant::now());
-        let (signals_ready, exec_ready) = {
+        let woke: Vec<Token> = {
             let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
-            let mut owners = Vec::new();
+            let mut tokens = vec![Token::Signals];
             for w in &self.workers {
                 if let Some(fd) = &w.exec_status {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    owners.push(w.pid);
+                    tokens.push(Token::Exec(w.pid));
+                }
+            }
+            if let Some(control) = &self.control {
+                for (fd, read, write, interest) in control.interests() {
+                    let mut flags = PollFlags::empty();
+                    flags.set(PollFlags::POLLIN, read);
+                    flags.set(PollFlags::POLLOUT, write);
+                    fds.push(PollFd::new(fd, flags));
+                    tokens.push(Token::Control(interest));
                 }
             }
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 // Every signal interrupts poll (SA_RESTART does not apply to it); the
-                // byte waits in the pipe for the next turn.
+                // record waits in the pipe for the next turn.
                 Err(nix::errno::Errno::EINTR) => return,
                 Err(e) => {
                     critical!("poll failed: {e}");
                     return;
                 }
             }
-            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            let exec_ready: Vec<Pid> = fds[1..]
-                .iter()
-                .zip(owners)
-                .filter(|(fd, _)| ready(fd))
-                .map(|(_, pid)| pid)
-                .collect();
-            (ready(&fds[0]), exec_ready)
+            fds.iter()
+                .zip(tokens)
+                .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, t)| t)
+                .collect()
         };
-        if signals_ready {
-            for (sig, sender) in self.signals.drain_with_sender() {
-                self.handle_signal(sig, sender);
+        let now = Instant::now();
+        let mut requests = Vec::new();
+        for token in woke {
+            match token {
+                Token::Signals => {
+                    for (sig, sender) in self.signals.drain_with_sender() {
+                        self.handle_signal(sig, sender);
+                    }
+                }
+                Token::Exec(pid) => self.on_exec_status(pid),
+                Token::Control(Interest::Listener) => {
+                    if let Some(c) = &mut self.control {
+                        c.accept(now);
+                    }
+                }
+                Token::Control(Interest::Client(id)) => {
+                    if let Some(c) = &mut self.control {
+                        c.write(id);
+                        requests.extend(c.read(id, now));
+                    }
+                }
             }
         }
-        for pid in exec_ready {
-            self.on_exec_status(pid);
+        for (id, peer, req) in requests {
+            self.handle_request(id, peer, req);
         }
     }
 
@@ -250,6 +315,9 @@ impl Arbiter {
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(s) = &self.shutdown {
             at(s.deadline);
+        }
+        if let Some(t) = self.control.as_ref().and_then(|c| c.next_deadline()) {
+            at(t);
         }
         for w in &self.workers {
             match w.state {
@@ -354,6 +422,7 @@ impl Arbiter {
             return;
         }
         self.last_generation += 1;
+        self.reloads += 1;
         let to = self.last_generation;
         let from = match self.reload.take() {
             // A reload during a reload: the newest wins, and the generation that was
@@ -398,6 +467,12 @@ impl Arbiter {
                 s.deadline = s.deadline.min(now + QUICK_GRACE);
             }
             None => {
+                if self.reload.take().is_some() {
+                    self.reply_reload_waiters(Response::err(
+                        ErrorKind::Refused,
+                        "the master is shutting down; the reload was abandoned",
+                    ));
+                }
                 let wait = if graceful {
                     self.cfg.graceful_timeout
                 } else {
@@ -438,6 +513,233 @@ impl Arbiter {
         match crate::log::reopen() {
             Ok(()) => info!("Reopened the log file"),
             Err(e) => error!("Cannot reopen the log file: {e}"),
+        }
+    }
+
+    // ---------------------------------------------------------------- control
+
+    fn handle_request(&mut self, id: ClientId, peer: Peer, req: Request) {
+        if req.is_mutating() {
+            info!(
+                "Control: {} requested by uid {} pid {}",
+                request_name(&req),
+                peer.uid,
+                peer.pid
+            );
+        }
+        let resp = match req {
+            Request::Status => Response::ok(Reply::Status(Box::new(self.snapshot()))),
+            Request::Ping => Response::ok(Reply::Pong {
+                pid: self.master_pid.as_raw(),
+                name: self.cfg.name.clone(),
+            }),
+            Request::Version => Response::ok(Reply::Version {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                protocol: arbiter_proto::control::PROTOCOL_VERSION,
+            }),
+            Request::Scale { by, to } => self.scale_request(by, to),
+            Request::Reopen => match crate::log::reopen() {
+                Ok(()) => {
+                    info!("Reopened the log file");
+                    Response::ok(Reply::Reopened)
+                }
+                Err(e) => Response::err(
+                    ErrorKind::Failed,
+                    format!("cannot reopen the log file: {e}"),
+                ),
+            },
+            Request::Kill { pid, signal } => self.kill_request(pid, signal.as_deref()),
+            Request::Reload => {
+                if self.shutdown.is_some() {
+                    Response::err(ErrorKind::Refused, "the master is shutting down")
+                } else {
+                    self.reload();
+                    self.reload_waiters.push(id);
+                    return;
+                }
+            }
+            Request::Stop { fast } => {
+                self.begin_shutdown(!fast);
+                self.stop_waiters.push(id);
+                return;
+            }
+        };
+        self.reply(id, &resp);
+    }
+
+    fn reply(&mut self, id: ClientId, resp: &Response) {
+        if let Some(c) = &mut self.control {
+            c.reply(id, resp);
+        }
+    }
+
+    /// Tell everyone waiting on the reload how it ended.
+    fn reply_reload_waiters(&mut self, resp: Response) {
+        for id in std::mem::take(&mut self.reload_waiters) {
+            self.reply(id, &resp);
+        }
+    }
+
+    fn scale_request(&mut self, by: Option<i64>, to: Option<u64>) -> Response {
+        if self.shutdown.is_some() {
+            return Response::err(ErrorKind::Refused, "the master is shutting down");
+        }
+        let from = self.target as i64;
+        let wanted = match (by, to) {
+            (Some(by), None) => from.saturating_add(by),
+            (None, Some(to)) => to.min(i64::MAX as u64) as i64,
+            _ => {
+                return Response::err(
+                    ErrorKind::BadRequest,
+                    "scale takes exactly one of \"by\" or \"to\"",
+                );
+            }
+        };
+        // Never below 1, as TTOU; the master owns the clamp.
+        let n = wanted.clamp(1, MAX_WORKERS as i64) as usize;
+        self.scale_to(n);
+        Response::ok(Reply::Scaled {
+            from: from as u64,
+            to: n as u64,
+        })
+    }
+
+    fn kill_request(&mut self, pid: i32, signal: Option<&str>) -> Response {
+        let sig = match signal.map(parse_signal).unwrap_or(Some(Signal::SIGTERM)) {
+            Some(sig) => sig,
+            None => {
+                return Response::err(
+                    ErrorKind::BadRequest,
+                    format!("unknown signal {:?}", signal.unwrap_or_default()),
+                );
+            }
+        };
+        let deadline = Instant::now() + self.cfg.graceful_timeout;
+        let Some(w) = self.workers.iter_mut().find(|w| w.pid.as_raw() == pid) else {
+            return Response::err(ErrorKind::Refused, format!("no worker with pid {pid}"));
+        };
+        match sig {
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT if w.state.is_active() => {
+                w.stop(sig, deadline);
+            }
+            Signal::SIGKILL => {
+                w.retiring = true;
+                let _ = w.signal(sig);
+                w.state = State::Killed;
+            }
+            _ => {
+                if let Err(e) = w.signal(sig) {
+                    return Response::err(ErrorKind::Failed, format!("kill {pid}: {e}"));
+                }
+            }
+        }
+        Response::ok(Reply::Killed {
+            pid,
+            signal: signals::short_name(sig).to_string(),
+        })
+    }
+
+    /// The status snapshot, measured now on the master's clocks.
+    fn snapshot(&self) -> snapshot::Status {
+        let now = Instant::now();
+        let rfc3339 = |t: SystemTime| {
+            chrono::DateTime::<chrono::Utc>::from(t)
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        let ready = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == self.generation && w.is_ready())
+            .count();
+        let workers = self
+            .workers
+            .iter()
+            .map(|w| {
+                let health = self
+                    .slots
+                    .get(&w.slot)
+                    .filter(|_| w.generation == self.generation);
+                let failures = health.map_or(0, |h| h.failures);
+                snapshot::WorkerStatus {
+                    id: w.id,
+                    slot: w.slot as u64,
+                    pid: w.pid.as_raw(),
+                    generation: w.generation,
+                    state: w.state.name().to_string(),
+                    started_at: rfc3339(w.started_wall),
+                    uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),
+                    last_beat_secs: w
+                        .heartbeat
+                        .last_beat
+                        .map(|b| now.saturating_duration_since(b).as_secs_f64()),
+                    status_text: w.status_text.clone(),
+                    restarts: u64::from(failures),
+                    crash_looping: failures >= CRASH_LOOP_AFTER,
+                    rss_bytes: rss_bytes(w.pid),
+                }
+            })
+            .collect();
+        let last_reload = self.last_reload.as_ref().map(|r| match r {
+            ReloadOutcome::Succeeded {
+                generation,
+                took,
+                at,
+            } => snapshot::ReloadOutcome {
+                generation: *generation,
+                ok: true,
+                message: format!("succeeded in {:.2}s", took.as_secs_f64()),
+                at: rfc3339(*at),
+            },
+            ReloadOutcome::Failed {
+                generation,
+                reason,
+                at,
+            } => snapshot::ReloadOutcome {
+                generation: *generation,
+                ok: false,
+                message: reason.clone(),
+                at: rfc3339(*at),
+            },
+        });
+        snapshot::Status {
+            master: snapshot::MasterStatus {
+                pid: self.master_pid.as_raw(),
+                name: self.cfg.name.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started_at: rfc3339(self.started_wall),
+                uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
+                state: if self.shutdown.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                }
+                .to_string(),
+                generation: self.generation,
+                target: self.target as u64,
+                ready: ready as u64,
+                total: self.workers.len() as u64,
+                listeners: self
+                    .listeners
+                    .iter()
+                    .map(|l| snapshot::ListenerStatus {
+                        address: l.display.clone(),
+                        name: l.name.clone(),
+                    })
+                    .collect(),
+                reload: self.reload.as_ref().map(|r| snapshot::ReloadInFlight {
+                    from_generation: r.from,
+                    to_generation: r.to,
+                    elapsed_secs: now.saturating_duration_since(r.started).as_secs_f64(),
+                }),
+                last_reload,
+                upgrade: None,
+                reloads: self.reloads,
+                upgrades: 0,
+                worker_failures: self.worker_failures,
+                workers_spawned: self.workers_spawned,
+                timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
+            },
+            workers,
         }
     }
 
@@ -499,6 +801,9 @@ impl Arbiter {
             return;
         }
         let failed = !was_ready || !matches!(death, Death::Code(0));
+        if failed {
+            self.worker_failures += 1;
+        }
         if let Death::Code(code @ (contract::EXIT_BOOT_ERROR | contract::EXIT_APP_LOAD_ERROR)) =
             death
             && !self.served
@@ -562,9 +867,17 @@ impl Arbiter {
             "Reload to generation {} failed: {reason}; generation {} keeps serving",
             r.to, r.from
         );
+        self.reply_reload_waiters(Response::err(
+            ErrorKind::Failed,
+            format!(
+                "reload to generation {} failed: {reason}; generation {} keeps serving",
+                r.to, r.from
+            ),
+        ));
         self.last_reload = Some(ReloadOutcome::Failed {
             generation: r.to,
             reason,
+            at: SystemTime::now(),
         });
         // The new generation's workers become "other" workers: the booting ones are
         // retired at once, the ready ones as the old generation is back to strength.
@@ -574,6 +887,9 @@ impl Arbiter {
 
     /// Timeouts: boot, heartbeat, graceful stop, shutdown.
     fn check_deadlines(&mut self, now: Instant) {
+        if let Some(c) = &mut self.control {
+            c.expire(now);
+        }
         let timeout = self.cfg.timeout;
         let boot_timeout = self.cfg.boot_timeout;
         for w in &mut self.workers {
@@ -734,11 +1050,17 @@ impl Arbiter {
                 r.to,
                 took.as_secs_f64()
             );
+            let generation = r.to;
             self.last_reload = Some(ReloadOutcome::Succeeded {
-                generation: r.to,
+                generation,
                 took,
+                at: SystemTime::now(),
             });
             self.reload = None;
+            self.reply_reload_waiters(Response::ok(Reply::Reloaded {
+                generation,
+                took_secs: took.as_secs_f64(),
+            }));
         }
     }
 
@@ -783,6 +1105,7 @@ impl Arbiter {
         match prepared.spawn() {
             Ok((pid, exec_status)) => {
                 self.next_worker_id += 1;
+                self.workers_spawned += 1;
                 self.fork_failures = 0;
                 self.fork_not_before = None;
                 info!(
@@ -880,9 +1203,18 @@ impl Arbiter {
 
     // ---------------------------------------------------------------- exit
 
-    fn finish(self) -> u8 {
-        listeners::close_all(self.listeners);
-        if let Some(p) = self.pidfile {
+    fn finish(mut self) -> u8 {
+        let bye = Response::ok(Reply::Stopped {
+            pid: self.master_pid.as_raw(),
+        });
+        for id in std::mem::take(&mut self.stop_waiters) {
+            self.reply(id, &bye);
+        }
+        if let Some(c) = self.control.take() {
+            c.shutdown();
+        }
+        listeners::close_all(std::mem::take(&mut self.listeners));
+        if let Some(p) = self.pidfile.take() {
             p.remove();
         }
         if self.exit_status == 0 {
@@ -938,6 +1270,46 @@ fn backoff(failures: u32) -> Duration {
     (BACKOFF_FIRST * 2u32.pow(exp)).min(BACKOFF_MAX)
 }
 
+/// The most workers one master will run.
+pub const MAX_WORKERS: usize = 65536;
+
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Status => "status",
+        Request::Scale { .. } => "scale",
+        Request::Reload => "reload",
+        Request::Reopen => "reopen",
+        Request::Stop { fast: false } => "stop",
+        Request::Stop { fast: true } => "stop --fast",
+        Request::Kill { .. } => "kill",
+        Request::Ping => "ping",
+        Request::Version => "version",
+    }
+}
+
+/// `TERM`, `SIGTERM`, `term`, `15`.
+pub fn parse_signal(s: &str) -> Option<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let upper = s.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse().ok()
+}
+
+/// Resident set size from /proc/PID/statm (pages * page size).
+fn rss_bytes(pid: Pid) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(0) as u64)
+}
+
 /// How often a worker that has not beaten yet is looked at.
 fn probe_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
@@ -963,6 +1335,14 @@ mod tests {
         assert_eq!(backoff(2), Duration::from_millis(100));
         assert_eq!(backoff(3), Duration::from_millis(200));
         assert_eq!(backoff(50), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(parse_signal("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("sigusr1"), Some(Signal::SIGUSR1));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("NOPE"), None);
     }
 
     #[test]

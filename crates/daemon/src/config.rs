@@ -120,6 +120,7 @@ pub struct Config {
     pub boot_timeout: Duration,
     pub name: String,
     pub pidfile: Option<PathBuf>,
+    pub control: PathBuf,
     pub log_file: PathBuf,
     pub log_level: Level,
     pub reuse_port: bool,
@@ -275,7 +276,6 @@ impl Config {
         // silently ignored: an operator must not believe they took effect.
         for (given, flag) in [
             (cli.daemon, "--daemon"),
-            (cli.control.is_some(), "--control"),
             (cli.config.is_some(), "--config"),
             (cli.max_worker_rss.is_some(), "--max-worker-rss"),
             (cli.max_worker_age.is_some(), "--max-worker-age"),
@@ -339,6 +339,10 @@ impl Config {
                 bail!("COMMAND argument contains a NUL byte");
             }
         }
+        let control = match cli.control {
+            Some(p) => p,
+            None => arbiter_proto::paths::default_control_path(&cli.name),
+        };
         Ok(Config {
             binds,
             default_bind,
@@ -349,6 +353,7 @@ impl Config {
             boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
             name: cli.name,
             pidfile: cli.pid,
+            control,
             log_file: cli.log_file,
             log_level,
             reuse_port: cli.reuse_port,

@@ -7,6 +7,8 @@
 pub mod arbiter;
 pub mod builtin;
 pub mod config;
+pub mod control;
+pub mod gunicornc;
 pub mod listeners;
 pub mod log;
 pub mod pidfile;
@@ -98,7 +100,17 @@ pub fn main() -> ExitCode {
         },
         None => None,
     };
-    let arbiter = match arbiter::Arbiter::new(cfg, socks, pidfile) {
+    let control = match control::ControlServer::bind(&cfg.control) {
+        Ok(c) => c,
+        Err(e) => {
+            listeners::close_all(socks);
+            if let Some(p) = pidfile {
+                p.remove();
+            }
+            return fail(e);
+        }
+    };
+    let arbiter = match arbiter::Arbiter::new(cfg, socks, pidfile, Some(control)) {
         Ok(a) => a,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };

@@ -161,7 +161,7 @@ fn bind_one(spec: &BindSpec, opts: &BindOptions) -> Result<Listener, BindError> 
     let display = display_of(fd.as_fd());
     let name = match spec {
         BindSpec::Fd(_) => fdname(&display),
-        _ => fdname(&shown),
+        _ => fdname(display.trim_start_matches("http://")),
     };
     Ok(Listener {
         fd,

@@ -1,0 +1,430 @@
+//! The control socket server, inside the master's one poll loop.
+//!
+//! Everything is non-blocking and bounded: at most [`MAX_CLIENTS`] connections,
+//! each with an input buffer of at most one line ([`MAX_LINE`]), an output buffer
+//! cap, and an idle deadline. A client that sends garbage gets an error reply; one
+//! that sends an endless line gets an error and is closed; one that sends nothing is
+//! closed at its deadline. None of them can delay signals or other clients, because
+//! the master never waits on a client: it reads what is there and moves on.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use arbiter_proto::control::{ErrorKind, MAX_LINE, Request, Response, parse_request};
+
+use crate::warning;
+
+/// Connections served at once; one more is told "busy" and closed.
+pub const MAX_CLIENTS: usize = 64;
+/// A connection with no complete request for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not read its replies is dropped past this much queued output.
+const MAX_OUTPUT: usize = 8 * 1024 * 1024;
+/// Read at most this much from one client per loop turn, so one fast writer cannot
+/// keep the loop on itself.
+const READ_CHUNK: usize = 64 * 1024;
+
+pub type ClientId = u64;
+
+/// Who is on the other end, from SO_PEERCRED.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+struct Client {
+    id: ClientId,
+    stream: UnixStream,
+    peer: Peer,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    deadline: Instant,
+    /// A request is being carried out (reload, stop): read nothing more until it is
+    /// answered, so replies stay in order.
+    waiting: bool,
+    /// Close once the output is flushed.
+    closing: bool,
+    /// The gunicornc framing was detected on this connection.
+    gunicorn: bool,
+}
+
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file we bound, so we never unlink a file that
+    /// is no longer ours (an upgrade may have renamed another over it).
+    identity: (u64, u64),
+    clients: Vec<Client>,
+    next_id: ClientId,
+    uid: u32,
+}
+
+/// What the poll loop should watch for one fd of the control server.
+pub enum Interest {
+    Listener,
+    Client(ClientId),
+}
+
+#[derive(Debug)]
+pub struct ControlError(pub String);
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ControlServer {
+    /// Bind the control socket at `path`: mode 0600, in a directory created 0700 if
+    /// missing. A stale socket from a dead master is replaced; a live one is an error.
+    pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
+        let shown = path.display();
+        let fail = |what: String| ControlError(format!("control socket {shown}: {what}"));
+        if path.as_os_str().len() >= 108 {
+            return Err(fail("path longer than 107 bytes".into()));
+        }
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            prepare_dir(dir, uid).map_err(fail)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(fail("the path exists and is not a socket".into()));
+                }
+                if UnixStream::connect(path).is_ok() {
+                    return Err(fail("a running master is answering on it".into()));
+                }
+                std::fs::remove_file(path)
+                    .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        // The master has one thread, so changing the umask around bind is race-free
+        // and leaves no window in which the socket is more open than 0600.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener = bound.map_err(|e| fail(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| fail(e.to_string()))?;
+        let meta = std::fs::symlink_metadata(path).map_err(|e| fail(e.to_string()))?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            identity: (meta.dev(), meta.ino()),
+            clients: Vec::new(),
+            next_id: 1,
+            uid,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fds to poll and what for: (fd, want read, want write, whose).
+    pub fn interests(&self) -> Vec<(BorrowedFd<'_>, bool, bool, Interest)> {
+        let mut out = vec![(self.listener.as_fd(), true, false, Interest::Listener)];
+        for c in &self.clients {
+            let read = !c.waiting && !c.closing;
+            let write = !c.output.is_empty();
+            out.push((c.stream.as_fd(), read, write, Interest::Client(c.id)));
+        }
+        out
+    }
+
+    /// The nearest idle deadline of a client that is not waiting on the master.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.clients
+            .iter()
+            .filter(|c| !c.waiting)
+            .map(|c| c.deadline)
+            .min()
+    }
+
+    /// Accept what is waiting. Never blocks.
+    pub fn accept(&mut self, now: Instant) {
+        // Bounded per turn so a connect flood cannot keep the loop here.
+        for _ in 0..MAX_CLIENTS {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the backlog; say so
+                    // once per turn and carry on with the rest of the loop.
+                    warning!("Control socket: accept failed: {e}");
+                    return;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let peer = match nix::sys::socket::getsockopt(
+                &stream,
+                nix::sys::socket::sockopt::PeerCredentials,
+            ) {
+                Ok(c) => Peer {
+                    uid: c.uid(),
+                    pid: c.pid(),
+                },
+                Err(_) => continue,
+            };
+            let id = self.next_id;
+            self.next_id += 1;
+            let mut client = Client {
+                id,
+                stream,
+                peer,
+                input: Vec::new(),
+                output: Vec::new(),
+                deadline: now + IDLE_TIMEOUT,
+                waiting: false,
+                closing: false,
+                gunicorn: false,
+            };
+            if peer.uid != self.uid && peer.uid != 0 {
+                warning!(
+                    "Control socket: refused uid {} (pid {}): only uid {} and root may use it",
+                    peer.uid,
+                    peer.pid,
+                    self.uid
+                );
+                client.send(&Response::err(
+                    ErrorKind::PermissionDenied,
+                    "permission denied: not the master's user",
+                ));
+                client.closing = true;
+                client.flush();
+                continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                client.send(&Response::err(
+                    ErrorKind::Busy,
+                    "too many control connections; try again",
+                ));
+                client.closing = true;
+                client.flush();
+                continue;
+            }
+            self.clients.push(client);
+        }
+    }
+
+    /// Read from a client that polled readable; returns the complete requests it
+    /// sent (at most one while a deferred reply is pending).
+    pub fn read(&mut self, id: ClientId, now: Instant) -> Vec<(ClientId, Peer, Request)> {
+        let mut out = Vec::new();
+        let Some(c) = self.clients.iter_mut().find(|c| c.id == id) else {
+            return out;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        let mut taken = 0;
+        while taken < READ_CHUNK && !c.closing {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    // The peer is done sending. Finish what was asked, then close.
+                    c.closing = true;
+                    break;
+                }
+                Ok(n) => {
+                    taken += n;
+                    c.input.extend_from_slice(&buf[..n]);
+                    if c.input.len() > MAX_LINE && !c.input[..MAX_LINE].contains(&b'\n') {
+                        c.send(&Response::err(
+                            ErrorKind::TooLarge,
+                            format!("request longer than {MAX_LINE} bytes"),
+                        ));
+                        c.input.clear();
+                        c.closing = true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    c.input.clear();
+                    c.output.clear();
+                    c.closing = true;
+                    break;
+                }
+            }
+        }
+        if c.input.first() == Some(&0) {
+            // gunicornc's frames start with a 4-byte big-endian length; a JSON line
+            // never starts with a NUL byte.
+            c.gunicorn = true;
+        }
+        if c.gunicorn {
+            c.send_raw(crate::gunicornc::not_supported());
+            c.input.clear();
+            c.closing = true;
+        }
+        while !c.waiting {
+            let Some(end) = c.input.iter().position(|&b| b == b'\n') else {
+                break;
+            };
+            let line: Vec<u8> = c.input.drain(..=end).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            c.deadline = now + IDLE_TIMEOUT;
+            match parse_request(line) {
+                Ok(req) => {
+                    c.waiting = true;
+                    out.push((c.id, c.peer, req));
+                }
+                Err(resp) => c.send(&resp),
+            }
+        }
+        c.flush();
+        self.sweep();
+        out
+    }
+
+    /// Answer a request; the client may send its next one.
+    pub fn reply(&mut self, id: ClientId, resp: &Response) {
+        if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
+            c.waiting = false;
+            c.send(resp);
+            c.flush();
+        }
+        self.sweep();
+    }
+
+    /// Flush a client that polled writable.
+    pub fn write(&mut self, id: ClientId) {
+        if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
+            c.flush();
+        }
+        self.sweep();
+    }
+
+    /// Requests that came in while the previous one was pending, once it is answered.
+    pub fn pending_requests(&mut self, now: Instant) -> Vec<(ClientId, Peer, Request)> {
+        let ids: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|c| !c.waiting && c.input.contains(&b'\n'))
+            .map(|c| c.id)
+            .collect();
+        ids.into_iter().flat_map(|id| self.read(id, now)).collect()
+    }
+
+    /// Close clients past their idle deadline.
+    pub fn expire(&mut self, now: Instant) {
+        for c in &mut self.clients {
+            if !c.waiting && now >= c.deadline && !c.closing {
+                c.closing = true;
+                c.output.clear();
+            }
+        }
+        self.sweep();
+    }
+
+    /// Last words before the master exits: flush each client with a short blocking
+    /// write, since there will be no next turn.
+    pub fn shutdown(mut self) {
+        for c in &mut self.clients {
+            if !c.output.is_empty() {
+                let _ = c.stream.set_nonblocking(false);
+                let _ = c.stream.set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = c.stream.write_all(&c.output);
+            }
+        }
+        self.clients.clear();
+        // Remove the socket file only if it is still the one we bound.
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.identity
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn sweep(&mut self) {
+        self.clients.retain(|c| {
+            // A client that half-closed after its request still gets the reply.
+            c.output.len() <= MAX_OUTPUT && (c.waiting || !(c.closing && c.output.is_empty()))
+        });
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+}
+
+impl Client {
+    fn send(&mut self, resp: &Response) {
+        match serde_json::to_vec(resp) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                self.output.extend_from_slice(&line);
+            }
+            Err(_) => self.output.extend_from_slice(b"{\"v\":1,\"ok\":false}\n"),
+        }
+    }
+
+    fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.output.extend_from_slice(&bytes);
+    }
+
+    fn flush(&mut self) {
+        while !self.output.is_empty() {
+            match self.stream.write(&self.output) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // The peer is gone: nothing more to say to it.
+                    self.output.clear();
+                    self.closing = true;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Create the socket's directory 0700 if missing; refuse one owned by another user
+/// (someone could otherwise pre-create /tmp/arbiter-UID and watch our socket).
+fn prepare_dir(dir: &Path, uid: u32) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(format!("{} is not a directory", dir.display()));
+            }
+            if meta.uid() != uid && meta.uid() != 0 {
+                return Err(format!(
+                    "directory {} belongs to uid {}, not to us (uid {uid})",
+                    dir.display(),
+                    meta.uid()
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            // DirBuilder's mode is filtered by the umask; make it exactly 0700.
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            Ok(())
+        }
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
+}
