@@ -27,6 +27,7 @@ use arbiter_proto::worker as contract;
 use crate::config::{Config, ReadyMode, WorkerProgram};
 use crate::control::{ClientId, ControlServer, Interest, Peer};
 use crate::listeners::{self, Listener};
+use crate::notify::{Message, NotifySocket};
 use crate::pidfile::Pidfile;
 use crate::signals::{self, SignalPipe};
 use crate::spawn::{self, Plan, Prepared};
@@ -124,6 +125,9 @@ pub struct Arbiter {
     fork_not_before: Option<Instant>,
 
     control: Option<ControlServer>,
+    notify: NotifySocket,
+    /// How a worker proves it is ready (`--ready`, or the program's default).
+    ready_mode: ReadyMode,
     /// Control clients waiting for the current reload's outcome.
     reload_waiters: Vec<ClientId>,
     /// Control clients waiting for the master to exit.
@@ -139,6 +143,7 @@ pub struct Arbiter {
 enum Token {
     Signals,
     Exec(Pid),
+    Notify,
     Control(Interest),
 }
 
@@ -150,6 +155,14 @@ impl Arbiter {
         control: Option<ControlServer>,
     ) -> std::io::Result<Arbiter> {
         let signals = SignalPipe::install(HANDLED_SIGNALS)?;
+        let master_pid = nix::unistd::getpid();
+        let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name)?;
+        // The built-in worker says READY=1 once it accepts, so wait for that; a
+        // COMMAND is ready once exec'd unless told otherwise.
+        let ready_mode = cfg.ready.unwrap_or(match cfg.program {
+            WorkerProgram::Builtin => ReadyMode::Notify,
+            WorkerProgram::Command { .. } => ReadyMode::Exec,
+        });
         // Orphans of our workers' own children come back to us, to be reaped silently,
         // instead of going to init with nobody watching them.
         let _ = nix::sys::prctl::set_child_subreaper(true);
@@ -168,7 +181,7 @@ impl Arbiter {
             listeners,
             signals,
             pidfile,
-            master_pid: nix::unistd::getpid(),
+            master_pid,
             base_env,
             heartbeat_dir: workers::heartbeat_dir(),
             workers: Vec::new(),
@@ -186,6 +199,8 @@ impl Arbiter {
             fork_failures: 0,
             fork_not_before: None,
             control,
+            notify,
+            ready_mode,
             reload_waiters: Vec::new(),
             stop_waiters: Vec::new(),
             started: Instant::now(),
@@ -239,6 +254,8 @@ impl Arbiter {
         let woke: Vec<Token> = {
             let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
             let mut tokens = vec![Token::Signals];
+            fds.push(PollFd::new(self.notify.fd(), PollFlags::POLLIN));
+            tokens.push(Token::Notify);
             for w in &self.workers {
                 if let Some(fd) = &w.exec_status {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
@@ -280,6 +297,11 @@ impl Arbiter {
                     }
                 }
                 Token::Exec(pid) => self.on_exec_status(pid),
+                Token::Notify => {
+                    for (sender, messages) in self.notify.receive() {
+                        self.on_notify(sender, messages, now);
+                    }
+                }
                 Token::Control(Interest::Listener) => {
                     if let Some(c) = &mut self.control {
                         c.accept(now);
@@ -323,7 +345,7 @@ impl Arbiter {
             match w.state {
                 State::Stopping { deadline } | State::Aborted { deadline } => at(deadline),
                 State::Booting => {
-                    at(w.started + self.cfg.boot_timeout);
+                    at(boot_deadline(w, self.cfg.boot_timeout));
                     self.heartbeat_deadline(w).map(&mut at);
                 }
                 State::Ready { .. } => {
@@ -349,7 +371,7 @@ impl Arbiter {
     fn heartbeat_deadline(&self, w: &Worker) -> Option<Instant> {
         let timeout = self.cfg.timeout?;
         Some(match w.heartbeat.last_beat {
-            Some(beat) => beat + timeout,
+            Some(beat) => (beat + timeout).max(w.extended_until.unwrap_or(beat)),
             // Not beating yet: never killed for that, but looked at now and then to
             // notice the first beat.
             None => w.heartbeat.last_check() + probe_interval(timeout),
@@ -745,6 +767,53 @@ impl Arbiter {
 
     // ---------------------------------------------------------------- workers
 
+    /// What a worker said on NOTIFY_SOCKET. `sender` is the kernel-checked pid.
+    fn on_notify(&mut self, sender: i32, messages: Vec<Message>, now: Instant) {
+        let Some(owner) = self.worker_owning(sender) else {
+            debug!("Dropped a notify datagram from pid {sender}: not one of our workers");
+            return;
+        };
+        let graceful = self.cfg.graceful_timeout;
+        let Some(w) = self.workers.iter_mut().find(|w| w.pid == owner) else {
+            return;
+        };
+        for m in messages {
+            match m {
+                Message::Ready => {
+                    // Not a heartbeat: many notify-aware programs say READY=1 and
+                    // never ping a watchdog, and must not time out for it.
+                    if w.state == State::Booting {
+                        w.mark_ready(now);
+                        debug!("Worker (pid:{owner}) is ready (READY=1)");
+                    }
+                }
+                Message::Watchdog => w.heartbeat.record(now),
+                Message::WatchdogTrigger if w.state.is_active() => {
+                    critical!("WORKER TIMEOUT (pid:{owner}) (the worker sent WATCHDOG=trigger)");
+                    let _ = w.signal(Signal::SIGABRT);
+                    w.state = State::Aborted {
+                        deadline: now + ABORT_GRACE,
+                    };
+                }
+                Message::WatchdogTrigger => {}
+                Message::Status(text) => w.status_text = Some(text),
+                Message::Stopping if w.state.is_active() => {
+                    // The worker is leaving on its own (a recycle): replace it now,
+                    // and hold it to the graceful timeout like any stopping worker.
+                    info!("Worker (pid:{owner}) is stopping (STOPPING=1)");
+                    w.retiring = true;
+                    w.state = State::Stopping {
+                        deadline: now + graceful,
+                    };
+                }
+                Message::Stopping => {}
+                Message::ExtendTimeout(by) => {
+                    w.extended_until = Some(now + by);
+                }
+            }
+        }
+    }
+
     fn on_exec_status(&mut self, pid: Pid) {
         let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
             return;
@@ -753,7 +822,7 @@ impl Arbiter {
         match spawn::read_status(fd) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Ok(None) | Err(_) => {
-                if self.cfg.ready == ReadyMode::Exec && w.state == State::Booting {
+                if self.ready_mode == ReadyMode::Exec && w.state == State::Booting {
                     w.mark_ready(Instant::now());
                     debug!("Worker (pid:{pid}) is ready");
                 }
@@ -907,7 +976,7 @@ impl Arbiter {
                     let _ = w.signal(Signal::SIGKILL);
                     w.state = State::Killed;
                 }
-                State::Booting if now >= w.started + boot_timeout => {
+                State::Booting if now >= boot_deadline(w, boot_timeout) => {
                     error!(
                         "Worker (pid:{}) not ready after {:.1}s (--boot-timeout); killing it",
                         w.pid,
@@ -918,6 +987,9 @@ impl Arbiter {
                 }
                 State::Booting | State::Ready { .. } => {
                     let Some(timeout) = timeout else { continue };
+                    if w.extended_until.is_some_and(|t| now < t) {
+                        continue;
+                    }
                     let due = match w.heartbeat.last_beat {
                         Some(beat) => now >= beat + timeout,
                         None => now >= w.heartbeat.last_check() + probe_interval(timeout),
@@ -1126,6 +1198,7 @@ impl Arbiter {
                     status_text: None,
                     ready_once: false,
                     retiring: false,
+                    extended_until: None,
                 });
                 true
             }
@@ -1168,6 +1241,14 @@ impl Arbiter {
         set(contract::ENV_HEARTBEAT_FD, &heartbeat_target);
         let timeout_secs = self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64());
         set(contract::ENV_TIMEOUT, &timeout_secs);
+        set(contract::ENV_NOTIFY_SOCKET, &self.notify.address);
+        let mut pid_keys = vec![contract::ENV_LISTEN_PID];
+        if let Some(t) = self.cfg.timeout {
+            // Libraries that already ping systemd's watchdog ping ours; they ping at
+            // half this interval, as sd_watchdog_enabled(3) advises.
+            set(contract::ENV_WATCHDOG_USEC, &t.as_micros());
+            pid_keys.push(contract::ENV_WATCHDOG_PID);
+        }
         let builtin_title;
         let (path, argv): (&OsStr, Vec<&OsStr>) = match &self.cfg.program {
             WorkerProgram::Builtin => {
@@ -1195,7 +1276,7 @@ impl Arbiter {
             path,
             argv: &argv,
             env,
-            pid_keys: &[contract::ENV_LISTEN_PID],
+            pid_keys: &pid_keys,
             fds,
             credentials,
         })
@@ -1308,6 +1389,12 @@ fn rss_bytes(pid: Pid) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page.max(0) as u64)
+}
+
+/// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).
+fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
+    let base = w.started + boot_timeout;
+    w.extended_until.map_or(base, |t| t.max(base))
 }
 
 /// How often a worker that has not beaten yet is looked at.

@@ -30,9 +30,10 @@ pub struct Cli {
     /// How long TERMed workers may drain before KILL, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub graceful_timeout: f64,
-    /// When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1)
-    #[arg(long, value_name = "MODE", default_value = "exec")]
-    pub ready: String,
+    /// When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1).
+    /// Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)
+    #[arg(long, value_name = "MODE")]
+    pub ready: Option<String>,
     /// A worker not ready by then is killed and counts as a boot failure, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub boot_timeout: f64,
@@ -116,7 +117,8 @@ pub struct Config {
     pub workers: usize,
     pub timeout: Option<Duration>,
     pub graceful_timeout: Duration,
-    pub ready: ReadyMode,
+    /// `None`: the program's default (exec for a COMMAND, notify for the built-in).
+    pub ready: Option<ReadyMode>,
     pub boot_timeout: Duration,
     pub name: String,
     pub pidfile: Option<PathBuf>,
@@ -294,10 +296,11 @@ impl Config {
             bail!("--backlog must be positive");
         }
         let timeout = seconds("--timeout", cli.timeout)?;
-        let ready = match cli.ready.as_str() {
-            "exec" => ReadyMode::Exec,
-            "notify" => ReadyMode::Notify,
-            other => bail!("--ready {other}: expected 'exec' or 'notify'"),
+        let ready = match cli.ready.as_deref() {
+            None => None,
+            Some("exec") => Some(ReadyMode::Exec),
+            Some("notify") => Some(ReadyMode::Notify),
+            Some(other) => bail!("--ready {other}: expected 'exec' or 'notify'"),
         };
         let Some(log_level) = Level::parse(&cli.log_level) else {
             bail!(

@@ -11,6 +11,7 @@ pub mod control;
 pub mod gunicornc;
 pub mod listeners;
 pub mod log;
+pub mod notify;
 pub mod pidfile;
 pub mod signals;
 pub mod spawn;

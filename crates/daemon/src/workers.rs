@@ -187,6 +187,8 @@ pub struct Worker {
     pub ready_once: bool,
     /// The master asked it to stop (retired, or shutting down): its death is expected.
     pub retiring: bool,
+    /// `EXTEND_TIMEOUT_USEC`: no boot or heartbeat timeout before this.
+    pub extended_until: Option<Instant>,
 }
 
 impl Worker {

@@ -1,0 +1,184 @@
+//! sd_notify from workers: the master's own datagram socket.
+//!
+//! Workers find it in `NOTIFY_SOCKET`, so libraries that already speak to systemd
+//! (`READY=1`, `WATCHDOG=1`, `STATUS=...`) speak to us unchanged. The socket lives
+//! in the abstract namespace (no file to clean up, reachable by workers that run as
+//! another user), and every datagram is attributed by the kernel-checked sender
+//! credentials (SO_PASSCRED), never by what the message says: a datagram from a
+//! process that is not one of our workers (or in one's process group) is dropped.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    UnixCredentials, sockopt,
+};
+
+/// Datagrams handled per loop turn: a flood waits for later turns instead of
+/// starving signals and other clients.
+const MAX_PER_TURN: usize = 256;
+/// Longer datagrams are truncated by the kernel and dropped by us.
+const MAX_DATAGRAM: usize = 4096;
+/// `STATUS=` text kept per worker.
+const MAX_STATUS: usize = 256;
+
+pub struct NotifySocket {
+    fd: OwnedFd,
+    /// The value for `NOTIFY_SOCKET`: `@` and the abstract name.
+    pub address: String,
+}
+
+/// One thing a worker said.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    Ready,
+    Watchdog,
+    /// `WATCHDOG=trigger`: the worker asks to be treated as hung.
+    WatchdogTrigger,
+    Status(String),
+    Stopping,
+    /// `EXTEND_TIMEOUT_USEC=`: push the boot or heartbeat deadline this far from now.
+    ExtendTimeout(std::time::Duration),
+}
+
+impl NotifySocket {
+    pub fn bind(master_pid: i32, name: &str) -> std::io::Result<NotifySocket> {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        socket::setsockopt(&fd, sockopt::PassCred, &true)?;
+        let abstract_name = format!("arbiter/{name}/{master_pid}/notify");
+        let addr = UnixAddr::new_abstract(abstract_name.as_bytes())?;
+        socket::bind(fd.as_raw_fd(), &addr)?;
+        Ok(NotifySocket {
+            fd,
+            address: format!("@{abstract_name}"),
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Read what is waiting (bounded): (sender pid, messages) per datagram.
+    pub fn receive(&self) -> Vec<(i32, Vec<Message>)> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; MAX_DATAGRAM];
+        for _ in 0..MAX_PER_TURN {
+            let mut cmsg = nix::cmsg_space!(UnixCredentials);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match socket::recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            };
+            let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+            let len = msg.bytes;
+            let mut sender = None;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    // Any fds a sender attached arrive close-on-exec and are closed
+                    // when the owned message drops.
+                    if let ControlMessageOwned::ScmCredentials(cred) = c {
+                        sender = Some(cred.pid());
+                    }
+                }
+            }
+            let (Some(pid), false) = (sender, truncated) else {
+                continue;
+            };
+            out.push((pid, parse(&buf[..len])));
+        }
+        out
+    }
+}
+
+/// Parse one sd_notify datagram: newline-separated `KEY=VALUE`; unknown keys ignored.
+pub fn parse(datagram: &[u8]) -> Vec<Message> {
+    let text = String::from_utf8_lossy(datagram);
+    let mut out = Vec::new();
+    for line in text.split('\n') {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        match (key, value) {
+            ("READY", "1") => out.push(Message::Ready),
+            ("WATCHDOG", "1") => out.push(Message::Watchdog),
+            ("WATCHDOG", "trigger") => out.push(Message::WatchdogTrigger),
+            ("STOPPING", "1") => out.push(Message::Stopping),
+            ("STATUS", text) => {
+                let mut t: String = text.chars().filter(|c| !c.is_control()).collect();
+                if t.len() > MAX_STATUS {
+                    let mut cut = MAX_STATUS;
+                    while !t.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    t.truncate(cut);
+                }
+                out.push(Message::Status(t));
+            }
+            ("EXTEND_TIMEOUT_USEC", n) => {
+                if let Ok(us) = n.parse::<u64>() {
+                    out.push(Message::ExtendTimeout(std::time::Duration::from_micros(us)));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages() {
+        assert_eq!(
+            parse(b"READY=1\nSTATUS=warming up\nWATCHDOG=1\nX=1\nnonsense"),
+            vec![
+                Message::Ready,
+                Message::Status("warming up".into()),
+                Message::Watchdog
+            ]
+        );
+        assert_eq!(parse(b"WATCHDOG=trigger"), vec![Message::WatchdogTrigger]);
+        assert_eq!(
+            parse(b"EXTEND_TIMEOUT_USEC=5000000"),
+            vec![Message::ExtendTimeout(std::time::Duration::from_secs(5))]
+        );
+        assert_eq!(parse(b"READY=0\nEXTEND_TIMEOUT_USEC=x"), vec![]);
+        assert_eq!(parse(&[0xff, 0xfe]), vec![]);
+    }
+
+    #[test]
+    fn status_is_bounded() {
+        let long = format!("STATUS={}", "é".repeat(1000));
+        match &parse(long.as_bytes())[0] {
+            Message::Status(t) => assert!(t.len() <= MAX_STATUS),
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn receives_with_credentials() {
+        let sock = NotifySocket::bind(std::process::id() as i32, "unit-test").unwrap();
+        assert!(arbiter_proto::worker::notify_to(
+            &sock.address,
+            "READY=1\nSTATUS=hi"
+        ));
+        let got = sock.receive();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, std::process::id() as i32);
+        assert_eq!(got[0].1, vec![Message::Ready, Message::Status("hi".into())]);
+    }
+}
