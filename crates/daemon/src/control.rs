@@ -51,6 +51,8 @@ struct Client {
     closing: bool,
     /// The gunicornc framing was detected on this connection.
     gunicorn: bool,
+    /// For a gunicornc request in flight: how to shape its answer.
+    shape: Option<crate::gunicornc::Shape>,
 }
 
 pub struct ControlServer {
@@ -192,6 +194,7 @@ impl ControlServer {
                 waiting: false,
                 closing: false,
                 gunicorn: false,
+                shape: None,
             };
             if peer.uid != self.uid && peer.uid != 0 {
                 warning!(
@@ -264,12 +267,29 @@ impl ControlServer {
             // never starts with a NUL byte.
             c.gunicorn = true;
         }
-        if c.gunicorn {
-            c.send_raw(crate::gunicornc::not_supported());
-            c.input.clear();
-            c.closing = true;
-        }
-        while !c.waiting {
+        while !c.waiting && !c.closing {
+            if c.gunicorn {
+                use crate::gunicornc::Frame;
+                match crate::gunicornc::take_frame(&mut c.input) {
+                    Frame::Incomplete => break,
+                    Frame::Request(shape, req) => {
+                        c.deadline = now + IDLE_TIMEOUT;
+                        c.waiting = true;
+                        c.shape = Some(shape);
+                        out.push((c.id, c.peer, req));
+                    }
+                    Frame::Answer(bytes) => {
+                        c.deadline = now + IDLE_TIMEOUT;
+                        c.output.extend_from_slice(&bytes);
+                    }
+                    Frame::Invalid(bytes) => {
+                        c.output.extend_from_slice(&bytes);
+                        c.input.clear();
+                        c.closing = true;
+                    }
+                }
+                continue;
+            }
             let Some(end) = c.input.iter().position(|&b| b == b'\n') else {
                 break;
             };
@@ -296,7 +316,12 @@ impl ControlServer {
     pub fn reply(&mut self, id: ClientId, resp: &Response) {
         if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
             c.waiting = false;
-            c.send(resp);
+            match c.shape.take() {
+                Some(shape) => c
+                    .output
+                    .extend_from_slice(&crate::gunicornc::render(&shape, resp)),
+                None => c.send(resp),
+            }
             c.flush();
         }
         self.sweep();
@@ -315,7 +340,7 @@ impl ControlServer {
         let ids: Vec<ClientId> = self
             .clients
             .iter()
-            .filter(|c| !c.waiting && c.input.contains(&b'\n'))
+            .filter(|c| !c.waiting && !c.input.is_empty())
             .map(|c| c.id)
             .collect();
         ids.into_iter().flat_map(|id| self.read(id, now)).collect()
@@ -372,10 +397,6 @@ impl Client {
             }
             Err(_) => self.output.extend_from_slice(b"{\"v\":1,\"ok\":false}\n"),
         }
-    }
-
-    fn send_raw(&mut self, bytes: Vec<u8>) {
-        self.output.extend_from_slice(&bytes);
     }
 
     fn flush(&mut self) {

@@ -1,11 +1,48 @@
-//! gunicorn's control-socket framing (`gunicornc`): a 4-byte big-endian length, then
-//! a JSON message. Not translated yet: such a client gets one framed error saying so.
+//! gunicorn's control-socket protocol (`gunicornc`), spoken on the same socket as
+//! our JSON lines: a 4-byte big-endian length, then a JSON message. Each command is
+//! translated into one of our [`Request`]s, so it goes through the same master
+//! methods, and the answer is shaped the way gunicornc expects.
+//!
+//! Not translated yet: every frame gets a framed error saying so.
 
-/// A framed error telling a gunicornc client this master does not speak it yet.
-pub fn not_supported() -> Vec<u8> {
-    let body =
-        br#"{"status":"error","error":"gunicornc framing is not supported by this arbiterd yet"}"#;
+use arbiter_proto::control::{Request, Response};
+
+/// What a gunicornc command asked for, kept until its answer is rendered.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    _command: String,
+}
+
+/// The result of looking at a client's input buffer.
+pub enum Frame {
+    /// Not a whole frame yet.
+    Incomplete,
+    /// A command for the master; answer with [`render`].
+    Request(Shape, Request),
+    /// A command answered without the master (help, an unknown command).
+    Answer(Vec<u8>),
+    /// Garbage or an oversize frame: send these bytes and close.
+    Invalid(Vec<u8>),
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(body);
     out
+}
+
+/// Take one frame off the front of `input`.
+pub fn take_frame(input: &mut Vec<u8>) -> Frame {
+    if input.len() < 4 {
+        return Frame::Incomplete;
+    }
+    input.clear();
+    Frame::Invalid(framed(
+        br#"{"status":"error","error":"gunicornc commands are not supported by this arbiterd yet"}"#,
+    ))
+}
+
+/// The gunicornc-shaped answer to a translated command.
+pub fn render(_shape: &Shape, _resp: &Response) -> Vec<u8> {
+    framed(br#"{"status":"error","error":"not supported yet"}"#)
 }
