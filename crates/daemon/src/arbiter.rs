@@ -27,7 +27,7 @@ use arbiter_proto::worker as contract;
 use crate::config::{Config, ReadyMode, WorkerProgram};
 use crate::control::{ClientId, ControlServer, Interest, Peer};
 use crate::listeners::{self, Listener};
-use crate::notify::{Message, NotifySocket};
+use crate::notify::{self, Message, NotifySocket, ServiceManager};
 use crate::pidfile::Pidfile;
 use crate::signals::{self, SignalPipe};
 use crate::spawn::{self, Plan, Prepared};
@@ -126,6 +126,11 @@ pub struct Arbiter {
 
     control: Option<ControlServer>,
     notify: NotifySocket,
+    /// systemd, when it started us with `NOTIFY_SOCKET`.
+    manager: Option<ServiceManager>,
+    manager_watchdog_at: Option<Instant>,
+    /// The last `STATUS=` sent to the manager, to send only changes.
+    manager_status: String,
     /// How a worker proves it is ready (`--ready`, or the program's default).
     ready_mode: ReadyMode,
     /// Control clients waiting for the current reload's outcome.
@@ -157,6 +162,11 @@ impl Arbiter {
         let signals = SignalPipe::install(HANDLED_SIGNALS)?;
         let master_pid = nix::unistd::getpid();
         let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name)?;
+        let manager = ServiceManager::from_env();
+        let manager_watchdog_at = manager
+            .as_ref()
+            .and_then(|m| m.watchdog_interval)
+            .map(|i| Instant::now() + i);
         // The built-in worker says READY=1 once it accepts, so wait for that; a
         // COMMAND is ready once exec'd unless told otherwise.
         let ready_mode = cfg.ready.unwrap_or(match cfg.program {
@@ -200,6 +210,9 @@ impl Arbiter {
             fork_not_before: None,
             control,
             notify,
+            manager,
+            manager_watchdog_at,
+            manager_status: String::new(),
             ready_mode,
             reload_waiters: Vec::new(),
             stop_waiters: Vec::new(),
@@ -341,6 +354,9 @@ impl Arbiter {
         if let Some(t) = self.control.as_ref().and_then(|c| c.next_deadline()) {
             at(t);
         }
+        if let Some(t) = self.manager_watchdog_at {
+            at(t);
+        }
         for w in &self.workers {
             match w.state {
                 State::Stopping { deadline } | State::Aborted { deadline } => at(deadline),
@@ -461,6 +477,12 @@ impl Arbiter {
             to,
             started: Instant::now(),
         });
+        // systemd's Type=notify-reload contract: RELOADING=1 with the monotonic time,
+        // then READY=1 when done (or failed).
+        self.tell_manager(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            notify::monotonic_usec()
+        ));
     }
 
     pub fn scale_to(&mut self, n: usize) {
@@ -504,6 +526,7 @@ impl Arbiter {
                     graceful,
                     deadline: now + wait,
                 });
+                self.tell_manager("STOPPING=1");
                 // New connections now wait in the backlog of the workers' copies
                 // until those close; the unix socket path goes away at once.
                 listeners::close_all(std::mem::take(&mut self.listeners));
@@ -952,12 +975,19 @@ impl Arbiter {
         // retired at once, the ready ones as the old generation is back to strength.
         self.generation = r.from;
         self.slots.clear();
+        self.tell_manager("READY=1");
     }
 
     /// Timeouts: boot, heartbeat, graceful stop, shutdown.
     fn check_deadlines(&mut self, now: Instant) {
         if let Some(c) = &mut self.control {
             c.expire(now);
+        }
+        if let (Some(m), Some(t)) = (&self.manager, self.manager_watchdog_at)
+            && now >= t
+        {
+            m.send("WATCHDOG=1");
+            self.manager_watchdog_at = m.watchdog_interval.map(|i| now + i);
         }
         let timeout = self.cfg.timeout;
         let boot_timeout = self.cfg.boot_timeout;
@@ -1111,6 +1141,7 @@ impl Arbiter {
         if !self.served && ready_current >= self.target {
             self.served = true;
             info!("Serving: {} worker(s) ready", ready_current);
+            self.tell_manager("READY=1");
         }
         if let Some(r) = &self.reload
             && self.workers.iter().all(|w| w.generation == r.to)
@@ -1133,7 +1164,39 @@ impl Arbiter {
                 generation,
                 took_secs: took.as_secs_f64(),
             }));
+            self.tell_manager("READY=1");
         }
+        self.tell_manager("");
+    }
+
+    /// Send `extra` (if any) with the current `STATUS=` to systemd; a bare status is
+    /// sent only when it changed.
+    fn tell_manager(&mut self, extra: &str) {
+        let Some(m) = &self.manager else { return };
+        let ready = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == self.generation && w.is_ready())
+            .count();
+        let status = format!(
+            "STATUS={ready}/{} workers ready, generation {}{}",
+            self.target,
+            self.generation,
+            if self.reload.is_some() {
+                ", reloading"
+            } else {
+                ""
+            }
+        );
+        if extra.is_empty() && status == self.manager_status {
+            return;
+        }
+        if extra.is_empty() {
+            m.send(&status);
+        } else {
+            m.send(&format!("{extra}\n{status}"));
+        }
+        self.manager_status = status;
     }
 
     fn retire(&mut self, pid: Pid, why: &str) {

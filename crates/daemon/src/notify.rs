@@ -182,3 +182,55 @@ mod tests {
         assert_eq!(got[0].1, vec![Message::Ready, Message::Status("hi".into())]);
     }
 }
+
+/// The service manager's notify socket (systemd's `NOTIFY_SOCKET` for the master).
+///
+/// Read once at startup and removed from the environment, so no worker ever talks
+/// to systemd in the master's name.
+pub struct ServiceManager {
+    address: String,
+    /// Ping `WATCHDOG=1` this often, when systemd asked for it (`WATCHDOG_USEC`).
+    pub watchdog_interval: Option<std::time::Duration>,
+}
+
+impl ServiceManager {
+    pub fn from_env() -> Option<ServiceManager> {
+        let address = std::env::var("NOTIFY_SOCKET")
+            .ok()
+            .filter(|a| !a.is_empty());
+        let pid_ok = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_none_or(|p| p == std::process::id());
+        let watchdog = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|&u| u > 0 && pid_ok)
+            // Half the interval, as sd_watchdog_enabled(3) advises.
+            .map(|u| std::time::Duration::from_micros(u / 2));
+        // SAFETY: called at startup, before any thread could exist.
+        unsafe {
+            std::env::remove_var("NOTIFY_SOCKET");
+            std::env::remove_var("WATCHDOG_USEC");
+            std::env::remove_var("WATCHDOG_PID");
+        }
+        Some(ServiceManager {
+            address: address?,
+            watchdog_interval: watchdog,
+        })
+    }
+
+    /// Best effort, as sd_notify(3): a failed send is logged at debug and forgotten.
+    pub fn send(&self, state: &str) {
+        if !arbiter_proto::worker::notify_to(&self.address, state) {
+            crate::debug!("sd_notify to {} failed: {state:?}", self.address);
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, for `RELOADING=1`'s `MONOTONIC_USEC`.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
