@@ -346,6 +346,23 @@ impl Config {
             Some(p) => p,
             None => arbiter_proto::paths::default_control_path(&cli.name),
         };
+        // Absolute from here on: a daemon changes to / after start, and an upgraded
+        // master must find the same files.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let control = absolute(control);
+        let pidfile = cli.pid.map(absolute);
+        let log_file = if cli.log_file.as_os_str() == "-" {
+            cli.log_file
+        } else {
+            absolute(cli.log_file)
+        };
+        let binds = binds
+            .into_iter()
+            .map(|b| match b {
+                BindSpec::Unix(p) => BindSpec::Unix(absolute(p)),
+                other => other,
+            })
+            .collect();
         Ok(Config {
             binds,
             default_bind,
@@ -355,9 +372,9 @@ impl Config {
             ready,
             boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
             name: cli.name,
-            pidfile: cli.pid,
+            pidfile,
             control,
-            log_file: cli.log_file,
+            log_file,
             log_level,
             reuse_port: cli.reuse_port,
             backlog: cli.backlog,

@@ -67,6 +67,7 @@ pub fn main() -> ExitCode {
     }
     // Nothing the master inherited may leak into a worker.
     listeners::mark_inherited_fds_cloexec();
+    spawn::raise_nofile_limit();
 
     let opts = listeners::BindOptions {
         backlog: cfg.backlog,

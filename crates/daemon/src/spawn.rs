@@ -46,6 +46,31 @@ impl ChildStep {
     }
 }
 
+static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raise the master's open-files limit to its hard limit (each worker costs the
+/// master a few fds), remembering the original for the workers.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let _ = ORIGINAL_NOFILE.set(lim);
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(1 << 20),
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
+        }
+    }
+}
+
 /// A NUL-terminated `KEY=` entry with room for a pid, filled in by the child after
 /// fork (LISTEN_PID and WATCHDOG_PID must name the worker itself).
 const PID_ROOM: usize = 12;
@@ -63,6 +88,10 @@ pub struct Prepared {
     fds: Vec<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
     master_pid: libc::pid_t,
+    /// The open-files limit the master started with: it raises its own for many
+    /// workers, and a worker gets back what it would have had (some programs still
+    /// use select(2) and break above 1024).
+    nofile: Option<libc::rlimit>,
 }
 
 /// What the caller must supply.
@@ -133,6 +162,7 @@ impl Prepared {
             fds: plan.fds,
             credentials: plan.credentials,
             master_pid: std::process::id() as libc::pid_t,
+            nofile: ORIGINAL_NOFILE.get().copied(),
         })
     }
 
@@ -215,6 +245,9 @@ impl Prepared {
                 {
                     fail(status_fd, ChildStep::Credentials);
                 }
+            }
+            if let Some(limit) = &self.nofile {
+                libc::setrlimit(libc::RLIMIT_NOFILE, limit);
             }
             let pid = libc::getpid();
             for &slot in &self.pid_slots {
