@@ -26,6 +26,7 @@ use arbiter_proto::worker as contract;
 
 use crate::config::{Config, ReadyMode, WorkerProgram};
 use crate::control::{ClientId, ControlServer, Interest, Peer};
+use crate::daemonize::Report;
 use crate::listeners::{self, Listener};
 use crate::notify::{self, Message, NotifySocket, ServiceManager};
 use crate::pidfile::Pidfile;
@@ -126,6 +127,9 @@ pub struct Arbiter {
 
     control: Option<ControlServer>,
     notify: NotifySocket,
+    /// `-D`: the launcher waiting to hear that we serve.
+    report: Option<Report>,
+    daemonized: bool,
     /// systemd, when it started us with `NOTIFY_SOCKET`.
     manager: Option<ServiceManager>,
     manager_watchdog_at: Option<Instant>,
@@ -158,10 +162,16 @@ impl Arbiter {
         listeners: Vec<Listener>,
         pidfile: Option<Pidfile>,
         control: Option<ControlServer>,
-    ) -> std::io::Result<Arbiter> {
-        let signals = SignalPipe::install(HANDLED_SIGNALS)?;
+        report: Option<Report>,
+        daemonized: bool,
+    ) -> Result<Arbiter, (std::io::Error, Option<Report>)> {
         let master_pid = nix::unistd::getpid();
-        let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name)?;
+        let (signals, notify) = match SignalPipe::install(HANDLED_SIGNALS)
+            .and_then(|s| Ok((s, NotifySocket::bind(master_pid.as_raw(), &cfg.name)?)))
+        {
+            Ok(both) => both,
+            Err(e) => return Err((e, report)),
+        };
         let manager = ServiceManager::from_env();
         let manager_watchdog_at = manager
             .as_ref()
@@ -213,6 +223,8 @@ impl Arbiter {
             manager,
             manager_watchdog_at,
             manager_status: String::new(),
+            report,
+            daemonized,
             ready_mode,
             reload_waiters: Vec::new(),
             stop_waiters: Vec::new(),
@@ -243,6 +255,7 @@ impl Arbiter {
             self.reap(now);
             self.check_deadlines(now);
             self.converge(now);
+            self.serve_pipelined(now);
         }
         self.finish()
     }
@@ -330,6 +343,25 @@ impl Arbiter {
         }
         for (id, peer, req) in requests {
             self.handle_request(id, peer, req);
+        }
+        self.serve_pipelined(now);
+    }
+
+    /// Requests a client pipelined behind one that has just been answered (here or
+    /// by a reload completing): their bytes are already read, so no poll will
+    /// report them.
+    fn serve_pipelined(&mut self, now: Instant) {
+        loop {
+            let requests = match &mut self.control {
+                Some(c) => c.pending_requests(now),
+                None => return,
+            };
+            if requests.is_empty() {
+                return;
+            }
+            for (id, peer, req) in requests {
+                self.handle_request(id, peer, req);
+            }
         }
     }
 
@@ -437,6 +469,13 @@ impl Arbiter {
             }
             Signal::SIGUSR1 => self.reopen_logs(),
             Signal::SIGUSR2 => warning!("SIGUSR2 ignored: hot upgrade is not implemented yet"),
+            Signal::SIGWINCH if self.daemonized => {
+                // The upgrade dance: the old master keeps its listeners and pidfile
+                // but hands all traffic to the new one. HUP or a scale brings
+                // workers back.
+                info!("graceful stop of workers");
+                self.target = 0;
+            }
             Signal::SIGWINCH => info!("SIGWINCH ignored. Not daemonized"),
             _ => {}
         }
@@ -458,6 +497,10 @@ impl Arbiter {
         if self.shutdown.is_some() {
             info!("Reload ignored: shutting down");
             return;
+        }
+        if self.target == 0 {
+            // After WINCH: a reload brings the configured count back, as in gunicorn.
+            self.target = self.cfg.workers;
         }
         self.last_generation += 1;
         self.reloads += 1;
@@ -1142,6 +1185,9 @@ impl Arbiter {
             self.served = true;
             info!("Serving: {} worker(s) ready", ready_current);
             self.tell_manager("READY=1");
+            if let Some(r) = self.report.take() {
+                r.ready();
+            }
         }
         if let Some(r) = &self.reload
             && self.workers.iter().all(|w| w.generation == r.to)
@@ -1368,6 +1414,13 @@ impl Arbiter {
         }
         if let Some(reason) = &self.exit_reason {
             error!("Reason: {reason}");
+        }
+        if let Some(r) = self.report.take() {
+            r.error(
+                self.exit_reason
+                    .as_deref()
+                    .unwrap_or("the master stopped before it served"),
+            );
         }
         self.exit_status
     }

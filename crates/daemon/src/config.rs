@@ -123,6 +123,7 @@ pub struct Config {
     pub name: String,
     pub pidfile: Option<PathBuf>,
     pub control: PathBuf,
+    pub daemon: bool,
     pub log_file: PathBuf,
     pub log_level: Level,
     pub reuse_port: bool,
@@ -277,7 +278,6 @@ impl Config {
         // Options whose behaviour belongs to later work are refused rather than
         // silently ignored: an operator must not believe they took effect.
         for (given, flag) in [
-            (cli.daemon, "--daemon"),
             (cli.config.is_some(), "--config"),
             (cli.max_worker_rss.is_some(), "--max-worker-rss"),
             (cli.max_worker_age.is_some(), "--max-worker-age"),
@@ -374,6 +374,7 @@ impl Config {
             name: cli.name,
             pidfile,
             control,
+            daemon: cli.daemon,
             log_file,
             log_level,
             reuse_port: cli.reuse_port,

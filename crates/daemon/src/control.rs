@@ -49,6 +49,8 @@ struct Client {
     waiting: bool,
     /// Close once the output is flushed.
     closing: bool,
+    /// The peer finished sending (EOF): answer what it asked, then close.
+    eof: bool,
     /// The gunicornc framing was detected on this connection.
     gunicorn: bool,
     /// For a gunicornc request in flight: how to shape its answer.
@@ -138,7 +140,7 @@ impl ControlServer {
     pub fn interests(&self) -> Vec<(BorrowedFd<'_>, bool, bool, Interest)> {
         let mut out = vec![(self.listener.as_fd(), true, false, Interest::Listener)];
         for c in &self.clients {
-            let read = !c.waiting && !c.closing;
+            let read = !c.waiting && !c.closing && !c.eof;
             let write = !c.output.is_empty();
             out.push((c.stream.as_fd(), read, write, Interest::Client(c.id)));
         }
@@ -193,6 +195,7 @@ impl ControlServer {
                 deadline: now + IDLE_TIMEOUT,
                 waiting: false,
                 closing: false,
+                eof: false,
                 gunicorn: false,
                 shape: None,
             };
@@ -233,11 +236,11 @@ impl ControlServer {
         };
         let mut buf = [0u8; 16 * 1024];
         let mut taken = 0;
-        while taken < READ_CHUNK && !c.closing {
+        while taken < READ_CHUNK && !c.closing && !c.eof {
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     // The peer is done sending. Finish what was asked, then close.
-                    c.closing = true;
+                    c.eof = true;
                     break;
                 }
                 Ok(n) => {
@@ -340,7 +343,7 @@ impl ControlServer {
         let ids: Vec<ClientId> = self
             .clients
             .iter()
-            .filter(|c| !c.waiting && !c.input.is_empty())
+            .filter(|c| !c.waiting && !c.closing && has_complete_request(c))
             .map(|c| c.id)
             .collect();
         ids.into_iter().flat_map(|id| self.read(id, now)).collect()
@@ -378,8 +381,11 @@ impl ControlServer {
 
     fn sweep(&mut self) {
         self.clients.retain(|c| {
-            // A client that half-closed after its request still gets the reply.
-            c.output.len() <= MAX_OUTPUT && (c.waiting || !(c.closing && c.output.is_empty()))
+            // A client that half-closed after its request still gets the reply; one
+            // at EOF with a partial line never completes it.
+            let more = has_complete_request(c);
+            let done = (c.closing || (c.eof && !more)) && !c.waiting && c.output.is_empty();
+            c.output.len() <= MAX_OUTPUT && !done
         });
     }
 
@@ -416,6 +422,16 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// Is a whole request already buffered? (A gunicornc frame's length is checked by
+/// its parser; four bytes are enough to ask it.)
+fn has_complete_request(c: &Client) -> bool {
+    if c.gunicorn {
+        c.input.len() >= 4
+    } else {
+        c.input.contains(&b'\n')
     }
 }
 

@@ -8,6 +8,7 @@ pub mod arbiter;
 pub mod builtin;
 pub mod config;
 pub mod control;
+pub mod daemonize;
 pub mod gunicornc;
 pub mod listeners;
 pub mod log;
@@ -92,29 +93,69 @@ pub fn main() -> ExitCode {
             }
         }
     }
+    // A live master's pidfile is refused before anything else is created, and
+    // before detaching, so the refusal reaches the terminal.
+    if let Some(path) = &cfg.pidfile
+        && pidfile::is_held(path).unwrap_or(false)
+    {
+        listeners::close_all(socks);
+        return fail(pidfile::PidfileError::Held {
+            path: path.clone(),
+            pid: pidfile::read_pid(path),
+        });
+    }
+    let control = match control::ControlServer::bind(&cfg.control) {
+        Ok(c) => c,
+        Err(e) => {
+            listeners::close_all(socks);
+            return fail(e);
+        }
+    };
+    let under_systemd =
+        std::env::var_os("NOTIFY_SOCKET").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    let report = if cfg.daemon && under_systemd {
+        info!("Not detaching (-D): started by systemd (NOTIFY_SOCKET or INVOCATION_ID is set)");
+        None
+    } else if cfg.daemon {
+        match daemonize::detach(cfg.chdir.is_none()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                listeners::close_all(socks);
+                control.shutdown();
+                return fail(format!("cannot detach: {e}"));
+            }
+        }
+    } else {
+        None
+    };
+    // Written by the process that stays: after detaching, the daemon's own pid.
     let pidfile = match &cfg.pidfile {
         Some(path) => match pidfile::Pidfile::create(path) {
             Ok(p) => Some(p),
             Err(e) => {
                 listeners::close_all(socks);
-                return fail(e);
+                control.shutdown();
+                return startup_failed(report, e);
             }
         },
         None => None,
     };
-    let control = match control::ControlServer::bind(&cfg.control) {
-        Ok(c) => c,
-        Err(e) => {
-            listeners::close_all(socks);
-            if let Some(p) = pidfile {
-                p.remove();
-            }
-            return fail(e);
+    let daemonized = report.is_some();
+    match arbiter::Arbiter::new(cfg, socks, pidfile, Some(control), report, daemonized) {
+        Ok(a) => ExitCode::from(a.run()),
+        Err((e, report)) => startup_failed(report, format!("cannot set up the master: {e}")),
+    }
+}
+
+/// A startup failure after the point where a daemon may have detached: tell the
+/// launcher through the pipe, or the terminal.
+fn startup_failed(report: Option<daemonize::Report>, msg: impl std::fmt::Display) -> ExitCode {
+    match report {
+        Some(r) => {
+            error!("{msg}");
+            r.error(&msg.to_string());
+            ExitCode::from(1)
         }
-    };
-    let arbiter = match arbiter::Arbiter::new(cfg, socks, pidfile, Some(control)) {
-        Ok(a) => a,
-        Err(e) => return fail(format!("cannot set up signal handling: {e}")),
-    };
-    ExitCode::from(arbiter.run())
+        None => fail(msg),
+    }
 }
