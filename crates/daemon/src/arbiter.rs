@@ -30,6 +30,7 @@ use crate::daemonize::Report;
 use crate::listeners::{self, Listener};
 use crate::notify::{self, Message, NotifySocket, ServiceManager};
 use crate::pidfile::Pidfile;
+use crate::relay::{self, Relay};
 use crate::signals::{self, SignalPipe};
 use crate::spawn::{self, Plan, Prepared};
 use crate::workers::{self, Heartbeat, State, Worker};
@@ -105,6 +106,8 @@ pub struct Arbiter {
     heartbeat_dir: PathBuf,
 
     workers: Vec<Worker>,
+    /// Workers' stdout/stderr pipes, until EOF.
+    relays: Vec<Relay>,
     /// How many workers of the current generation we want.
     target: usize,
     /// The generation new workers belong to.
@@ -152,6 +155,7 @@ pub struct Arbiter {
 enum Token {
     Signals,
     Exec(Pid),
+    Relay(u64),
     Notify,
     Control(Interest),
 }
@@ -205,6 +209,7 @@ impl Arbiter {
             base_env,
             heartbeat_dir: workers::heartbeat_dir(),
             workers: Vec::new(),
+            relays: Vec::new(),
             generation: 1,
             last_generation: 1,
             next_worker_id: 1,
@@ -282,6 +287,10 @@ impl Arbiter {
             let mut tokens = vec![Token::Signals];
             fds.push(PollFd::new(self.notify.fd(), PollFlags::POLLIN));
             tokens.push(Token::Notify);
+            for r in &self.relays {
+                fds.push(PollFd::new(r.fd(), PollFlags::POLLIN));
+                tokens.push(Token::Relay(r.worker_id));
+            }
             for w in &self.workers {
                 if let Some(fd) = &w.exec_status {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
@@ -323,6 +332,13 @@ impl Arbiter {
                     }
                 }
                 Token::Exec(pid) => self.on_exec_status(pid),
+                Token::Relay(id) => {
+                    if let Some(i) = self.relays.iter().position(|r| r.worker_id == id)
+                        && !self.relays[i].pump(now)
+                    {
+                        self.relays.swap_remove(i);
+                    }
+                }
                 Token::Notify => {
                     for (sender, messages) in self.notify.receive() {
                         self.on_notify(sender, messages, now);
@@ -1276,15 +1292,27 @@ impl Arbiter {
             }
         };
         let id = self.next_worker_id;
-        let mut prepared = match self.prepare(id, slot, &heartbeat) {
+        let (relay_read, relay_write) = match relay::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                self.spawn_failed(&format!("cannot create the output pipe: {e}"), now);
+                return false;
+            }
+        };
+        let mut prepared = match self.prepare(id, slot, &heartbeat, relay_write.as_raw_fd()) {
             Ok(p) => p,
             Err(e) => {
                 self.spawn_failed(&format!("cannot prepare the worker: {e}"), now);
                 return false;
             }
         };
-        match prepared.spawn() {
+        let spawned = prepared.spawn();
+        // Only the worker writes into its pipe: EOF then means it (and any child
+        // that inherited its stdout) is gone.
+        drop(relay_write);
+        match spawned {
             Ok((pid, exec_status)) => {
+                self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
                 self.next_worker_id += 1;
                 self.workers_spawned += 1;
                 self.fork_failures = 0;
@@ -1329,7 +1357,13 @@ impl Arbiter {
     }
 
     /// Everything the child needs, built before fork.
-    fn prepare(&self, id: u64, slot: usize, heartbeat: &Heartbeat) -> std::io::Result<Prepared> {
+    fn prepare(
+        &self,
+        id: u64,
+        slot: usize,
+        heartbeat: &Heartbeat,
+        stdio: i32,
+    ) -> std::io::Result<Prepared> {
         let mut fds: Vec<i32> = self
             .listeners
             .iter()
@@ -1387,6 +1421,7 @@ impl Arbiter {
             env,
             pid_keys: &pid_keys,
             fds,
+            stdio: Some(stdio),
             credentials,
         })
     }
@@ -1394,6 +1429,11 @@ impl Arbiter {
     // ---------------------------------------------------------------- exit
 
     fn finish(mut self) -> u8 {
+        // The last words of the workers, already in their pipes.
+        let now = Instant::now();
+        for r in &mut self.relays {
+            r.pump(now);
+        }
         let bye = Response::ok(Reply::Stopped {
             pid: self.master_pid.as_raw(),
         });

@@ -14,6 +14,7 @@ pub mod listeners;
 pub mod log;
 pub mod notify;
 pub mod pidfile;
+pub mod relay;
 pub mod signals;
 pub mod spawn;
 pub mod workers;

@@ -118,3 +118,18 @@ macro_rules! warning { ($($t:tt)*) => { $crate::log::write($crate::log::Level::W
 macro_rules! error { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } }
 #[macro_export]
 macro_rules! critical { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Critical, format_args!($($t)*)) } }
+
+/// A line a worker wrote to its stdout or stderr, tagged with the worker it came
+/// from: `[2026-11-22 10:00:00 +0000] [1240] [worker:3] the worker's own words`.
+pub fn worker_line(pid: i32, worker_id: u64, text: &str) {
+    let mut logger = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
+    let line = format!(
+        "[{}] [{pid}] [worker:{worker_id}] {}\n",
+        chrono::Local::now().format("%Y-%m-%d %H:%M:%S %z"),
+        text.trim_end_matches('\r')
+    );
+    let _ = match &mut logger.target {
+        Target::Stderr => io::stderr().write_all(line.as_bytes()),
+        Target::File { file, .. } => file.write_all(line.as_bytes()),
+    };
+}

@@ -86,6 +86,7 @@ pub struct Prepared {
     /// (pointer to the first digit byte, room) for each pid slot in `env`.
     pid_slots: Vec<*mut u8>,
     fds: Vec<RawFd>,
+    stdio: Option<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
     master_pid: libc::pid_t,
     /// The open-files limit the master started with: it raises its own for many
@@ -104,6 +105,8 @@ pub struct Plan<'a> {
     pub pid_keys: &'a [&'a str],
     /// Placed at fds 3, 4, ... in this order.
     pub fds: Vec<RawFd>,
+    /// Becomes the worker's stdout and stderr.
+    pub stdio: Option<RawFd>,
     pub credentials: Option<(libc::uid_t, libc::gid_t)>,
 }
 
@@ -160,6 +163,7 @@ impl Prepared {
             envp_ptrs,
             pid_slots,
             fds: plan.fds,
+            stdio: plan.stdio,
             credentials: plan.credentials,
             master_pid: std::process::id() as libc::pid_t,
             nofile: ORIGINAL_NOFILE.get().copied(),
@@ -235,6 +239,12 @@ impl Prepared {
             // The master may have died between fork and prctl: then nobody would kill us.
             if libc::getppid() != self.master_pid {
                 libc::_exit(1);
+            }
+            // stdio first: the pipe's fd may sit in the range the listeners go to.
+            if let Some(out) = self.stdio
+                && (libc::dup2(out, 1) != 1 || libc::dup2(out, 2) != 2)
+            {
+                fail(status_fd, ChildStep::Fds);
             }
             place_fds(fds).unwrap_or_else(|()| fail(status_fd, ChildStep::Fds));
             if let Some((uid, gid)) = self.credentials {
@@ -367,6 +377,7 @@ mod tests {
             env: vec![b"A=1".to_vec()],
             pid_keys: &["LISTEN_PID"],
             fds: vec![],
+            stdio: None,
             credentials: None,
         })
         .unwrap();
