@@ -24,7 +24,7 @@ use arbiter_proto::control::{ErrorKind, Reply, Request, Response};
 use arbiter_proto::status as snapshot;
 use arbiter_proto::worker as contract;
 
-use crate::config::{Config, ReadyMode, WorkerProgram};
+use crate::config::{self, Config, Loader, ReadyMode, WorkerProgram};
 use crate::control::{ClientId, ControlServer, Interest, Peer};
 use crate::daemonize::Report;
 use crate::listeners::{self, Listener};
@@ -67,6 +67,17 @@ struct Reload {
     from: u64,
     to: u64,
     started: Instant,
+    /// What the serving generation ran with, to go back to if this reload fails;
+    /// `None` when the reload changed no configuration.
+    previous: Option<Previous>,
+}
+
+/// The configuration and listeners a reload replaced.
+struct Previous {
+    cfg: Config,
+    target: usize,
+    /// `None` when the addresses did not change.
+    listeners: Option<Vec<Listener>>,
 }
 
 #[derive(Clone, Debug)]
@@ -96,6 +107,8 @@ struct SlotHealth {
 }
 
 pub struct Arbiter {
+    /// Rebuilds the configuration on reload (command line over file over defaults).
+    loader: Loader,
     cfg: Config,
     listeners: Vec<Listener>,
     signals: SignalPipe,
@@ -162,6 +175,7 @@ enum Token {
 
 impl Arbiter {
     pub fn new(
+        loader: Loader,
         cfg: Config,
         listeners: Vec<Listener>,
         pidfile: Option<Pidfile>,
@@ -183,10 +197,7 @@ impl Arbiter {
             .map(|i| Instant::now() + i);
         // The built-in worker says READY=1 once it accepts, so wait for that; a
         // COMMAND is ready once exec'd unless told otherwise.
-        let ready_mode = cfg.ready.unwrap_or(match cfg.program {
-            WorkerProgram::Builtin => ReadyMode::Notify,
-            WorkerProgram::Command { .. } => ReadyMode::Exec,
-        });
+        let ready_mode = ready_mode(&cfg);
         // Orphans of our workers' own children come back to us, to be reaped silently,
         // instead of going to init with nobody watching them.
         let _ = nix::sys::prctl::set_child_subreaper(true);
@@ -200,6 +211,7 @@ impl Arbiter {
             })
             .collect();
         Ok(Arbiter {
+            loader,
             target: cfg.workers,
             cfg,
             listeners,
@@ -471,7 +483,7 @@ impl Arbiter {
         match sig {
             Signal::SIGHUP => {
                 info!("Hang up: Master");
-                self.reload();
+                let _ = self.reload();
             }
             Signal::SIGTERM => self.begin_shutdown(true),
             Signal::SIGINT | Signal::SIGQUIT => self.begin_shutdown(false),
@@ -509,11 +521,26 @@ impl Arbiter {
     // ---------------------------------------------------------------- commands
 
     /// Start a new generation; old workers retire as new ones become ready.
-    pub fn reload(&mut self) {
+    ///
+    /// With a config file, it is re-read and validated first: an invalid file, or a
+    /// new address that cannot be bound, fails the reload before anything changes.
+    pub fn reload(&mut self) -> Result<(), String> {
         if self.shutdown.is_some() {
             info!("Reload ignored: shutting down");
-            return;
+            return Err("the master is shutting down".into());
         }
+        let changed = match self.apply_new_config() {
+            Ok(previous) => previous,
+            Err(e) => {
+                error!("Reload failed: {e}; the running configuration stays");
+                self.last_reload = Some(ReloadOutcome::Failed {
+                    generation: self.generation,
+                    reason: e.clone(),
+                    at: SystemTime::now(),
+                });
+                return Err(e);
+            }
+        };
         if self.target == 0 {
             // After WINCH: a reload brings the configured count back, as in gunicorn.
             self.target = self.cfg.workers;
@@ -521,11 +548,31 @@ impl Arbiter {
         self.last_generation += 1;
         self.reloads += 1;
         let to = self.last_generation;
-        let from = match self.reload.take() {
+        let (from, previous) = match self.reload.take() {
             // A reload during a reload: the newest wins, and the generation that was
             // serving before either keeps serving if it fails.
-            Some(r) => r.from,
-            None => self.generation,
+            Some(r) => {
+                let previous = match (r.previous, changed) {
+                    (Some(mut first), Some(now)) => {
+                        // The in-between configuration is dropped; keep the first
+                        // one's listeners to go back to, close the in-between ones.
+                        if first.listeners.is_none() {
+                            first.listeners = now.listeners;
+                        } else if let Some(between) = now.listeners {
+                            let mut keep = first.listeners.as_ref().map_or(Vec::new(), |l| {
+                                l.iter().filter_map(|x| x.try_clone().ok()).collect()
+                            });
+                            keep.extend(self.listeners.iter().filter_map(|x| x.try_clone().ok()));
+                            listeners::close_unshared(between, &keep);
+                            drop(keep);
+                        }
+                        Some(first)
+                    }
+                    (first, now) => first.or(now),
+                };
+                (r.from, previous)
+            }
+            None => (self.generation, changed),
         };
         info!("Reloading: generation {} -> {to}", self.generation);
         self.generation = to;
@@ -535,6 +582,7 @@ impl Arbiter {
             from,
             to,
             started: Instant::now(),
+            previous,
         });
         // systemd's Type=notify-reload contract: RELOADING=1 with the monotonic time,
         // then READY=1 when done (or failed).
@@ -542,6 +590,79 @@ impl Arbiter {
             "RELOADING=1\nMONOTONIC_USEC={}",
             notify::monotonic_usec()
         ));
+        Ok(())
+    }
+
+    /// Re-read the config file (if any) and switch to it. Returns what it replaced.
+    fn apply_new_config(&mut self) -> Result<Option<Previous>, String> {
+        if self.loader.config_path().is_none() {
+            return Ok(None);
+        }
+        let new = self.loader.load().map_err(|e| e.0)?;
+        let (changes, restart_only) = config::describe_changes(&self.cfg, &new);
+        let rebind = new.binds != self.cfg.binds
+            || new.default_bind != self.cfg.default_bind
+            || new.backlog != self.cfg.backlog
+            || new.reuse_port != self.cfg.reuse_port;
+        let listeners = if rebind {
+            let opts = listeners::BindOptions {
+                backlog: new.backlog,
+                reuse_port: new.reuse_port,
+            };
+            let has_systemd = self.listeners.iter().any(|l| l.spec.is_none());
+            let use_specs = !has_systemd || !new.default_bind;
+            Some(
+                listeners::rebind(&self.listeners, &new.binds, use_specs, &opts)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        if (new.log_file != self.cfg.log_file || new.log_level != self.cfg.log_level)
+            && let Err(e) = crate::log::init(new.log_level, Some(&new.log_file))
+        {
+            if let Some(l) = listeners {
+                listeners::close_unshared(l, &self.listeners);
+            }
+            return Err(format!("--log-file {}: {e}", new.log_file.display()));
+        }
+        for c in &changes {
+            info!("{c}");
+        }
+        for name in restart_only {
+            warning!("{name} changed in the config file: it takes effect at the next restart");
+        }
+        if changes.is_empty() {
+            info!(
+                "Config file {} unchanged",
+                self.loader
+                    .config_path()
+                    .map_or(String::new(), |p| p.display().to_string())
+            );
+        }
+        let previous_target = self.target;
+        if new.workers != self.cfg.workers {
+            // An explicit new count wins; otherwise TTIN/TTOU scaling survives.
+            self.target = new.workers;
+        }
+        // Keep what cannot change without a restart.
+        let mut new = new;
+        new.name = self.cfg.name.clone();
+        new.pidfile = self.cfg.pidfile.clone();
+        new.control = self.cfg.control.clone();
+        new.daemon = self.cfg.daemon;
+        self.ready_mode = ready_mode(&new);
+        let cfg = std::mem::replace(&mut self.cfg, new);
+        let listeners = listeners.map(|l| std::mem::replace(&mut self.listeners, l));
+        if listeners.is_some() {
+            let shown: Vec<&str> = self.listeners.iter().map(|l| l.display.as_str()).collect();
+            info!("Listening at: {} ({})", shown.join(", "), self.master_pid);
+        }
+        Ok(Some(Previous {
+            cfg,
+            target: previous_target,
+            listeners,
+        }))
     }
 
     pub fn scale_to(&mut self, n: usize) {
@@ -653,15 +774,14 @@ impl Arbiter {
                 ),
             },
             Request::Kill { pid, signal } => self.kill_request(pid, signal.as_deref()),
-            Request::Reload => {
-                if self.shutdown.is_some() {
-                    Response::err(ErrorKind::Refused, "the master is shutting down")
-                } else {
-                    self.reload();
+            Request::Reload => match self.reload() {
+                Ok(()) => {
                     self.reload_waiters.push(id);
                     return;
                 }
-            }
+                Err(e) if self.shutdown.is_some() => Response::err(ErrorKind::Refused, e),
+                Err(e) => Response::err(ErrorKind::Failed, format!("reload failed: {e}")),
+            },
             Request::Stop { fast } => {
                 self.begin_shutdown(!fast);
                 self.stop_waiters.push(id);
@@ -1034,6 +1154,19 @@ impl Arbiter {
         // retired at once, the ready ones as the old generation is back to strength.
         self.generation = r.from;
         self.slots.clear();
+        if let Some(prev) = r.previous {
+            info!("Going back to the configuration of generation {}", r.from);
+            self.target = prev.target;
+            self.ready_mode = ready_mode(&prev.cfg);
+            if prev.cfg.log_file != self.cfg.log_file || prev.cfg.log_level != self.cfg.log_level {
+                let _ = crate::log::init(prev.cfg.log_level, Some(&prev.cfg.log_file));
+            }
+            self.cfg = prev.cfg;
+            if let Some(old) = prev.listeners {
+                let new = std::mem::replace(&mut self.listeners, old);
+                listeners::close_unshared(new, &self.listeners);
+            }
+        }
         self.tell_manager("READY=1");
     }
 
@@ -1216,6 +1349,15 @@ impl Arbiter {
                 took.as_secs_f64()
             );
             let generation = r.to;
+            if let Some(Some(old)) = self
+                .reload
+                .as_mut()
+                .and_then(|r| r.previous.take())
+                .map(|p| p.listeners)
+            {
+                // The old generation is gone: nobody needs the old addresses now.
+                listeners::close_unshared(old, &self.listeners);
+            }
             self.last_reload = Some(ReloadOutcome::Succeeded {
                 generation,
                 took,
@@ -1545,6 +1687,16 @@ fn rss_bytes(pid: Pid) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page.max(0) as u64)
+}
+
+/// How a worker of this configuration proves it is ready: `--ready`, or the
+/// program's default (the built-in worker says READY=1 once it accepts; a COMMAND
+/// is ready once exec'd).
+fn ready_mode(cfg: &Config) -> ReadyMode {
+    cfg.ready.unwrap_or(match cfg.program {
+        WorkerProgram::Builtin => ReadyMode::Notify,
+        WorkerProgram::Command { .. } => ReadyMode::Exec,
+    })
 }
 
 /// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).

@@ -6,7 +6,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::Deserialize;
 
 use crate::log::Level;
 
@@ -15,7 +16,7 @@ use crate::log::Level;
 /// With no COMMAND each worker runs the built-in HTTP worker; with a COMMAND each
 /// worker is that program, exec'd with the listeners at fds 3, 4, ... and the
 /// systemd LISTEN_FDS variables.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "arbiterd", version, about, long_about = None)]
 pub struct Cli {
     /// Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)
@@ -87,11 +88,210 @@ pub struct Cli {
     pub command: Vec<OsString>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum BindSpec {
     Tcp(SocketAddr),
     Unix(PathBuf),
     Fd(i32),
+}
+
+/// A number of seconds in the file: `30` or `0.5`.
+#[derive(Deserialize, Clone, Copy, Debug)]
+#[serde(untagged)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+impl Number {
+    fn get(self) -> f64 {
+        match self {
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The config file: the long option names as keys (`graceful-timeout`, or
+/// `graceful_timeout`), `command` as an array.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    bind: Option<OneOrMany>,
+    workers: Option<usize>,
+    timeout: Option<Number>,
+    #[serde(alias = "graceful_timeout")]
+    graceful_timeout: Option<Number>,
+    ready: Option<String>,
+    #[serde(alias = "boot_timeout")]
+    boot_timeout: Option<Number>,
+    name: Option<String>,
+    pid: Option<PathBuf>,
+    control: Option<PathBuf>,
+    daemon: Option<bool>,
+    #[serde(alias = "log_file")]
+    log_file: Option<PathBuf>,
+    #[serde(alias = "log_level")]
+    log_level: Option<String>,
+    #[serde(alias = "max_worker_rss")]
+    max_worker_rss: Option<u64>,
+    #[serde(alias = "max_worker_age")]
+    max_worker_age: Option<Number>,
+    #[serde(alias = "reuse_port")]
+    reuse_port: Option<bool>,
+    backlog: Option<i32>,
+    umask: Option<String>,
+    chdir: Option<PathBuf>,
+    user: Option<String>,
+    group: Option<String>,
+    command: Option<Vec<String>>,
+}
+
+/// How to build the [`Config`], again and again: the command line as given, which
+/// options it set explicitly (they win over the file), and the directory relative
+/// paths are resolved against. A reload calls [`Loader::load`] again.
+#[derive(Clone, Debug)]
+pub struct Loader {
+    cli: Cli,
+    explicit: Vec<String>,
+    base_dir: PathBuf,
+}
+
+impl Loader {
+    /// Parse the process's arguments. Errors are clap's (help and version included).
+    pub fn from_args() -> Result<Loader, clap::Error> {
+        Loader::from_argv(std::env::args_os())
+    }
+
+    pub fn from_argv<I, T>(args: I) -> Result<Loader, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        let explicit = matches
+            .ids()
+            .filter(|id| {
+                matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_string())
+            .collect();
+        Ok(Loader {
+            cli,
+            explicit,
+            base_dir: PathBuf::new(),
+        })
+    }
+
+    /// `--chdir`, applied once at startup before anything is resolved.
+    pub fn chdir(&self) -> Option<&Path> {
+        self.cli.chdir.as_deref()
+    }
+
+    /// Fix the directory relative paths mean (the cwd after `--chdir`), so that a
+    /// reload in a daemon that has since moved to / resolves them the same way.
+    pub fn pin_base_dir(&mut self) {
+        self.base_dir = std::env::current_dir().unwrap_or_default();
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.cli.config.as_deref()
+    }
+
+    fn given(&self, id: &str) -> bool {
+        self.explicit.iter().any(|e| e == id)
+    }
+
+    /// The command line over the file over the defaults, validated.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut cli = self.cli.clone();
+        if let Some(path) = &self.cli.config {
+            let path = self.base_dir.join(path);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            let file: FileConfig = toml::from_str(&text).map_err(|e| {
+                let place = e
+                    .span()
+                    .map(|s| {
+                        let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                        format!(", line {line}")
+                    })
+                    .unwrap_or_default();
+                ConfigError(format!(
+                    "config file {}{place}: {}",
+                    path.display(),
+                    e.message()
+                ))
+            })?;
+            self.overlay(&mut cli, file);
+        }
+        let base = &self.base_dir;
+        let rel = |p: PathBuf| {
+            if p.is_relative() && !base.as_os_str().is_empty() {
+                base.join(p)
+            } else {
+                p
+            }
+        };
+        cli.pid = cli.pid.map(rel);
+        cli.control = cli.control.map(rel);
+        if cli.log_file.as_os_str() != "-" {
+            cli.log_file = rel(cli.log_file);
+        }
+        Config::from_cli(cli)
+    }
+
+    fn overlay(&self, cli: &mut Cli, f: FileConfig) {
+        macro_rules! take {
+            ($field:ident, $id:literal, $conv:expr) => {
+                if let Some(v) = f.$field
+                    && !self.given($id)
+                {
+                    cli.$field = $conv(v);
+                }
+            };
+        }
+        take!(workers, "workers", |v| v);
+        take!(timeout, "timeout", |v: Number| v.get());
+        take!(graceful_timeout, "graceful_timeout", |v: Number| v.get());
+        take!(ready, "ready", Some);
+        take!(boot_timeout, "boot_timeout", |v: Number| v.get());
+        take!(name, "name", |v| v);
+        take!(pid, "pid", Some);
+        take!(control, "control", Some);
+        take!(daemon, "daemon", |v| v);
+        take!(log_file, "log_file", |v| v);
+        take!(log_level, "log_level", |v| v);
+        take!(max_worker_rss, "max_worker_rss", Some);
+        take!(max_worker_age, "max_worker_age", |v: Number| Some(v.get()));
+        take!(reuse_port, "reuse_port", |v| v);
+        take!(backlog, "backlog", |v| v);
+        take!(umask, "umask", Some);
+        take!(chdir, "chdir", Some);
+        take!(user, "user", Some);
+        take!(group, "group", Some);
+        if let Some(b) = f.bind
+            && !self.given("bind")
+        {
+            cli.bind = match b {
+                OneOrMany::One(s) => vec![s],
+                OneOrMany::Many(v) => v,
+            };
+        }
+        if let Some(c) = f.command
+            && !self.given("command")
+        {
+            cli.command = c.into_iter().map(Into::into).collect();
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +301,7 @@ pub enum ReadyMode {
 }
 
 /// What each worker runs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum WorkerProgram {
     /// This binary, as `arbiterd --builtin-worker`.
     Builtin,
@@ -150,7 +350,7 @@ macro_rules! bail {
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration, ConfigError> {
-    if !v.is_finite() || v < 0.0 || v > 1e9 {
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
         bail!("{flag}: expected a number of seconds, got {v}");
     }
     Ok(Duration::from_secs_f64(v))
@@ -278,7 +478,6 @@ impl Config {
         // Options whose behaviour belongs to later work are refused rather than
         // silently ignored: an operator must not believe they took effect.
         for (given, flag) in [
-            (cli.config.is_some(), "--config"),
             (cli.max_worker_rss.is_some(), "--max-worker-rss"),
             (cli.max_worker_age.is_some(), "--max-worker-age"),
         ] {
@@ -388,6 +587,56 @@ impl Config {
     }
 }
 
+/// What a reload changes, one line each (`workers 2 -> 3`), and what it cannot
+/// change without a restart.
+pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'static str>) {
+    let mut changed = Vec::new();
+    let mut restart = Vec::new();
+    macro_rules! diff {
+        ($label:literal, $field:ident) => {
+            if old.$field != new.$field {
+                changed.push(format!("{} {:?} -> {:?}", $label, old.$field, new.$field));
+            }
+        };
+    }
+    if old.workers != new.workers {
+        changed.push(format!("workers {} -> {}", old.workers, new.workers));
+    }
+    diff!("bind", binds);
+    diff!("timeout", timeout);
+    diff!("graceful-timeout", graceful_timeout);
+    diff!("boot-timeout", boot_timeout);
+    diff!("ready", ready);
+    diff!("log-file", log_file);
+    diff!("log-level", log_level);
+    diff!("backlog", backlog);
+    diff!("reuse-port", reuse_port);
+    if old.program != new.program {
+        changed.push(format!("command {:?} -> {:?}", old.program, new.program));
+    }
+    let user = |c: &Config| c.user.as_ref().map(|u| u.name.clone());
+    let group = |c: &Config| c.group.as_ref().map(|g| g.name.clone());
+    if user(old) != user(new) {
+        changed.push(format!("user {:?} -> {:?}", user(old), user(new)));
+    }
+    if group(old) != group(new) {
+        changed.push(format!("group {:?} -> {:?}", group(old), group(new)));
+    }
+    for (differs, name) in [
+        (old.name != new.name, "name"),
+        (old.pidfile != new.pidfile, "pid"),
+        (old.control != new.control, "control"),
+        (old.daemon != new.daemon, "daemon"),
+        (old.umask != new.umask, "umask"),
+        (old.chdir != new.chdir, "chdir"),
+    ] {
+        if differs {
+            restart.push(name);
+        }
+    }
+    (changed, restart)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +681,50 @@ mod tests {
         assert!(parse_bind("127.0.0.1:70000").is_err());
         assert!(parse_bind("[::1").is_err());
         assert!(parse_bind("unix:").is_err());
+    }
+
+    fn loader_with_file(text: &str, args: &[&str]) -> Result<Config, ConfigError> {
+        let dir =
+            std::env::temp_dir().join(format!("arbiter-cfg-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec![
+            "arbiterd".to_string(),
+            "-c".into(),
+            path.display().to_string(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let loader = Loader::from_argv(argv).unwrap();
+        let out = loader.load();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let cfg = loader_with_file(
+            "workers = 3\ntimeout = 5\ngraceful-timeout = 0.5\nbind = [\"127.0.0.1:9\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.workers, 3);
+        assert_eq!(cfg.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(cfg.graceful_timeout, Duration::from_millis(500));
+        assert!(!cfg.default_bind);
+        let cfg = loader_with_file("workers = 3\n", &["-w", "5"]).unwrap();
+        assert_eq!(cfg.workers, 5, "the command line wins over the file");
+    }
+
+    #[test]
+    fn file_errors_name_the_line() {
+        let err = loader_with_file("workers = 2\nbogus = 1\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+        let err = loader_with_file("workers = \"x\"\n", &[]).unwrap_err().0;
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]

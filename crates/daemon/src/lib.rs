@@ -21,8 +21,6 @@ pub mod workers;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// argv[1] with which the master execs its own binary as the built-in worker.
 pub const BUILTIN_WORKER_ARG: &str = "--builtin-worker";
 
@@ -38,8 +36,8 @@ pub fn main() -> ExitCode {
     {
         return builtin::run();
     }
-    let cli = match config::Cli::try_parse() {
-        Ok(cli) => cli,
+    let mut loader = match config::Loader::from_args() {
+        Ok(l) => l,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
@@ -52,15 +50,21 @@ pub fn main() -> ExitCode {
             return fail(first.trim_start_matches("error: "));
         }
     };
-    if let Some(dir) = &cli.chdir
+    if let Some(dir) = loader.chdir()
         && let Err(e) = std::env::set_current_dir(dir)
     {
         return fail(format!("--chdir {}: {e}", dir.display()));
     }
-    let cfg = match config::Config::from_cli(cli) {
+    loader.pin_base_dir();
+    let cfg = match loader.load() {
         Ok(cfg) => cfg,
         Err(e) => return fail(e),
     };
+    if let Some(dir) = &cfg.chdir
+        && let Err(e) = std::env::set_current_dir(dir)
+    {
+        return fail(format!("chdir {}: {e}", dir.display()));
+    }
     if let Some(mask) = cfg.umask {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
     }
@@ -142,7 +146,15 @@ pub fn main() -> ExitCode {
         None => None,
     };
     let daemonized = report.is_some();
-    match arbiter::Arbiter::new(cfg, socks, pidfile, Some(control), report, daemonized) {
+    match arbiter::Arbiter::new(
+        loader,
+        cfg,
+        socks,
+        pidfile,
+        Some(control),
+        report,
+        daemonized,
+    ) {
         Ok(a) => ExitCode::from(a.run()),
         Err((e, report)) => startup_failed(report, format!("cannot set up the master: {e}")),
     }

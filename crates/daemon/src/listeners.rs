@@ -24,6 +24,69 @@ pub struct Listener {
     pub name: String,
     /// A socket file this master created and must remove on a real shutdown.
     pub owned_path: Option<PathBuf>,
+    /// What it was bound from; `None` for sockets handed over by systemd.
+    pub spec: Option<BindSpec>,
+}
+
+impl Listener {
+    /// Another handle on the same socket (the same listen queue).
+    pub fn try_clone(&self) -> io::Result<Listener> {
+        Ok(Listener {
+            fd: self.fd.try_clone()?,
+            display: self.display.clone(),
+            name: self.name.clone(),
+            owned_path: self.owned_path.clone(),
+            spec: self.spec.clone(),
+        })
+    }
+}
+
+/// The listeners for `specs`, reusing the sockets of `current` where the address
+/// is unchanged (rebinding it would fail: the old workers still listen on it) and
+/// keeping systemd's sockets. New addresses are bound here; on failure nothing new
+/// is left open.
+pub fn rebind(
+    current: &[Listener],
+    specs: &[BindSpec],
+    use_specs: bool,
+    opts: &BindOptions,
+) -> Result<Vec<Listener>, BindError> {
+    let clone_err = |l: &Listener, err| BindError {
+        addr: l.display.clone(),
+        err,
+    };
+    let mut out = Vec::new();
+    for l in current.iter().filter(|l| l.spec.is_none()) {
+        out.push(l.try_clone().map_err(|e| clone_err(l, e))?);
+    }
+    if use_specs {
+        for spec in specs {
+            let next = match current.iter().find(|l| l.spec.as_ref() == Some(spec)) {
+                Some(l) => l.try_clone().map_err(|e| clone_err(l, e)),
+                None => bind_one(spec, opts),
+            };
+            match next {
+                Ok(l) => out.push(l),
+                Err(e) => {
+                    close_unshared(out, current);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Close `old`, removing only the socket files no listener in `keep` still uses.
+pub fn close_unshared(old: Vec<Listener>, keep: &[Listener]) {
+    for mut l in old {
+        if let Some(p) = &l.owned_path
+            && keep.iter().any(|k| k.owned_path.as_ref() == Some(p))
+        {
+            l.owned_path = None;
+        }
+        close_all(vec![l]);
+    }
 }
 
 impl AsFd for Listener {
@@ -168,6 +231,7 @@ fn bind_one(spec: &BindSpec, opts: &BindOptions) -> Result<Listener, BindError> 
         display,
         name,
         owned_path,
+        spec: Some(spec.clone()),
     })
 }
 
@@ -282,6 +346,7 @@ pub fn from_systemd(backlog: i32) -> Result<Vec<Listener>, BindError> {
             display,
             name,
             owned_path: None,
+            spec: None,
         });
     }
     Ok(out)
