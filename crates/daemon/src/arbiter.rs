@@ -50,6 +50,11 @@ pub const HANDLED_SIGNALS: &[Signal] = &[
     Signal::SIGCHLD,
 ];
 
+/// In `exec` readiness there is no word from the worker, so a worker counts as
+/// booted only once it has survived this long past its exec: an exit 3/4 or a crash
+/// before then is a boot failure (it halts a first boot, fails a reload), and a
+/// reload retires an old worker only for a booted new one.
+const EXEC_SETTLE: Duration = Duration::from_secs(2);
 /// Between ABRT for a heartbeat timeout and the KILL that follows.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
 /// How long a quick shutdown (INT, QUIT) waits before KILL, at most.
@@ -424,8 +429,17 @@ impl Arbiter {
                     at(boot_deadline(w, self.cfg.boot_timeout));
                     self.heartbeat_deadline(w).map(&mut at);
                 }
-                State::Ready { .. } => {
+                State::Ready { since } => {
                     self.heartbeat_deadline(w).map(&mut at);
+                    if self.ready_mode == ReadyMode::Exec
+                        && (!self.served || self.reload.is_some())
+                        && w.generation == self.generation
+                    {
+                        let settled = since + EXEC_SETTLE;
+                        if settled > Instant::now() {
+                            at(settled);
+                        }
+                    }
                 }
                 State::Killed => {}
             }
@@ -1066,7 +1080,7 @@ impl Arbiter {
             return;
         };
         let w = self.workers.remove(idx);
-        let was_ready = w.ready_once;
+        let was_ready = self.booted(&w, now);
         log_death(&w, death);
         if w.retiring {
             return;
@@ -1249,6 +1263,15 @@ impl Arbiter {
         }
     }
 
+    /// Ready, and past the point where dying counts as failing to boot.
+    fn booted(&self, w: &Worker, now: Instant) -> bool {
+        match (w.ready_at, self.ready_mode) {
+            (None, _) => false,
+            (Some(_), ReadyMode::Notify) => true,
+            (Some(t), ReadyMode::Exec) => now.saturating_duration_since(t) >= EXEC_SETTLE,
+        }
+    }
+
     fn active_in_generation(&self) -> usize {
         self.workers
             .iter()
@@ -1315,7 +1338,7 @@ impl Arbiter {
         let ready_current = self
             .workers
             .iter()
-            .filter(|w| w.generation == current_gen && w.is_ready())
+            .filter(|w| w.generation == current_gen && w.is_ready() && self.booted(w, now))
             .count();
         let mut others: Vec<(bool, u64, Pid)> = self
             .workers
@@ -1475,7 +1498,7 @@ impl Arbiter {
                     heartbeat,
                     sent: None,
                     status_text: None,
-                    ready_once: false,
+                    ready_at: None,
                     retiring: false,
                     extended_until: None,
                 });

@@ -183,8 +183,8 @@ pub struct Worker {
     pub sent: Option<Signal>,
     /// The worker's own words, from `STATUS=`.
     pub status_text: Option<String>,
-    /// It was ready at some point (it may be stopping now).
-    pub ready_once: bool,
+    /// When it became ready (it may be stopping now).
+    pub ready_at: Option<Instant>,
     /// The master asked it to stop (retired, or shutting down): its death is expected.
     pub retiring: bool,
     /// `EXTEND_TIMEOUT_USEC`: no boot or heartbeat timeout before this.
@@ -211,7 +211,7 @@ impl Worker {
     pub fn mark_ready(&mut self, now: Instant) {
         if self.state == State::Booting {
             self.state = State::Ready { since: now };
-            self.ready_once = true;
+            self.ready_at = Some(now);
         }
     }
 
