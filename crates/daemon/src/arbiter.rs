@@ -33,6 +33,7 @@ use crate::pidfile::Pidfile;
 use crate::relay::{self, Relay};
 use crate::signals::{self, SignalPipe};
 use crate::spawn::{self, Plan, Prepared};
+use crate::upgrade::{self, StartContext};
 use crate::workers::{self, Heartbeat, State, Worker};
 use crate::{critical, debug, error, info, warning};
 
@@ -57,6 +58,10 @@ pub const HANDLED_SIGNALS: &[Signal] = &[
 const EXEC_SETTLE: Duration = Duration::from_secs(2);
 /// Between ABRT for a heartbeat timeout and the KILL that follows.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// How long a new master may take to be ready, unless told otherwise.
+const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an abandoned new master has to quit before KILL.
+const ABANDON_GRACE: Duration = Duration::from_secs(10);
 /// How long a quick shutdown (INT, QUIT) waits before KILL, at most.
 const QUICK_GRACE: Duration = Duration::from_secs(2);
 /// A worker that lived this long resets its slot's failure count.
@@ -111,7 +116,81 @@ struct SlotHealth {
     not_before: Option<Instant>,
 }
 
+/// Everything `main` prepared for the master.
+pub struct Setup {
+    pub loader: Loader,
+    pub cfg: Config,
+    pub listeners: Vec<Listener>,
+    pub pidfile: Option<Pidfile>,
+    pub control: Option<ControlServer>,
+    /// Who waits to hear that we serve: `-D`'s launcher, or an upgrading old master.
+    pub report: Option<Report>,
+    pub daemonized: bool,
+    pub start: StartContext,
+    /// When we are an upgrade: the old master's pid and the pipe whose EOF says it
+    /// is gone.
+    pub predecessor: Option<(i32, Option<std::os::fd::OwnedFd>)>,
+}
+
+/// An upgrade in flight, seen from the old master.
+struct Upgrade {
+    binary: PathBuf,
+    /// `arbiterctl upgrade`: stop this master once the new one is ready. USR2: leave
+    /// both running (the operator's WINCH/QUIT dance).
+    handover: bool,
+    deadline: Instant,
+    waiters: Vec<ClientId>,
+    stage: UpgradeStage,
+    /// The pidfile was renamed to `.oldbin` and must come back if this fails.
+    renamed_pidfile: bool,
+}
+
+enum UpgradeStage {
+    /// `NEW --check-config ARGS`: does the new binary accept our configuration?
+    Checking {
+        pid: Pid,
+        output: Option<std::os::fd::OwnedFd>,
+        said: Vec<u8>,
+    },
+    /// The new master booting its first generation.
+    Starting {
+        pid: Pid,
+        ready: Option<std::os::fd::OwnedFd>,
+        said: Vec<u8>,
+        /// Held open for the new master's life; its EOF promotes the new master.
+        _alive: std::os::fd::OwnedFd,
+    },
+    /// The new master serves (after USR2, beside us).
+    Running {
+        pid: Pid,
+        _alive: std::os::fd::OwnedFd,
+    },
+}
+
+impl UpgradeStage {
+    fn pid(&self) -> Pid {
+        match self {
+            UpgradeStage::Checking { pid, .. }
+            | UpgradeStage::Starting { pid, .. }
+            | UpgradeStage::Running { pid, .. } => *pid,
+        }
+    }
+}
+
 pub struct Arbiter {
+    start: StartContext,
+    /// The old master we replace, until it is gone and we are promoted.
+    predecessor: Option<i32>,
+    predecessor_pipe: Option<std::os::fd::OwnedFd>,
+    upgrade: Option<Upgrade>,
+    /// A new master took over from us (or runs beside us): never unlink what it
+    /// shares with us (unix socket files, the control socket path).
+    successor: Option<Pid>,
+    /// Control clients told "upgraded" just before we exit.
+    upgrade_waiters: Vec<ClientId>,
+    /// A failed new master asked to quit; KILL it at the deadline.
+    abandoned_master: Option<(Pid, Instant)>,
+    upgrades: u64,
     /// Rebuilds the configuration on reload (command line over file over defaults).
     loader: Loader,
     cfg: Config,
@@ -175,19 +254,26 @@ enum Token {
     Exec(Pid),
     Relay(u64),
     Notify,
+    /// The upgrade checker's output, or the new master's ready pipe.
+    Upgrade,
+    /// EOF: the old master is gone.
+    Predecessor,
     Control(Interest),
 }
 
 impl Arbiter {
-    pub fn new(
-        loader: Loader,
-        cfg: Config,
-        listeners: Vec<Listener>,
-        pidfile: Option<Pidfile>,
-        control: Option<ControlServer>,
-        report: Option<Report>,
-        daemonized: bool,
-    ) -> Result<Arbiter, (std::io::Error, Option<Report>)> {
+    pub fn new(setup: Setup) -> Result<Arbiter, (std::io::Error, Option<Report>)> {
+        let Setup {
+            loader,
+            cfg,
+            listeners,
+            pidfile,
+            control,
+            report,
+            daemonized,
+            start,
+            predecessor,
+        } = setup;
         let master_pid = nix::unistd::getpid();
         let (signals, notify) = match SignalPipe::install(HANDLED_SIGNALS)
             .and_then(|s| Ok((s, NotifySocket::bind(master_pid.as_raw(), &cfg.name)?)))
@@ -215,7 +301,19 @@ impl Arbiter {
                 e
             })
             .collect();
+        let (predecessor, predecessor_pipe) = match predecessor {
+            Some((pid, pipe)) => (Some(pid), pipe),
+            None => (None, None),
+        };
         Ok(Arbiter {
+            start,
+            predecessor,
+            predecessor_pipe,
+            upgrade: None,
+            successor: None,
+            upgrade_waiters: Vec::new(),
+            abandoned_master: None,
+            upgrades: 0,
             loader,
             target: cfg.workers,
             cfg,
@@ -308,6 +406,18 @@ impl Arbiter {
                 fds.push(PollFd::new(r.fd(), PollFlags::POLLIN));
                 tokens.push(Token::Relay(r.worker_id));
             }
+            if let Some(fd) = self.upgrade.as_ref().and_then(|u| match &u.stage {
+                UpgradeStage::Checking { output, .. } => output.as_ref(),
+                UpgradeStage::Starting { ready, .. } => ready.as_ref(),
+                UpgradeStage::Running { .. } => None,
+            }) {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                tokens.push(Token::Upgrade);
+            }
+            if let Some(fd) = &self.predecessor_pipe {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                tokens.push(Token::Predecessor);
+            }
             for w in &self.workers {
                 if let Some(fd) = &w.exec_status {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
@@ -356,6 +466,8 @@ impl Arbiter {
                         self.relays.swap_remove(i);
                     }
                 }
+                Token::Upgrade => self.on_upgrade_pipe(now),
+                Token::Predecessor => self.promote(),
                 Token::Notify => {
                     for (sender, messages) in self.notify.receive() {
                         self.on_notify(sender, messages, now);
@@ -420,6 +532,14 @@ impl Arbiter {
             at(t);
         }
         if let Some(t) = self.manager_watchdog_at {
+            at(t);
+        }
+        if let Some(u) = &self.upgrade
+            && !matches!(u.stage, UpgradeStage::Running { .. })
+        {
+            at(u.deadline);
+        }
+        if let Some((_, t)) = self.abandoned_master {
             at(t);
         }
         for w in &self.workers {
@@ -510,7 +630,11 @@ impl Arbiter {
                 }
             }
             Signal::SIGUSR1 => self.reopen_logs(),
-            Signal::SIGUSR2 => warning!("SIGUSR2 ignored: hot upgrade is not implemented yet"),
+            Signal::SIGUSR2 => {
+                if let Err(e) = self.begin_upgrade(None, DEFAULT_UPGRADE_TIMEOUT, false) {
+                    warning!("USR2 signal ignored. {e}");
+                }
+            }
             Signal::SIGWINCH if self.daemonized => {
                 // The upgrade dance: the old master keeps its listeners and pidfile
                 // but hands all traffic to the new one. HUP or a scale brings
@@ -722,8 +846,9 @@ impl Arbiter {
                 });
                 self.tell_manager("STOPPING=1");
                 // New connections now wait in the backlog of the workers' copies
-                // until those close; the unix socket path goes away at once.
-                listeners::close_all(std::mem::take(&mut self.listeners));
+                // until those close; the unix socket path goes away at once, unless
+                // a new master serves on it.
+                self.release_listeners();
             }
         }
         let deadline = self.shutdown.as_ref().map_or(now, |s| s.deadline);
@@ -796,6 +921,21 @@ impl Arbiter {
                 Err(e) if self.shutdown.is_some() => Response::err(ErrorKind::Refused, e),
                 Err(e) => Response::err(ErrorKind::Failed, format!("reload failed: {e}")),
             },
+            Request::Upgrade {
+                binary,
+                timeout_secs,
+            } => {
+                let timeout = timeout_secs.map_or(DEFAULT_UPGRADE_TIMEOUT, Duration::from_secs);
+                match self.begin_upgrade(binary.map(PathBuf::from), timeout, true) {
+                    Ok(()) => {
+                        if let Some(u) = &mut self.upgrade {
+                            u.waiters.push(id);
+                        }
+                        return;
+                    }
+                    Err(e) => Response::err(ErrorKind::Refused, e),
+                }
+            }
             Request::Stop { fast } => {
                 self.begin_shutdown(!fast);
                 self.stop_waiters.push(id);
@@ -970,9 +1110,9 @@ impl Arbiter {
                     elapsed_secs: now.saturating_duration_since(r.started).as_secs_f64(),
                 }),
                 last_reload,
-                upgrade: None,
+                upgrade: self.upgrade_description(),
                 reloads: self.reloads,
-                upgrades: 0,
+                upgrades: self.upgrades,
                 worker_failures: self.worker_failures,
                 workers_spawned: self.workers_spawned,
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
@@ -1074,6 +1214,20 @@ impl Arbiter {
     }
 
     fn on_exit(&mut self, pid: Pid, death: Death, now: Instant) {
+        if self.upgrade.as_ref().is_some_and(|u| u.stage.pid() == pid) {
+            self.on_upgrade_child_exit(death);
+            return;
+        }
+        if self.successor == Some(pid) {
+            error!("The new master (pid:{pid}) {}", death.describe());
+            self.successor = None;
+            return;
+        }
+        if self.abandoned_master.is_some_and(|(p, _)| p == pid) {
+            self.abandoned_master = None;
+            info!("The abandoned new master (pid:{pid}) {}", death.describe());
+            return;
+        }
         let Some(idx) = self.workers.iter().position(|w| w.pid == pid) else {
             // An orphan that came to us as subreaper, or a child of something else.
             debug!("Reaped unknown child process (pid:{pid})");
@@ -1188,6 +1342,20 @@ impl Arbiter {
     fn check_deadlines(&mut self, now: Instant) {
         if let Some(c) = &mut self.control {
             c.expire(now);
+        }
+        if self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| !matches!(u.stage, UpgradeStage::Running { .. }) && now >= u.deadline)
+        {
+            self.upgrade_failed("the new master was not ready in time".into());
+        }
+        if let Some((pid, t)) = self.abandoned_master
+            && now >= t
+        {
+            warning!("The abandoned new master (pid:{pid}) did not exit; sending SIGKILL");
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            self.abandoned_master = None;
         }
         if let (Some(m), Some(t)) = (&self.manager, self.manager_watchdog_at)
             && now >= t
@@ -1356,7 +1524,13 @@ impl Arbiter {
         if !self.served && ready_current >= self.target {
             self.served = true;
             info!("Serving: {} worker(s) ready", ready_current);
-            self.tell_manager("READY=1");
+            if self.predecessor.is_some() {
+                // Take over as systemd's main process before the old master exits,
+                // so a Type=notify unit stays active through the handover.
+                self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
+            } else {
+                self.tell_manager("READY=1");
+            }
             if let Some(r) = self.report.take() {
                 r.ready();
             }
@@ -1588,6 +1762,367 @@ impl Arbiter {
             fds,
             stdio: Some(stdio),
             credentials,
+            contained: true,
+        })
+    }
+
+    // ---------------------------------------------------------------- upgrade
+
+    /// Start replacing this master: vet the new binary with `--check-config`, then
+    /// fork+exec it with our listeners (see `upgrade.rs`).
+    fn begin_upgrade(
+        &mut self,
+        binary: Option<PathBuf>,
+        timeout: Duration,
+        handover: bool,
+    ) -> Result<(), String> {
+        if self.shutdown.is_some() {
+            return Err("The master is shutting down.".into());
+        }
+        if let Some(u) = &self.upgrade {
+            return Err(format!(
+                "Child exists: an upgrade is already in flight (pid {}).",
+                u.stage.pid()
+            ));
+        }
+        if let Some(old) = self.predecessor {
+            return Err(format!(
+                "Parent exists: this master is itself an upgrade, and the old master (pid {old}) still runs."
+            ));
+        }
+        if let Some(new) = self.successor {
+            return Err(format!("A new master (pid {new}) already took over."));
+        }
+        let binary = binary
+            .map(|b| std::path::absolute(&b).unwrap_or(b))
+            .unwrap_or_else(|| self.start.exe.clone());
+        let (out_r, out_w) = relay::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let mut argv: Vec<&OsStr> = self.start.argv.iter().map(|a| a.as_os_str()).collect();
+        // Right after argv[0]: everything after `--` belongs to COMMAND.
+        argv.insert(1.min(argv.len()), OsStr::new("--check-config"));
+        let mut checker = Prepared::new(Plan {
+            path: binary.as_os_str(),
+            argv: &argv,
+            env: self.base_env.clone(),
+            pid_keys: &[],
+            fds: Vec::new(),
+            stdio: Some(out_w.as_raw_fd()),
+            credentials: None,
+            contained: true,
+        })
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+        let (pid, _exec_status) = checker
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        drop(out_w);
+        info!(
+            "Upgrade: checking {} against the configuration (pid:{pid})",
+            binary.display()
+        );
+        self.upgrade = Some(Upgrade {
+            binary,
+            handover,
+            deadline: Instant::now() + timeout,
+            waiters: Vec::new(),
+            stage: UpgradeStage::Checking {
+                pid,
+                output: Some(out_r),
+                said: Vec::new(),
+            },
+            renamed_pidfile: false,
+        });
+        Ok(())
+    }
+
+    /// The check passed: exec the new master with our listeners.
+    fn start_new_master(&mut self) -> Result<(), String> {
+        let Some(u) = &self.upgrade else {
+            return Ok(());
+        };
+        let binary = u.binary.clone();
+        let (ready_r, ready_w) = relay::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (alive_r, alive_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let mut fds: Vec<i32> = self
+            .listeners
+            .iter()
+            .map(|l| l.as_fd().as_raw_fd())
+            .collect();
+        let n = fds.len() as i32;
+        fds.push(ready_w.as_raw_fd());
+        fds.push(alive_r.as_raw_fd());
+        let specs: Vec<Option<String>> = self
+            .listeners
+            .iter()
+            .map(|l| l.spec.as_ref().map(|s| s.to_string()))
+            .collect();
+        let names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
+        let mut env = self.base_env.clone();
+        let mut set =
+            |k: &str, v: &dyn std::fmt::Display| env.push(format!("{k}={v}").into_bytes());
+        set(contract::ENV_LISTEN_FDS, &n);
+        set(contract::ENV_LISTEN_FDNAMES, &names.join(":"));
+        set(upgrade::ENV_FROM, &self.master_pid);
+        set(
+            upgrade::ENV_SPECS,
+            &serde_json::to_string(&specs).unwrap_or_else(|_| "[]".into()),
+        );
+        set(upgrade::ENV_READY_FD, &(contract::LISTEN_FDS_START + n));
+        set(
+            upgrade::ENV_PARENT_FD,
+            &(contract::LISTEN_FDS_START + n + 1),
+        );
+        if let Some(m) = &self.manager {
+            set(contract::ENV_NOTIFY_SOCKET, &m.address());
+        }
+        let argv: Vec<&OsStr> = self.start.argv.iter().map(|a| a.as_os_str()).collect();
+        let mut prepared = Prepared::new(Plan {
+            path: binary.as_os_str(),
+            argv: &argv,
+            env,
+            pid_keys: &[contract::ENV_LISTEN_PID],
+            fds,
+            stdio: None,
+            credentials: None,
+            contained: false,
+        })
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+        // Move aside before the new master writes PIDFILE.2, as gunicorn and
+        // unicorn do, so both pids can be found during the handover.
+        let mut renamed = false;
+        if let Some(p) = &mut self.pidfile {
+            let to = upgrade::oldbin(p.path());
+            match p.rename_to(&to) {
+                Ok(()) => renamed = true,
+                Err(e) => warning!(
+                    "Upgrade: cannot rename the pidfile to {}: {e}",
+                    to.display()
+                ),
+            }
+        }
+        let (pid, _exec_status) = match prepared.spawn() {
+            Ok(s) => s,
+            Err(e) => {
+                if renamed {
+                    self.restore_pidfile();
+                }
+                return Err(format!("cannot start {}: {e}", binary.display()));
+            }
+        };
+        drop(ready_w);
+        drop(alive_r);
+        info!(
+            "Upgrade: started the new master (pid:{pid}) from {}",
+            binary.display()
+        );
+        if let Some(u) = &mut self.upgrade {
+            u.renamed_pidfile = renamed;
+            u.stage = UpgradeStage::Starting {
+                pid,
+                ready: Some(ready_r),
+                said: Vec::new(),
+                _alive: alive_w,
+            };
+        }
+        Ok(())
+    }
+
+    /// Output of the checker, or the new master's "ready".
+    fn on_upgrade_pipe(&mut self, _now: Instant) {
+        let Some(u) = &mut self.upgrade else { return };
+        let (fd, said) = match &mut u.stage {
+            UpgradeStage::Checking { output, said, .. } => (output, said),
+            UpgradeStage::Starting { ready, said, .. } => (ready, said),
+            UpgradeStage::Running { .. } => return,
+        };
+        let Some(pipe) = fd else { return };
+        let mut buf = [0u8; 4096];
+        let eof = match nix::unistd::read(&*pipe, &mut buf) {
+            Ok(0) => true,
+            Ok(k) => {
+                if said.len() < 4096 {
+                    said.extend_from_slice(&buf[..k]);
+                }
+                false
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+            Err(_) => true,
+        };
+        if eof {
+            *fd = None;
+        }
+        let UpgradeStage::Starting { pid, said, .. } = &u.stage else {
+            return;
+        };
+        let pid = *pid;
+        let text = String::from_utf8_lossy(said).to_string();
+        if text.starts_with("ready") && text.contains('\n') {
+            self.upgrade_ready(pid);
+        } else if let Some(msg) = text.strip_prefix("error: ") {
+            let msg = msg.trim().to_string();
+            self.upgrade_failed(format!("the new master failed to start: {msg}"));
+        } else if eof {
+            self.upgrade_failed("the new master exited before it was ready".into());
+        }
+    }
+
+    fn upgrade_ready(&mut self, pid: Pid) {
+        let Some(mut u) = self.upgrade.take() else {
+            return;
+        };
+        self.upgrades += 1;
+        self.successor = Some(pid);
+        info!("Upgrade: the new master (pid:{pid}) is ready");
+        let alive = match std::mem::replace(
+            &mut u.stage,
+            UpgradeStage::Checking {
+                pid,
+                output: None,
+                said: Vec::new(),
+            },
+        ) {
+            UpgradeStage::Starting { _alive, .. } => _alive,
+            _ => return,
+        };
+        if u.handover {
+            // Our workers drain while the new master's serve; we exit when they are
+            // gone, and the new master is promoted when our end of the pipe closes.
+            info!("Upgrade: handing over to the new master (pid:{pid}); stopping this one");
+            self.upgrade_waiters.append(&mut u.waiters);
+            // The pipe closes when we exit, which is the promotion signal.
+            std::mem::forget(alive);
+            self.begin_shutdown(true);
+        } else {
+            info!(
+                "Upgrade: both masters serve now; WINCH then QUIT this one (pid:{}) to finish, or HUP this one and QUIT the new one to roll back",
+                self.master_pid
+            );
+            u.stage = UpgradeStage::Running { pid, _alive: alive };
+            self.upgrade = Some(u);
+        }
+    }
+
+    fn on_upgrade_child_exit(&mut self, death: Death) {
+        let Some(u) = &self.upgrade else { return };
+        match (&u.stage, death) {
+            (UpgradeStage::Checking { .. }, Death::Code(0)) => {
+                if let Err(e) = self.start_new_master() {
+                    self.upgrade_failed(e);
+                }
+            }
+            (UpgradeStage::Checking { said, .. }, _) => {
+                let said = String::from_utf8_lossy(said);
+                let said = said.trim();
+                let reason = if said.is_empty() {
+                    format!("the new binary's configuration check {}", death.describe())
+                } else {
+                    format!("the new binary refused the configuration: {said}")
+                };
+                self.upgrade_failed(reason);
+            }
+            (UpgradeStage::Starting { pid, .. } | UpgradeStage::Running { pid, .. }, _) => {
+                let reason = format!("the new master (pid:{pid}) {}", death.describe());
+                let pid = *pid;
+                self.upgrade_failed(reason);
+                // It is gone: nothing to KILL later.
+                if self.abandoned_master.is_some_and(|(p, _)| p == pid) {
+                    self.abandoned_master = None;
+                }
+            }
+        }
+    }
+
+    /// Give up on the new master: it is asked to quit (KILL follows), our pidfile
+    /// gets its name back, and this master carries on serving.
+    fn upgrade_failed(&mut self, reason: String) {
+        let Some(u) = self.upgrade.take() else { return };
+        error!(
+            "Upgrade failed: {reason}; this master (pid:{}) carries on",
+            self.master_pid
+        );
+        let pid = u.stage.pid();
+        if nix::sys::signal::kill(pid, Signal::SIGQUIT).is_ok() {
+            self.abandoned_master = Some((pid, Instant::now() + ABANDON_GRACE));
+        }
+        if u.renamed_pidfile {
+            self.restore_pidfile();
+        }
+        let resp = Response::err(ErrorKind::Failed, format!("upgrade failed: {reason}"));
+        for id in u.waiters {
+            self.reply(id, &resp);
+        }
+    }
+
+    fn restore_pidfile(&mut self) {
+        if let (Some(p), Some(base)) = (&mut self.pidfile, &self.cfg.pidfile)
+            && let Err(e) = p.rename_to(base)
+        {
+            error!(
+                "Cannot give the pidfile its name back ({}): {e}",
+                base.display()
+            );
+        }
+    }
+
+    /// The old master is gone: take the pidfile and control socket names, and own
+    /// the unix socket files from now on.
+    fn promote(&mut self) {
+        self.predecessor_pipe = None;
+        let Some(old) = self.predecessor.take() else {
+            return;
+        };
+        if let (Some(p), Some(base)) = (&mut self.pidfile, &self.cfg.pidfile)
+            && let Err(e) = p.rename_to(base)
+        {
+            error!(
+                "Promotion: cannot rename the pidfile to {}: {e}",
+                base.display()
+            );
+        }
+        if let Some(c) = &mut self.control
+            && let Err(e) = c.rename_to(&self.cfg.control)
+        {
+            error!(
+                "Promotion: cannot move the control socket to {}: {e}",
+                self.cfg.control.display()
+            );
+        }
+        for l in &mut self.listeners {
+            if let Some(config::BindSpec::Unix(path)) = &l.spec {
+                l.owned_path = Some(path.clone());
+            }
+        }
+        info!("Master has been promoted (the old master, pid {old}, is gone).");
+    }
+
+    /// Close our listeners; unix socket files go too unless a new master uses them.
+    fn release_listeners(&mut self) {
+        let mut ls = std::mem::take(&mut self.listeners);
+        if self.successor.is_some() || self.predecessor.is_some() {
+            for l in &mut ls {
+                l.owned_path = None;
+            }
+        }
+        listeners::close_all(ls);
+    }
+
+    fn upgrade_description(&self) -> Option<String> {
+        if let Some(old) = self.predecessor {
+            return Some(format!(
+                "new master, not promoted yet (old master pid {old})"
+            ));
+        }
+        if let Some(new) = self.successor {
+            return Some(format!("handing over to the new master (pid {new})"));
+        }
+        self.upgrade.as_ref().map(|u| match u.stage {
+            UpgradeStage::Checking { pid, .. } => {
+                format!("checking {} (pid {pid})", u.binary.display())
+            }
+            UpgradeStage::Starting { pid, .. } => format!("new master starting (pid {pid})"),
+            UpgradeStage::Running { pid, .. } => {
+                format!("new master running beside this one (pid {pid})")
+            }
         })
     }
 
@@ -1605,10 +2140,21 @@ impl Arbiter {
         for id in std::mem::take(&mut self.stop_waiters) {
             self.reply(id, &bye);
         }
-        if let Some(c) = self.control.take() {
-            c.shutdown();
+        if let Some(new_pid) = self.successor {
+            let done = Response::ok(Reply::Upgraded {
+                old_pid: self.master_pid.as_raw(),
+                new_pid: new_pid.as_raw(),
+            });
+            for id in std::mem::take(&mut self.upgrade_waiters) {
+                self.reply(id, &done);
+            }
         }
-        listeners::close_all(std::mem::take(&mut self.listeners));
+        if let Some(c) = self.control.take() {
+            // The new master renames its socket over the path: leave ours there
+            // until then, so the path never goes missing.
+            c.shutdown(self.successor.is_none());
+        }
+        self.release_listeners();
         if let Some(p) = self.pidfile.take() {
             p.remove();
         }
@@ -1684,6 +2230,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Stop { fast: false } => "stop",
         Request::Stop { fast: true } => "stop --fast",
         Request::Kill { .. } => "kill",
+        Request::Upgrade { .. } => "upgrade",
         Request::Ping => "ping",
         Request::Version => "version",
     }

@@ -83,6 +83,10 @@ pub struct Cli {
     /// Run workers as this group (name or gid)
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
+    /// Check the configuration (flags, config file, COMMAND) and exit: 0 if it is
+    /// valid. Binds nothing; used before an upgrade to vet the new binary
+    #[arg(long)]
+    pub check_config: bool,
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -294,6 +298,17 @@ impl Loader {
     }
 }
 
+impl std::fmt::Display for BindSpec {
+    /// The `--bind` form, which [`parse_bind`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindSpec::Tcp(a) => write!(f, "{a}"),
+            BindSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            BindSpec::Fd(n) => write!(f, "fd://{n}"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadyMode {
     Exec,
@@ -324,6 +339,7 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     pub control: PathBuf,
     pub daemon: bool,
+    pub check_config: bool,
     pub log_file: PathBuf,
     pub log_level: Level,
     pub reuse_port: bool,
@@ -574,6 +590,7 @@ impl Config {
             pidfile,
             control,
             daemon: cli.daemon,
+            check_config: cli.check_config,
             log_file,
             log_level,
             reuse_port: cli.reuse_port,
@@ -681,6 +698,9 @@ mod tests {
         assert!(parse_bind("127.0.0.1:70000").is_err());
         assert!(parse_bind("[::1").is_err());
         assert!(parse_bind("unix:").is_err());
+        for s in ["127.0.0.1:80", "[::1]:82", "unix:/tmp/x.sock", "fd://3"] {
+            assert_eq!(parse_bind(s).unwrap().to_string(), s);
+        }
     }
 
     fn loader_with_file(text: &str, args: &[&str]) -> Result<Config, ConfigError> {

@@ -360,9 +360,18 @@ impl ControlServer {
         self.sweep();
     }
 
+    /// Move the socket file (an upgraded master taking the usual path). The rename is
+    /// atomic: clients find either the old master's socket or ours, never nothing.
+    pub fn rename_to(&mut self, to: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+
     /// Last words before the master exits: flush each client with a short blocking
-    /// write, since there will be no next turn.
-    pub fn shutdown(mut self) {
+    /// write, since there will be no next turn. `remove`: unlink the socket file
+    /// (if it is still ours).
+    pub fn shutdown(mut self, remove: bool) {
         for c in &mut self.clients {
             if !c.output.is_empty() {
                 let _ = c.stream.set_nonblocking(false);
@@ -372,7 +381,8 @@ impl ControlServer {
         }
         self.clients.clear();
         // Remove the socket file only if it is still the one we bound.
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+        if remove
+            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
             && (meta.dev(), meta.ino()) == self.identity
         {
             let _ = std::fs::remove_file(&self.path);

@@ -17,6 +17,7 @@ pub mod pidfile;
 pub mod relay;
 pub mod signals;
 pub mod spawn;
+pub mod upgrade;
 pub mod workers;
 
 use std::process::ExitCode;
@@ -75,6 +76,14 @@ pub fn main() -> ExitCode {
     listeners::mark_inherited_fds_cloexec();
     spawn::raise_nofile_limit();
 
+    if cfg.check_config {
+        println!("arbiterd: configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    // Set by an old master that execs us as its replacement.
+    let mut inherited = upgrade::Inherited::from_env();
+    let start = upgrade::StartContext::capture();
+
     let opts = listeners::BindOptions {
         backlog: cfg.backlog,
         reuse_port: cfg.reuse_port,
@@ -83,24 +92,48 @@ pub fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    if socks.is_empty() || !cfg.default_bind {
-        if !socks.is_empty() {
-            info!(
-                "Using {} socket(s) from systemd and the --bind addresses",
-                socks.len()
-            );
+    if let Some(inh) = &inherited {
+        // The old master's own binds come back as they were; ones the (possibly
+        // edited) configuration no longer names are dropped.
+        for (l, spec) in socks.iter_mut().zip(&inh.specs) {
+            l.spec = spec.as_deref().and_then(|s| config::parse_bind(s).ok());
         }
-        match listeners::bind_all(&cfg.binds, &opts) {
-            Ok(more) => socks.extend(more),
-            Err(e) => {
-                listeners::close_all(socks);
-                return fail(e);
-            }
+        socks.retain(|l| l.spec.as_ref().is_none_or(|s| cfg.binds.contains(s)));
+    }
+    let has_systemd = socks.iter().any(|l| l.spec.is_none());
+    let to_bind: Vec<config::BindSpec> = if has_systemd && cfg.default_bind {
+        Vec::new()
+    } else {
+        cfg.binds
+            .iter()
+            .filter(|b| !socks.iter().any(|l| l.spec.as_ref() == Some(b)))
+            .cloned()
+            .collect()
+    };
+    if has_systemd && !to_bind.is_empty() {
+        info!(
+            "Using {} socket(s) from systemd and the --bind addresses",
+            socks.len()
+        );
+    }
+    match listeners::bind_all(&to_bind, &opts) {
+        Ok(more) => socks.extend(more),
+        Err(e) => {
+            listeners::close_all(socks);
+            return fail(e);
         }
     }
+    // Until promoted, a new master lives beside the old one under `.2` names.
+    let (pid_path, control_path) = match &inherited {
+        Some(_) => (
+            cfg.pidfile.as_deref().map(upgrade::second),
+            upgrade::second(&cfg.control),
+        ),
+        None => (cfg.pidfile.clone(), cfg.control.clone()),
+    };
     // A live master's pidfile is refused before anything else is created, and
     // before detaching, so the refusal reaches the terminal.
-    if let Some(path) = &cfg.pidfile
+    if let Some(path) = &pid_path
         && pidfile::is_held(path).unwrap_or(false)
     {
         listeners::close_all(socks);
@@ -109,7 +142,7 @@ pub fn main() -> ExitCode {
             pid: pidfile::read_pid(path),
         });
     }
-    let control = match control::ControlServer::bind(&cfg.control) {
+    let control = match control::ControlServer::bind(&control_path) {
         Ok(c) => c,
         Err(e) => {
             listeners::close_all(socks);
@@ -118,7 +151,11 @@ pub fn main() -> ExitCode {
     };
     let under_systemd =
         std::env::var_os("NOTIFY_SOCKET").is_some() || std::env::var_os("INVOCATION_ID").is_some();
-    let report = if cfg.daemon && under_systemd {
+    let ready_pipe = inherited.as_mut().and_then(|i| i.ready.take());
+    let report = if let Some(fd) = ready_pipe {
+        // The old master waits on this pipe, exactly as -D's launcher does.
+        Some(daemonize::Report::from_fd(fd))
+    } else if cfg.daemon && under_systemd {
         info!("Not detaching (-D): started by systemd (NOTIFY_SOCKET or INVOCATION_ID is set)");
         None
     } else if cfg.daemon {
@@ -126,7 +163,7 @@ pub fn main() -> ExitCode {
             Ok(r) => Some(r),
             Err(e) => {
                 listeners::close_all(socks);
-                control.shutdown();
+                control.shutdown(true);
                 return fail(format!("cannot detach: {e}"));
             }
         }
@@ -134,27 +171,31 @@ pub fn main() -> ExitCode {
         None
     };
     // Written by the process that stays: after detaching, the daemon's own pid.
-    let pidfile = match &cfg.pidfile {
+    let pidfile = match &pid_path {
         Some(path) => match pidfile::Pidfile::create(path) {
             Ok(p) => Some(p),
             Err(e) => {
                 listeners::close_all(socks);
-                control.shutdown();
+                control.shutdown(true);
                 return startup_failed(report, e);
             }
         },
         None => None,
     };
-    let daemonized = report.is_some();
-    match arbiter::Arbiter::new(
+    let daemonized = cfg.daemon && inherited.is_none() && report.is_some()
+        || inherited.is_some() && cfg.daemon && !under_systemd;
+    let setup = arbiter::Setup {
         loader,
         cfg,
-        socks,
+        listeners: socks,
         pidfile,
-        Some(control),
+        control: Some(control),
         report,
         daemonized,
-    ) {
+        start,
+        predecessor: inherited.map(|i| (i.from, i.parent)),
+    };
+    match arbiter::Arbiter::new(setup) {
         Ok(a) => ExitCode::from(a.run()),
         Err((e, report)) => startup_failed(report, format!("cannot set up the master: {e}")),
     }

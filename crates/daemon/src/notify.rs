@@ -220,6 +220,11 @@ impl ServiceManager {
         })
     }
 
+    /// The socket's address, for a new master to notify in our place.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// Best effort, as sd_notify(3): a failed send is logged at debug and forgotten.
     pub fn send(&self, state: &str) {
         if !arbiter_proto::worker::notify_to(&self.address, state) {

@@ -140,6 +140,13 @@ impl Pidfile {
         &self.path
     }
 
+    /// Move the file (keeping its lock: same inode) to `to`.
+    pub fn rename_to(&mut self, to: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+
     /// Remove the file if it still names us (an upgrade may have replaced it).
     pub fn remove(self) {
         if read_pid(&self.path) == Some(std::process::id()) {

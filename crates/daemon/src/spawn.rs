@@ -88,6 +88,7 @@ pub struct Prepared {
     fds: Vec<RawFd>,
     stdio: Option<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
+    contained: bool,
     master_pid: libc::pid_t,
     /// The open-files limit the master started with: it raises its own for many
     /// workers, and a worker gets back what it would have had (some programs still
@@ -108,6 +109,9 @@ pub struct Plan<'a> {
     /// Becomes the worker's stdout and stderr.
     pub stdio: Option<RawFd>,
     pub credentials: Option<(libc::uid_t, libc::gid_t)>,
+    /// A worker: its own process group, and killed with the master. A new master
+    /// (upgrade) is neither: it must outlive this one.
+    pub contained: bool,
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
@@ -165,6 +169,7 @@ impl Prepared {
             fds: plan.fds,
             stdio: plan.stdio,
             credentials: plan.credentials,
+            contained: plan.contained,
             master_pid: std::process::id() as libc::pid_t,
             nofile: ORIGINAL_NOFILE.get().copied(),
         })
@@ -192,9 +197,11 @@ impl Prepared {
             return Err(fork_err);
         }
         let pid = Pid::from_raw(forked);
-        // Also from the parent, so the group exists before we ever signal it; EACCES
-        // once the child has exec'd is expected and harmless.
-        let _ = nix::unistd::setpgid(pid, pid);
+        if self.contained {
+            // Also from the parent, so the group exists before we ever signal it;
+            // EACCES once the child has exec'd is expected and harmless.
+            let _ = nix::unistd::setpgid(pid, pid);
+        }
         Ok((pid, status_r))
     }
 
@@ -223,22 +230,25 @@ impl Prepared {
                     libc::signal(sig, libc::SIG_DFL);
                 }
             }
-            if libc::setpgid(0, 0) != 0 {
-                fail(status_fd, ChildStep::ProcessGroup);
-            }
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                fail(status_fd, ChildStep::DeathSignal);
-            }
-            // The master may have died between fork and prctl: then nobody would kill us.
-            if libc::getppid() != self.master_pid {
-                libc::_exit(1);
+            if self.contained {
+                if libc::setpgid(0, 0) != 0 {
+                    fail(status_fd, ChildStep::ProcessGroup);
+                }
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    fail(status_fd, ChildStep::DeathSignal);
+                }
+                // The master may have died between fork and prctl: then nobody
+                // would kill us.
+                if libc::getppid() != self.master_pid {
+                    libc::_exit(1);
+                }
             }
             // stdio first: the pipe's fd may sit in the range the listeners go to.
             if let Some(out) = self.stdio
@@ -379,6 +389,7 @@ mod tests {
             fds: vec![],
             stdio: None,
             credentials: None,
+            contained: true,
         })
         .unwrap();
         assert_eq!(p.env_entries()[0], b"A=1\0");

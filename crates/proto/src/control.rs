@@ -12,7 +12,7 @@
 //! Requests: `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"scale","by":2}`,
 //! `{"v":1,"cmd":"scale","to":4}`, `{"v":1,"cmd":"reload"}`, `{"v":1,"cmd":"reopen"}`,
 //! `{"v":1,"cmd":"stop","fast":false}`, `{"v":1,"cmd":"kill","pid":1234,"signal":"TERM"}`,
-//! `{"v":1,"cmd":"ping"}`, `{"v":1,"cmd":"version"}`.
+//! `{"v":1,"cmd":"upgrade"}`, `{"v":1,"cmd":"ping"}`, `{"v":1,"cmd":"version"}`.
 //!
 //! `reload` and `stop` answer when they are done, not when they start: a reload
 //! once the old generation is gone (or has failed), a stop just before the master
@@ -54,6 +54,18 @@ pub enum Request {
         pid: i32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         signal: Option<String>,
+    },
+    /// Replace the master: check the new binary, start it with the listeners, wait
+    /// until its first generation is ready, then retire this master's workers and
+    /// exit. Answered just before the old master exits (or with the failure, the old
+    /// master still serving).
+    Upgrade {
+        /// The new binary; default: the one this master was started from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+        /// How long the new master may take to be ready, in seconds; default 60.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
     },
     /// Liveness.
     Ping,
@@ -106,6 +118,11 @@ pub enum Reply {
     Killed {
         pid: i32,
         signal: String,
+    },
+    /// The new master serves; the old one is about to exit.
+    Upgraded {
+        old_pid: i32,
+        new_pid: i32,
     },
     Pong {
         pid: i32,
@@ -201,7 +218,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
         Some(v) => {
             return Err(Response::err(
                 ErrorKind::UnsupportedVersion,
-                format!("protocol version {v} is not supported; this master speaks {PROTOCOL_VERSION}"),
+                format!(
+                    "protocol version {v} is not supported; this master speaks {PROTOCOL_VERSION}"
+                ),
             ));
         }
         None => return Err(bad("missing protocol version \"v\"".into())),
@@ -227,7 +246,10 @@ mod tests {
             parse_request(br#"{"v":1,"cmd":"stop"}"#).unwrap(),
             Request::Stop { fast: false }
         );
-        assert_eq!(parse_request(br#"{"v":1,"cmd":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"status"}"#).unwrap(),
+            Request::Status
+        );
     }
 
     #[test]
@@ -241,7 +263,12 @@ mod tests {
             (br#"[1,2]"#, ErrorKind::BadRequest),
         ] {
             let err = parse_request(line).unwrap_err();
-            assert_eq!(err.error.unwrap().kind, kind, "{}", String::from_utf8_lossy(line));
+            assert_eq!(
+                err.error.unwrap().kind,
+                kind,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
@@ -249,8 +276,14 @@ mod tests {
     fn response_round_trip() {
         let r = Response::ok(Reply::Scaled { from: 1, to: 3 });
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"v":1,"ok":true,"reply":{"type":"scaled","from":1,"to":3}}"#);
+        assert_eq!(
+            s,
+            r#"{"v":1,"ok":true,"reply":{"type":"scaled","from":1,"to":3}}"#
+        );
         let back: Response = serde_json::from_str(&s).unwrap();
-        assert_eq!(back.into_result().unwrap(), Reply::Scaled { from: 1, to: 3 });
+        assert_eq!(
+            back.into_result().unwrap(),
+            Reply::Scaled { from: 1, to: 3 }
+        );
     }
 }

@@ -1,0 +1,116 @@
+//! Hot upgrade: what passes from the old master to the new one.
+//!
+//! The old master forks and execs the new binary with its original argv. The new
+//! master gets the listeners at fds 3.. as systemd would hand them over
+//! (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, so names and fd numbers survive,
+//! socket-activated ones included), plus:
+//!
+//! - `ARBITER_UPGRADE_FROM`: the old master's pid;
+//! - `ARBITER_UPGRADE_SPECS`: the `--bind` each inherited socket came from (JSON,
+//!   `null` for systemd's), so the new master reuses them instead of binding again;
+//! - `ARBITER_UPGRADE_READY_FD`: where to write `ready PID` once its first generation
+//!   is ready (or `error: ...`), the same protocol as `-D`'s launcher pipe;
+//! - `ARBITER_UPGRADE_PARENT_FD`: a pipe whose EOF means the old master is gone: the
+//!   new master is then promoted (it takes the pidfile and control socket names).
+//!
+//! Until promoted, the new master writes `PIDFILE.2`, serves control on `PATH.2`,
+//! and never unlinks a unix socket file (the old master may still use it).
+
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+pub const ENV_FROM: &str = "ARBITER_UPGRADE_FROM";
+pub const ENV_SPECS: &str = "ARBITER_UPGRADE_SPECS";
+pub const ENV_READY_FD: &str = "ARBITER_UPGRADE_READY_FD";
+pub const ENV_PARENT_FD: &str = "ARBITER_UPGRADE_PARENT_FD";
+
+/// How this master was started, captured before anything can change it, so that an
+/// upgrade re-executes the same command line (and the binary now at that path).
+#[derive(Clone, Debug)]
+pub struct StartContext {
+    pub exe: PathBuf,
+    pub argv: Vec<OsString>,
+}
+
+impl StartContext {
+    pub fn capture() -> StartContext {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let exe = std::env::current_exe()
+            .ok()
+            .map(|p| {
+                // A package upgrade replaced the file: exec what is at the path now.
+                let s = p.to_string_lossy();
+                match s.strip_suffix(" (deleted)") {
+                    Some(live) => PathBuf::from(live),
+                    None => p,
+                }
+            })
+            .unwrap_or_else(|| PathBuf::from(argv.first().cloned().unwrap_or_default()));
+        StartContext { exe, argv }
+    }
+}
+
+/// What a new master learns from the old one.
+pub struct Inherited {
+    pub from: i32,
+    /// One per inherited listener, in fd order: the `--bind` it was made from.
+    pub specs: Vec<Option<String>>,
+    pub ready: Option<OwnedFd>,
+    pub parent: Option<OwnedFd>,
+}
+
+fn take_fd(key: &str) -> Option<OwnedFd> {
+    let fd: RawFd = std::env::var(key).ok()?.parse().ok()?;
+    if fd < 3 {
+        return None;
+    }
+    // A bad number must not let us own some other fd: check that it is open.
+    nix::fcntl::fcntl(
+        // SAFETY: borrowed only for this check.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .ok()?;
+    // SAFETY: the old master placed this fd here for us to own.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Inherited {
+    /// Read and remove the upgrade variables (so no worker sees them).
+    pub fn from_env() -> Option<Inherited> {
+        let from = std::env::var(ENV_FROM).ok().and_then(|p| p.parse().ok());
+        let specs = std::env::var(ENV_SPECS)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        let ready = take_fd(ENV_READY_FD);
+        let parent = take_fd(ENV_PARENT_FD);
+        // SAFETY: at startup, before any thread could exist.
+        unsafe {
+            for k in [ENV_FROM, ENV_SPECS, ENV_READY_FD, ENV_PARENT_FD] {
+                std::env::remove_var(k);
+            }
+        }
+        Some(Inherited {
+            from: from?,
+            specs,
+            ready,
+            parent,
+        })
+    }
+}
+
+/// `PATH.2`: where an unpromoted new master keeps its pidfile and control socket.
+pub fn second(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".2");
+    PathBuf::from(s)
+}
+
+/// `PIDFILE.oldbin`: the old master's pidfile while a new master runs.
+pub fn oldbin(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".oldbin");
+    PathBuf::from(s)
+}
