@@ -362,6 +362,10 @@ impl Arbiter {
         let shown: Vec<&str> = self.listeners.iter().map(|l| l.display.as_str()).collect();
         info!("Listening at: {} ({})", shown.join(", "), self.master_pid);
         info!("Using worker: {}", self.worker_description());
+        if let WorkerProgram::Command { argv, .. } = &self.cfg.program {
+            // Arguments may carry secrets: only at debug level.
+            debug!("Worker command line: {argv:?}");
+        }
         if let Some(c) = &self.control {
             info!("Control socket at {}", c.path().display());
         }
@@ -383,11 +387,7 @@ impl Arbiter {
     fn worker_description(&self) -> String {
         match &self.cfg.program {
             WorkerProgram::Builtin => "builtin (HTTP)".to_string(),
-            WorkerProgram::Command { argv, .. } => argv
-                .iter()
-                .map(|a| a.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "),
+            WorkerProgram::Command { path, .. } => path.display().to_string(),
         }
     }
 

@@ -629,7 +629,8 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     diff!("backlog", backlog);
     diff!("reuse-port", reuse_port);
     if old.program != new.program {
-        changed.push(format!("command {:?} -> {:?}", old.program, new.program));
+        // Not the arguments themselves: they may carry secrets.
+        changed.push("command changed".to_string());
     }
     let user = |c: &Config| c.user.as_ref().map(|u| u.name.clone());
     let group = |c: &Config| c.group.as_ref().map(|g| g.name.clone());

@@ -58,7 +58,15 @@ static LOGGER: Mutex<Logger> = Mutex::new(Logger {
 });
 
 fn open_log(path: &PathBuf) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NOFOLLOW: a symlink planted at the log path must not send our writes
+    // elsewhere (the master often runs as root).
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// Route logs to `path` (`None` or `-`: stderr) at `level`.
