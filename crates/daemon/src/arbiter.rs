@@ -58,6 +58,9 @@ pub const HANDLED_SIGNALS: &[Signal] = &[
 const EXEC_SETTLE: Duration = Duration::from_secs(2);
 /// Between ABRT for a heartbeat timeout and the KILL that follows.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// Workers forked per loop turn at most, so a large boot or scale-up does not keep
+/// signals and control clients waiting.
+const SPAWNS_PER_TURN: usize = 64;
 /// How long a new master may take to be ready, unless told otherwise.
 const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an abandoned new master has to quit before KILL.
@@ -224,6 +227,8 @@ pub struct Arbiter {
     config_failed: Option<u64>,
     fork_failures: u32,
     fork_not_before: Option<Instant>,
+    /// More workers to start than one turn starts: come back at once.
+    spawn_pending: bool,
 
     control: Option<ControlServer>,
     notify: NotifySocket,
@@ -338,6 +343,7 @@ impl Arbiter {
             config_failed: None,
             fork_failures: 0,
             fork_not_before: None,
+            spawn_pending: false,
             control,
             notify,
             manager,
@@ -524,6 +530,9 @@ impl Arbiter {
     /// expiry, a boot timeout, a spawn backoff. `None`: nothing is due, sleep.
     fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
+        if self.spawn_pending && self.shutdown.is_none() {
+            return Some(Instant::now());
+        }
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(s) = &self.shutdown {
             at(s.deadline);
@@ -1471,17 +1480,26 @@ impl Arbiter {
 
         // Missing workers of the current generation.
         if self.config_failed != Some(current_gen) {
-            let mut used: Vec<usize> = self
-                .workers
-                .iter()
-                .filter(|w| w.generation == current_gen && w.state.is_active())
-                .map(|w| w.slot)
-                .collect();
-            let mut missing = self.target.saturating_sub(used.len());
+            let mut used = vec![false; self.target + self.workers.len()];
+            for w in &self.workers {
+                if w.generation == current_gen && w.state.is_active() && w.slot < used.len() {
+                    used[w.slot] = true;
+                }
+            }
+            let active = used.iter().filter(|&&u| u).count();
+            let mut missing = self.target.saturating_sub(active);
+            let mut spawned = 0;
             let mut slot = 0;
+            self.spawn_pending = false;
             while missing > 0 {
-                while used.contains(&slot) {
+                while used.get(slot) == Some(&true) {
                     slot += 1;
+                }
+                if spawned == SPAWNS_PER_TURN {
+                    // The rest next turn, right after signals and control clients
+                    // have had their say.
+                    self.spawn_pending = true;
+                    break;
                 }
                 let waiting = self
                     .slots
@@ -1495,8 +1513,12 @@ impl Arbiter {
                     if !self.spawn(slot, now) {
                         break;
                     }
+                    spawned += 1;
                 }
-                used.push(slot);
+                if let Some(u) = used.get_mut(slot) {
+                    *u = true;
+                }
+                slot += 1;
                 missing -= 1;
             }
         }
