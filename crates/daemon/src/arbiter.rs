@@ -58,6 +58,8 @@ pub const HANDLED_SIGNALS: &[Signal] = &[
 const EXEC_SETTLE: Duration = Duration::from_secs(2);
 /// Between ABRT for a heartbeat timeout and the KILL that follows.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// How often RSS is read with `--max-worker-rss` (the only periodic wakeup it adds).
+const RSS_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Workers forked per loop turn at most, so a large boot or scale-up does not keep
 /// signals and control clients waiting.
 const SPAWNS_PER_TURN: usize = 64;
@@ -227,6 +229,8 @@ pub struct Arbiter {
     config_failed: Option<u64>,
     fork_failures: u32,
     fork_not_before: Option<Instant>,
+    /// `--max-worker-rss`: when to read the workers' RSS next.
+    next_rss_check: Option<Instant>,
     /// More workers to start than one turn starts: come back at once.
     spawn_pending: bool,
 
@@ -343,6 +347,7 @@ impl Arbiter {
             config_failed: None,
             fork_failures: 0,
             fork_not_before: None,
+            next_rss_check: None,
             spawn_pending: false,
             control,
             notify,
@@ -384,6 +389,7 @@ impl Arbiter {
             let now = Instant::now();
             self.reap(now);
             self.check_deadlines(now);
+            self.check_limits(now);
             self.converge(now);
             self.serve_pipelined(now);
         }
@@ -550,6 +556,14 @@ impl Arbiter {
         }
         if let Some((_, t)) = self.abandoned_master {
             at(t);
+        }
+        if self.cfg.max_worker_rss.is_some() {
+            at(self.next_rss_check.unwrap_or_else(Instant::now));
+        }
+        if let Some(age) = self.cfg.max_worker_age {
+            for w in self.workers.iter().filter(|w| w.is_ready() && !w.recycle) {
+                at(w.started + age + age_jitter(w.id, age));
+            }
         }
         for w in &self.workers {
             match w.state {
@@ -1052,7 +1066,11 @@ impl Arbiter {
                     slot: w.slot as u64,
                     pid: w.pid.as_raw(),
                     generation: w.generation,
-                    state: w.state.name().to_string(),
+                    state: if w.recycle && w.state.is_active() {
+                        "recycling".to_string()
+                    } else {
+                        w.state.name().to_string()
+                    },
                     started_at: rfc3339(w.started_wall),
                     uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),
                     last_beat_secs: w
@@ -1452,8 +1470,44 @@ impl Arbiter {
     fn active_in_generation(&self) -> usize {
         self.workers
             .iter()
-            .filter(|w| w.generation == self.generation && w.state.is_active())
+            .filter(|w| w.generation == self.generation && w.state.is_active() && !w.recycle)
             .count()
+    }
+
+    /// Mark workers past `--max-worker-age` or `--max-worker-rss` for recycling.
+    fn check_limits(&mut self, now: Instant) {
+        let (max_age, max_rss) = (self.cfg.max_worker_age, self.cfg.max_worker_rss);
+        if max_age.is_none() && max_rss.is_none() {
+            return;
+        }
+        let check_rss = max_rss.is_some() && self.next_rss_check.is_none_or(|t| now >= t);
+        if check_rss {
+            self.next_rss_check = Some(now + RSS_CHECK_INTERVAL);
+        }
+        for w in &mut self.workers {
+            if w.recycle || !w.is_ready() {
+                continue;
+            }
+            if let Some(age) = max_age
+                && now >= w.started + age + age_jitter(w.id, age)
+            {
+                info!(
+                    "Recycling worker (pid:{}): older than --max-worker-age",
+                    w.pid
+                );
+                w.recycle = true;
+            } else if check_rss
+                && let (Some(limit), Some(rss)) = (max_rss, rss_bytes(w.pid))
+                && rss > limit
+            {
+                info!(
+                    "Recycling worker (pid:{}): RSS {} MiB over --max-worker-rss",
+                    w.pid,
+                    rss / (1024 * 1024)
+                );
+                w.recycle = true;
+            }
+        }
     }
 
     /// Move the worker table toward the target: spawn what is missing, retire what
@@ -1468,7 +1522,7 @@ impl Arbiter {
         let mut current: Vec<(u64, Pid)> = self
             .workers
             .iter()
-            .filter(|w| w.generation == current_gen && w.state.is_active())
+            .filter(|w| w.generation == current_gen && w.state.is_active() && !w.recycle)
             .map(|w| (w.id, w.pid))
             .collect();
         current.sort();
@@ -1482,7 +1536,11 @@ impl Arbiter {
         if self.config_failed != Some(current_gen) {
             let mut used = vec![false; self.target + self.workers.len()];
             for w in &self.workers {
-                if w.generation == current_gen && w.state.is_active() && w.slot < used.len() {
+                if w.generation == current_gen
+                    && w.state.is_active()
+                    && !w.recycle
+                    && w.slot < used.len()
+                {
                     used[w.slot] = true;
                 }
             }
@@ -1528,19 +1586,29 @@ impl Arbiter {
         let ready_current = self
             .workers
             .iter()
-            .filter(|w| w.generation == current_gen && w.is_ready() && self.booted(w, now))
+            .filter(|w| {
+                w.generation == current_gen && w.is_ready() && !w.recycle && self.booted(w, now)
+            })
             .count();
+        // Workers being recycled are retired by the same rule as an older
+        // generation: only as their replacements are ready.
         let mut others: Vec<(bool, u64, Pid)> = self
             .workers
             .iter()
-            .filter(|w| w.generation != current_gen && w.state.is_active())
+            .filter(|w| (w.generation != current_gen || w.recycle) && w.state.is_active())
             .map(|w| (w.is_ready(), w.id, w.pid))
             .collect();
         others.sort();
         let keep = self.target.saturating_sub(ready_current);
         let surplus = others.len().saturating_sub(keep);
         for &(_, _, pid) in &others[..surplus] {
-            self.retire(pid, "replaced by a new generation");
+            let recycled = self.workers.iter().any(|w| w.pid == pid && w.recycle);
+            let why = if recycled {
+                "recycled, its replacement is ready"
+            } else {
+                "replaced by a new generation"
+            };
+            self.retire(pid, why);
         }
 
         if !self.served && ready_current >= self.target {
@@ -1697,6 +1765,7 @@ impl Arbiter {
                     ready_at: None,
                     retiring: false,
                     extended_until: None,
+                    recycle: false,
                 });
                 true
             }
@@ -2295,6 +2364,13 @@ fn ready_mode(cfg: &Config) -> ReadyMode {
 fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
     let base = w.started + boot_timeout;
     w.extended_until.map_or(base, |t| t.max(base))
+}
+
+/// Up to 10% of `age`, fixed per worker, so workers started together (a boot, a
+/// reload) are not all recycled at once.
+fn age_jitter(id: u64, age: Duration) -> Duration {
+    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1023
+    age / 10 * spread / 1024
 }
 
 /// How often a worker that has not beaten yet is looked at.

@@ -344,6 +344,10 @@ pub struct Config {
     pub log_level: Level,
     pub reuse_port: bool,
     pub backlog: i32,
+    /// Recycle a worker above this resident size, in bytes.
+    pub max_worker_rss: Option<u64>,
+    /// Recycle a worker older than this (plus up to 10% jitter).
+    pub max_worker_age: Option<Duration>,
     pub umask: Option<u32>,
     pub chdir: Option<PathBuf>,
     pub user: Option<nix::unistd::User>,
@@ -491,16 +495,14 @@ impl Config {
     /// Validate the command line. `--chdir` is applied by the caller before this
     /// runs, so relative paths here are relative to it, as in gunicorn.
     pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
-        // Options whose behaviour belongs to later work are refused rather than
-        // silently ignored: an operator must not believe they took effect.
-        for (given, flag) in [
-            (cli.max_worker_rss.is_some(), "--max-worker-rss"),
-            (cli.max_worker_age.is_some(), "--max-worker-age"),
-        ] {
-            if given {
-                bail!("{flag} is not implemented yet");
-            }
+        if cli.max_worker_rss == Some(0) {
+            bail!("--max-worker-rss must be at least 1 MiB");
         }
+        let max_worker_age = match cli.max_worker_age {
+            Some(a) if a < 1.0 => bail!("--max-worker-age must be at least 1 second"),
+            Some(a) => Some(seconds("--max-worker-age", a)?),
+            None => None,
+        };
         if cli.workers == 0 {
             bail!("--workers must be at least 1");
         }
@@ -595,6 +597,8 @@ impl Config {
             log_level,
             reuse_port: cli.reuse_port,
             backlog: cli.backlog,
+            max_worker_rss: cli.max_worker_rss.map(|m| m.saturating_mul(1024 * 1024)),
+            max_worker_age,
             umask,
             chdir: cli.chdir,
             user: cli.user.as_deref().map(resolve_user).transpose()?,
@@ -627,6 +631,8 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     diff!("log-file", log_file);
     diff!("log-level", log_level);
     diff!("backlog", backlog);
+    diff!("max-worker-rss", max_worker_rss);
+    diff!("max-worker-age", max_worker_age);
     diff!("reuse-port", reuse_port);
     if old.program != new.program {
         // Not the arguments themselves: they may carry secrets.

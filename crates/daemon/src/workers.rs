@@ -35,7 +35,7 @@ impl State {
         }
     }
 
-    /// Booting or ready: counts toward the target, not on its way out.
+    /// Booting or ready (not on its way out).
     pub fn is_active(self) -> bool {
         matches!(self, State::Booting | State::Ready { .. })
     }
@@ -189,6 +189,9 @@ pub struct Worker {
     pub retiring: bool,
     /// `EXTEND_TIMEOUT_USEC`: no boot or heartbeat timeout before this.
     pub extended_until: Option<Instant>,
+    /// Past `--max-worker-rss` or `--max-worker-age`: it serves until a replacement
+    /// is ready, then stops gracefully, like a worker of an older generation.
+    pub recycle: bool,
 }
 
 impl Worker {
