@@ -137,52 +137,6 @@ pub fn parse(datagram: &[u8]) -> Vec<Message> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages() {
-        assert_eq!(
-            parse(b"READY=1\nSTATUS=warming up\nWATCHDOG=1\nX=1\nnonsense"),
-            vec![
-                Message::Ready,
-                Message::Status("warming up".into()),
-                Message::Watchdog
-            ]
-        );
-        assert_eq!(parse(b"WATCHDOG=trigger"), vec![Message::WatchdogTrigger]);
-        assert_eq!(
-            parse(b"EXTEND_TIMEOUT_USEC=5000000"),
-            vec![Message::ExtendTimeout(std::time::Duration::from_secs(5))]
-        );
-        assert_eq!(parse(b"READY=0\nEXTEND_TIMEOUT_USEC=x"), vec![]);
-        assert_eq!(parse(&[0xff, 0xfe]), vec![]);
-    }
-
-    #[test]
-    fn status_is_bounded() {
-        let long = format!("STATUS={}", "é".repeat(1000));
-        match &parse(long.as_bytes())[0] {
-            Message::Status(t) => assert!(t.len() <= MAX_STATUS),
-            m => panic!("{m:?}"),
-        }
-    }
-
-    #[test]
-    fn receives_with_credentials() {
-        let sock = NotifySocket::bind(std::process::id() as i32, "unit-test").unwrap();
-        assert!(arbiter_proto::worker::notify_to(
-            &sock.address,
-            "READY=1\nSTATUS=hi"
-        ));
-        let got = sock.receive();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].0, std::process::id() as i32);
-        assert_eq!(got[0].1, vec![Message::Ready, Message::Status("hi".into())]);
-    }
-}
-
 /// The service manager's notify socket (systemd's `NOTIFY_SOCKET` for the master).
 ///
 /// Read once at startup and removed from the environment, so no worker ever talks
@@ -238,4 +192,50 @@ pub fn monotonic_usec() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages() {
+        assert_eq!(
+            parse(b"READY=1\nSTATUS=warming up\nWATCHDOG=1\nX=1\nnonsense"),
+            vec![
+                Message::Ready,
+                Message::Status("warming up".into()),
+                Message::Watchdog
+            ]
+        );
+        assert_eq!(parse(b"WATCHDOG=trigger"), vec![Message::WatchdogTrigger]);
+        assert_eq!(
+            parse(b"EXTEND_TIMEOUT_USEC=5000000"),
+            vec![Message::ExtendTimeout(std::time::Duration::from_secs(5))]
+        );
+        assert_eq!(parse(b"READY=0\nEXTEND_TIMEOUT_USEC=x"), vec![]);
+        assert_eq!(parse(&[0xff, 0xfe]), vec![]);
+    }
+
+    #[test]
+    fn status_is_bounded() {
+        let long = format!("STATUS={}", "é".repeat(1000));
+        match &parse(long.as_bytes())[0] {
+            Message::Status(t) => assert!(t.len() <= MAX_STATUS),
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn receives_with_credentials() {
+        let sock = NotifySocket::bind(std::process::id() as i32, "unit-test").unwrap();
+        assert!(arbiter_proto::worker::notify_to(
+            &sock.address,
+            "READY=1\nSTATUS=hi"
+        ));
+        let got = sock.receive();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, std::process::id() as i32);
+        assert_eq!(got[0].1, vec![Message::Ready, Message::Status("hi".into())]);
+    }
 }
