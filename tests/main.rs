@@ -1,1 +1,4 @@
+//! Black-box tests: the real `arbiterd` and `arbiterctl`, driven from outside.
+
 mod harness;
+mod master;
