@@ -1429,9 +1429,13 @@ impl Arbiter {
                     if w.extended_until.is_some_and(|t| now < t) {
                         continue;
                     }
+                    // Look early at files that are nearly due: one wakeup then serves
+                    // many workers instead of one wakeup each. Killing still needs
+                    // the full timeout of silence (checked below).
+                    let slack = timeout / 4;
                     let due = match w.heartbeat.last_beat {
-                        Some(beat) => now >= beat + timeout,
-                        None => now >= w.heartbeat.last_check() + probe_interval(timeout),
+                        Some(beat) => now + slack >= beat + timeout,
+                        None => now + slack >= w.heartbeat.last_check() + probe_interval(timeout),
                     };
                     if !due {
                         continue;
