@@ -35,6 +35,9 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_HEAD: usize = 16 * 1024;
 /// A request body longer than this is answered 413 and the connection closed.
 const MAX_BODY: usize = 1024 * 1024;
+/// While draining, how long a connection accepted but still silent may take to send
+/// its request before it is closed.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 /// `/sleep?ms=` cap.
 const MAX_SLEEP_MS: u64 = 600_000;
 
@@ -249,17 +252,21 @@ struct Conn {
     output: Vec<u8>,
     /// A `/sleep` in progress: no further request is read until it is answered.
     sleeping: bool,
-    /// Close once the output is flushed.
+    /// The last response is queued (or the peer is done): close once flushed.
     close_after: bool,
     /// What epoll watches for it now.
     interest: EpollFlags,
     /// The peer finished sending: answer what it asked, then close.
     eof: bool,
+    /// Requests answered on this connection. A connection that has not sent its
+    /// first request yet is not idle: its client is about to.
+    served: u32,
 }
 
 impl Conn {
+    /// Between requests of a keep-alive connection: nothing asked, nothing owed.
     fn idle(&self) -> bool {
-        self.input.is_empty() && self.output.is_empty() && !self.sleeping
+        self.served > 0 && self.input.is_empty() && self.output.is_empty() && !self.sleeping
     }
 }
 
@@ -284,6 +291,8 @@ struct Worker {
     beat_every: Option<Duration>,
     next_beat: Option<Instant>,
     draining: bool,
+    /// While draining: when connections that are still silent get closed.
+    drain_deadline: Option<Instant>,
     /// Accepting paused after EMFILE/ENFILE until this moment.
     accept_paused_until: Option<Instant>,
     body: Vec<u8>,
@@ -360,6 +369,7 @@ impl Worker {
             beat_every,
             next_beat: None,
             draining: false,
+            drain_deadline: None,
             accept_paused_until: None,
             body,
         };
@@ -422,6 +432,18 @@ impl Worker {
             if self.next_beat.is_some_and(|t| now >= t) {
                 self.beat();
             }
+            if self.drain_deadline.is_some_and(|t| now >= t) {
+                self.drain_deadline = None;
+                let silent: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.input.is_empty() && c.output.is_empty() && !c.sleeping)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in silent {
+                    self.close(id);
+                }
+            }
             if self.accept_paused_until.is_some_and(|t| now >= t) {
                 self.accept_paused_until = None;
                 self.update_listening();
@@ -472,6 +494,12 @@ impl Worker {
     fn drain(&mut self) {
         self.draining = true;
         let _ = self.listen(false);
+        // Take what is already queued for us: an EPOLLEXCLUSIVE wakeup we consumed
+        // would otherwise leave those connections waiting for the next arrival to
+        // wake another worker. They are served like any other, then closed.
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+        }
         // Closing our copies: the master and other workers keep theirs.
         self.listeners.clear();
         let idle: Vec<u64> = self
@@ -483,9 +511,11 @@ impl Worker {
         for id in idle {
             self.close(id);
         }
-        for c in self.conns.values_mut() {
-            c.close_after = true;
-        }
+        // The others finish: `draining` makes their next response the last one.
+        // (Marking them finished here would close a connection whose request is
+        // still arriving, and its client would see a reset.)
+        // A connection that never sends its request must not hold the exit forever.
+        self.drain_deadline = Some(Instant::now() + FIRST_REQUEST_GRACE);
     }
 
     fn accept(&mut self, index: usize) {
@@ -518,6 +548,7 @@ impl Worker {
                             close_after: false,
                             interest: EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
                             eof: false,
+                            served: 0,
                         },
                     );
                 }
@@ -627,6 +658,7 @@ impl Worker {
                 return;
             }
             c.input.drain(..head.head_len + head.body);
+            c.served += 1;
             let keep_alive = head.keep_alive && !self.draining && !c.close_after;
             if !keep_alive {
                 c.close_after = true;

@@ -22,6 +22,9 @@ use crate::warning;
 pub const MAX_CLIENTS: usize = 64;
 /// A connection with no complete request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// gunicornc's interactive mode keeps a connection open between commands typed by
+/// a person; gunicorn's own server allows 300 s.
+pub const GUNICORN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A client that does not read its replies is dropped past this much queued output.
 const MAX_OUTPUT: usize = 8 * 1024 * 1024;
 /// Read at most this much from one client per loop turn, so one fast writer cannot
@@ -246,7 +249,12 @@ impl ControlServer {
                 Ok(n) => {
                     taken += n;
                     c.input.extend_from_slice(&buf[..n]);
-                    if c.input.len() > MAX_LINE && !c.input[..MAX_LINE].contains(&b'\n') {
+                    // A framed (gunicornc) connection is bounded by its parser, from
+                    // each frame's length prefix.
+                    if !c.gunicorn
+                        && c.input.len() > MAX_LINE
+                        && !c.input[..MAX_LINE].contains(&b'\n')
+                    {
                         c.send(&Response::err(
                             ErrorKind::TooLarge,
                             format!("request longer than {MAX_LINE} bytes"),
@@ -265,7 +273,7 @@ impl ControlServer {
                 }
             }
         }
-        if c.input.first() == Some(&0) {
+        if !c.gunicorn && c.input.first() == Some(&0) {
             // gunicornc's frames start with a 4-byte big-endian length; a JSON line
             // never starts with a NUL byte.
             c.gunicorn = true;
@@ -276,13 +284,13 @@ impl ControlServer {
                 match crate::gunicornc::take_frame(&mut c.input) {
                     Frame::Incomplete => break,
                     Frame::Request(shape, req) => {
-                        c.deadline = now + IDLE_TIMEOUT;
+                        c.deadline = now + GUNICORN_IDLE_TIMEOUT;
                         c.waiting = true;
                         c.shape = Some(shape);
                         out.push((c.id, c.peer, req));
                     }
                     Frame::Answer(bytes) => {
-                        c.deadline = now + IDLE_TIMEOUT;
+                        c.deadline = now + GUNICORN_IDLE_TIMEOUT;
                         c.output.extend_from_slice(&bytes);
                     }
                     Frame::Invalid(bytes) => {
