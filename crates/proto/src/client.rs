@@ -1,1 +1,547 @@
-//! (being written)
+//! A blocking client for the control socket, with timeouts.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use arbiter_proto::client::Client;
+//! use arbiter_proto::control::{Reply, Request};
+//!
+//! let mut c = Client::connect("/run/arbiter/web.sock", Duration::from_secs(10))?;
+//! match c.request(&Request::Ping)? {
+//!     Ok(Reply::Pong { pid, .. }) => println!("pong from {pid}"),
+//!     Ok(other) => println!("unexpected reply {other:?}"),
+//!     Err(e) => eprintln!("the master refused: {}", e.message),
+//! }
+//! # Ok::<(), arbiter_proto::client::ClientError>(())
+//! ```
+//!
+//! Every exchange is bounded: the connect (a Unix connect only waits when the
+//! master's listen backlog is full; it is retried until the deadline), and each call
+//! as a whole (writing the request and reading the one response line). `reload`,
+//! `stop` and `upgrade` are answered when they are done, so give those a longer
+//! timeout with [`Client::set_timeout`] or [`Client::call_with_timeout`].
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::control::{ErrorBody, MAX_LINE, Reply, Request, RequestEnvelope, Response};
+use crate::frame::{self, FrameError};
+
+/// Why a call did not produce a response from the master.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Nothing listens at the path: the socket file is missing (`ENOENT`) or no
+    /// process accepts on it (`ECONNREFUSED`, a stale socket of a dead master).
+    /// `arbiterctl` exits 3 ("no master answering").
+    NoMaster {
+        /// The control socket path tried.
+        path: PathBuf,
+        /// The error from `connect`.
+        source: io::Error,
+    },
+    /// The connect or the call did not complete within the timeout.
+    Timeout {
+        /// The control socket path.
+        path: PathBuf,
+        /// What was going on: `"connect"`, `"send"` or `"reply"`.
+        during: &'static str,
+        /// The timeout that ran out.
+        after: Duration,
+    },
+    /// The master closed the connection before a complete response line (it
+    /// exited, or dropped the connection).
+    Closed {
+        /// The control socket path.
+        path: PathBuf,
+    },
+    /// The peer does not speak the protocol: a response that is not valid JSON of
+    /// the expected shape, or longer than [`MAX_LINE`].
+    Protocol(String),
+    /// Any other I/O failure (permission denied on the socket, path too long, ...).
+    Io {
+        /// The control socket path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl ClientError {
+    /// A short machine-readable name: `no_master`, `timeout`, `closed`,
+    /// `protocol_error`, `io_error` (what `arbiterctl --json` prints as the error
+    /// `kind` for failures on the client side; the master's kinds are the
+    /// [`ErrorKind`](crate::control::ErrorKind) names).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::NoMaster { .. } => "no_master",
+            ClientError::Timeout { .. } => "timeout",
+            ClientError::Closed { .. } => "closed",
+            ClientError::Protocol(_) => "protocol_error",
+            ClientError::Io { .. } => "io_error",
+        }
+    }
+
+    /// No master answered: nothing listening, no answer in time, or the connection
+    /// dropped without an answer. (`arbiterctl` exits 3 for these.)
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NoMaster { .. } | ClientError::Timeout { .. } | ClientError::Closed { .. }
+        )
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoMaster { path, source } => {
+                write!(f, "no master answering on {}: {source}", path.display())
+            }
+            ClientError::Timeout {
+                path,
+                during,
+                after,
+            } => write!(
+                f,
+                "no master answering on {}: timed out after {} waiting for the {during}",
+                path.display(),
+                fmt_duration(*after)
+            ),
+            ClientError::Closed { path } => write!(
+                f,
+                "the master on {} closed the connection without answering",
+                path.display()
+            ),
+            ClientError::Protocol(m) => write!(f, "protocol error: {m}"),
+            ClientError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::NoMaster { source, .. } | ClientError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// One connection to a master's control socket.
+///
+/// Requests on one connection are answered in order; a `Client` sends one and
+/// waits for its answer before the next.
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<DeadlineStream>,
+    path: PathBuf,
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    /// Connect to the socket at `path`, giving up after `timeout`. The same timeout
+    /// bounds each later call until [`set_timeout`](Self::set_timeout) changes it.
+    /// (`Duration::MAX` means no bound.)
+    ///
+    /// A missing socket file or a refused connection is [`ClientError::NoMaster`]; a
+    /// master whose listen backlog stays full past the timeout is
+    /// [`ClientError::Timeout`].
+    pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Client, ClientError> {
+        let path = path.as_ref().to_path_buf();
+        let stream = connect_with_timeout(&path, timeout)?;
+        Ok(Client {
+            reader: BufReader::new(DeadlineStream {
+                stream,
+                deadline: None,
+            }),
+            path,
+            timeout: Some(timeout),
+        })
+    }
+
+    /// The socket path this client is connected to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The bound on each later call; `None` waits as long as it takes.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// The current bound on a call.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Send `request` (one [`RequestEnvelope`] line) and read the one response
+    /// line, within the current timeout.
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.call_with_timeout(request, self.timeout)
+    }
+
+    /// [`call`](Self::call) with its own bound (`None`: no bound), for requests
+    /// answered when they are done (`reload`, `stop`, `upgrade`).
+    pub fn call_with_timeout(
+        &mut self,
+        request: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Response, ClientError> {
+        let mut line = serde_json::to_vec(&RequestEnvelope::new(request.clone()))
+            .map_err(|e| ClientError::Protocol(format!("cannot encode the request: {e}")))?;
+        line.push(b'\n');
+        let start = Instant::now();
+        self.reader.get_mut().deadline = timeout.and_then(|t| start.checked_add(t));
+        let timed_out = |during| ClientError::Timeout {
+            path: self.path.clone(),
+            during,
+            after: timeout.unwrap_or_default(),
+        };
+        if let Err(e) = self.reader.get_mut().write_all(&line) {
+            return Err(match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out("send"),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => ClientError::Closed {
+                    path: self.path.clone(),
+                },
+                _ => ClientError::Io {
+                    path: self.path.clone(),
+                    source: e,
+                },
+            });
+        }
+        let reply = match frame::read_line(&mut self.reader) {
+            Ok(l) => l,
+            Err(FrameError::Closed) => {
+                return Err(ClientError::Closed {
+                    path: self.path.clone(),
+                });
+            }
+            Err(FrameError::TooLarge) => {
+                return Err(ClientError::Protocol(format!(
+                    "response longer than {MAX_LINE} bytes"
+                )));
+            }
+            Err(FrameError::Io(e)) => {
+                return Err(match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out("reply"),
+                    io::ErrorKind::ConnectionReset => ClientError::Closed {
+                        path: self.path.clone(),
+                    },
+                    _ => ClientError::Io {
+                        path: self.path.clone(),
+                        source: e,
+                    },
+                });
+            }
+        };
+        serde_json::from_slice::<Response>(&reply).map_err(|e| {
+            let shown = String::from_utf8_lossy(&reply[..reply.len().min(200)]).into_owned();
+            ClientError::Protocol(format!("not a response ({e}): {shown:?}"))
+        })
+    }
+
+    /// [`call`](Self::call), then split the response: `Ok(Ok(reply))`, or
+    /// `Ok(Err(error))` when the master answered with an error.
+    pub fn request(&mut self, request: &Request) -> Result<Result<Reply, ErrorBody>, ClientError> {
+        self.call(request).map(Response::into_result)
+    }
+}
+
+/// The stream, with a deadline for the whole call: each read and write gets the
+/// time that is left as its socket timeout.
+#[derive(Debug)]
+struct DeadlineStream {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl DeadlineStream {
+    fn arm(&self, write: bool) -> io::Result<()> {
+        let left = match self.deadline {
+            None => None,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                Some(left)
+            }
+        };
+        if write {
+            self.stream.set_write_timeout(left)
+        } else {
+            self.stream.set_read_timeout(left)
+        }
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for DeadlineStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Connect without blocking past `timeout`. A Unix stream connect either completes
+/// at once, fails at once, or (non-blocking, listen backlog full) fails with EAGAIN:
+/// there is no "in progress" state to poll for, so EAGAIN is retried with a short
+/// backoff until the deadline.
+fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let io_err = |source: io::Error| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "not a usable socket path (empty, NUL byte, or {} bytes or longer)",
+                addr.sun_path.len()
+            ),
+        )));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+
+    // SAFETY: socket() has no memory-safety preconditions.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io_err(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a freshly created socket that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // No deadline if it would not fit in an Instant (a timeout of "forever").
+    let deadline = Instant::now().checked_add(timeout);
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        // SAFETY: addr is an initialized sockaddr_un and len does not exceed its size.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&raw const addr).cast::<libc::sockaddr>(),
+                len,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
+                let now = Instant::now();
+                let left = deadline.map_or(backoff, |d| d.saturating_duration_since(now));
+                if left.is_zero() {
+                    return Err(ClientError::Timeout {
+                        path: path.to_path_buf(),
+                        during: "connect",
+                        after: timeout,
+                    });
+                }
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(Duration::from_millis(25));
+            }
+            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTDIR) => {
+                return Err(ClientError::NoMaster {
+                    path: path.to_path_buf(),
+                    source: err,
+                });
+            }
+            _ => return Err(io_err(err)),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false).map_err(io_err)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::ErrorKind;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "arbproto-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn no_master() {
+        let d = tempdir();
+        let missing = d.join("missing.sock");
+        let e = Client::connect(&missing, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, ClientError::NoMaster { .. }), "{e:?}");
+        assert_eq!(e.kind(), "no_master");
+        // A stale socket file: bound, then the listener is gone.
+        let stale = d.join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        let e = Client::connect(&stale, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, ClientError::NoMaster { .. }), "{e:?}");
+        assert!(e.is_unreachable());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn path_too_long() {
+        let long = PathBuf::from(format!("/tmp/{}", "x".repeat(200)));
+        let e = Client::connect(&long, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, ClientError::Io { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn round_trip_error_and_timeout() {
+        let d = tempdir();
+        let p = d.join("m.sock");
+        let l = UnixListener::bind(&p).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = io::BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "{\"v\":1,\"cmd\":\"ping\"}\n");
+            writeln!(
+                w,
+                "{}",
+                serde_json::to_string(&Response::ok(Reply::Pong {
+                    pid: 7,
+                    name: "x".into()
+                }))
+                .unwrap()
+            )
+            .unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            writeln!(
+                w,
+                "{}",
+                serde_json::to_string(&Response::err(ErrorKind::Refused, "no")).unwrap()
+            )
+            .unwrap();
+            // Third request: never answered (timeout), then garbage.
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            w.write_all(b"garbage\n").unwrap();
+            line.clear();
+            let _ = r.read_line(&mut line);
+        });
+        let mut c = Client::connect(&p, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            c.request(&Request::Ping).unwrap().unwrap(),
+            Reply::Pong {
+                pid: 7,
+                name: "x".into()
+            }
+        );
+        let e = c.request(&Request::Status).unwrap().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused);
+        let e = c
+            .call_with_timeout(&Request::Version, Some(Duration::from_millis(100)))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Timeout {
+                    during: "reply",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // The late garbage line arrives for the next read.
+        let e = c.call(&Request::Ping).unwrap_err();
+        assert!(matches!(e, ClientError::Protocol(_)), "{e:?}");
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn closed_without_answer() {
+        let d = tempdir();
+        let p = d.join("c.sock");
+        let l = UnixListener::bind(&p).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = io::BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+        });
+        let mut c = Client::connect(&p, Duration::from_secs(5)).unwrap();
+        let e = c.call(&Request::Ping).unwrap_err();
+        assert!(matches!(e, ClientError::Closed { .. }), "{e:?}");
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn full_backlog_times_out() {
+        let d = tempdir();
+        let p = d.join("b.sock");
+        // A listener that never accepts: fill its backlog with connections.
+        let l = UnixListener::bind(&p).unwrap();
+        // Listening again changes the backlog (Linux): 0 admits one pending connect.
+        // SAFETY: a plain syscall on a socket we own.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let mut held = Vec::new();
+        let mut timed_out = false;
+        for _ in 0..64 {
+            match Client::connect(&p, Duration::from_millis(50)) {
+                Ok(c) => held.push(c),
+                Err(ClientError::Timeout {
+                    during: "connect", ..
+                }) => {
+                    timed_out = true;
+                    break;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(timed_out, "the backlog never filled");
+        drop(l);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,377 @@
+//! `arbiterctl metrics`: the status snapshot as Prometheus text exposition
+//! (format 0.0.4), for a node_exporter textfile collector or a tiny HTTP shim.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use arbiter_proto::status::Status;
+
+/// Worker states the master reports; each gets a sample (0 included) so that the
+/// series do not come and go.
+const STATES: [&str; 5] = ["booting", "ready", "stopping", "aborted", "killed"];
+
+/// One metric family.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Family {
+    /// The metric name.
+    pub name: &'static str,
+    /// The `# HELP` text.
+    pub help: &'static str,
+    /// `gauge` or `counter`.
+    pub kind: &'static str,
+    pub samples: Vec<Sample>,
+}
+
+/// One sample of a family.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Label names and values, in output order.
+    pub labels: Vec<(&'static str, String)>,
+    /// The value.
+    pub value: f64,
+}
+
+fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
+    Family {
+        name,
+        help,
+        kind,
+        samples: Vec::new(),
+    }
+}
+
+fn single(name: &'static str, kind: &'static str, help: &'static str, value: f64) -> Family {
+    let mut f = family(name, kind, help);
+    f.samples.push(Sample {
+        labels: Vec::new(),
+        value,
+    });
+    f
+}
+
+/// The metric families of one status snapshot.
+pub fn families(st: &Status) -> Vec<Family> {
+    let m = &st.master;
+    let mut out = Vec::new();
+
+    let mut info = family(
+        "arbiter_master_info",
+        "gauge",
+        "The master: name, version and pid (always 1).",
+    );
+    info.samples.push(Sample {
+        labels: vec![
+            ("name", m.name.clone()),
+            ("version", m.version.clone()),
+            ("pid", m.pid.to_string()),
+        ],
+        value: 1.0,
+    });
+    out.push(info);
+    out.push(single(
+        "arbiter_master_uptime_seconds",
+        "gauge",
+        "Seconds since the master started.",
+        m.uptime_secs,
+    ));
+    out.push(single(
+        "arbiter_generation",
+        "gauge",
+        "The generation new workers belong to (bumped by every reload).",
+        m.generation as f64,
+    ));
+    out.push(single(
+        "arbiter_workers_target",
+        "gauge",
+        "The target number of workers.",
+        m.target as f64,
+    ));
+    out.push(single(
+        "arbiter_workers_ready",
+        "gauge",
+        "Ready workers of the current generation.",
+        m.ready as f64,
+    ));
+
+    let mut by_state: BTreeMap<&str, u64> = STATES.iter().map(|s| (*s, 0)).collect();
+    for w in &st.workers {
+        *by_state.entry(w.state.as_str()).or_default() += 1;
+    }
+    let mut states = family("arbiter_workers", "gauge", "Worker processes by state.");
+    for (state, n) in by_state {
+        states.samples.push(Sample {
+            labels: vec![("state", state.to_string())],
+            value: n as f64,
+        });
+    }
+    out.push(states);
+    out.push(single(
+        "arbiter_reload_in_progress",
+        "gauge",
+        "1 while a reload is in flight.",
+        if m.reload.is_some() { 1.0 } else { 0.0 },
+    ));
+
+    let mut workers: Vec<_> = st.workers.iter().collect();
+    workers.sort_by_key(|w| (w.id, w.pid));
+    let ids = |w: &arbiter_proto::status::WorkerStatus| {
+        vec![
+            ("id", w.id.to_string()),
+            ("slot", w.slot.to_string()),
+            ("pid", w.pid.to_string()),
+        ]
+    };
+    let mut up = family(
+        "arbiter_worker_up_seconds",
+        "gauge",
+        "Seconds since the worker was spawned.",
+    );
+    let mut rss = family(
+        "arbiter_worker_rss_bytes",
+        "gauge",
+        "Resident set size of the worker, in bytes.",
+    );
+    let mut beat = family(
+        "arbiter_worker_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the worker's last heartbeat (absent if it never beat).",
+    );
+    for w in &workers {
+        up.samples.push(Sample {
+            labels: ids(w),
+            value: w.uptime_secs,
+        });
+        if let Some(b) = w.rss_bytes {
+            rss.samples.push(Sample {
+                labels: ids(w),
+                value: b as f64,
+            });
+        }
+        if let Some(a) = w.last_beat_secs {
+            beat.samples.push(Sample {
+                labels: ids(w),
+                value: a,
+            });
+        }
+    }
+    out.extend([up, rss, beat]);
+
+    let mut by_slot: BTreeMap<u64, u64> = BTreeMap::new();
+    for w in &st.workers {
+        let e = by_slot.entry(w.slot).or_default();
+        *e = (*e).max(w.restarts);
+    }
+    let mut restarts = family(
+        "arbiter_worker_restarts",
+        "gauge",
+        "Consecutive failures of the worker slot (0 once a worker of it stays up).",
+    );
+    for (slot, n) in by_slot {
+        restarts.samples.push(Sample {
+            labels: vec![("slot", slot.to_string())],
+            value: n as f64,
+        });
+    }
+    out.push(restarts);
+
+    out.push(single(
+        "arbiter_reloads_total",
+        "counter",
+        "Reloads since the master started.",
+        m.reloads as f64,
+    ));
+    out.push(single(
+        "arbiter_upgrades_total",
+        "counter",
+        "Master upgrades started by this master.",
+        m.upgrades as f64,
+    ));
+    out.push(single(
+        "arbiter_worker_failures_total",
+        "counter",
+        "Workers that died without being asked to.",
+        m.worker_failures as f64,
+    ));
+    out.push(single(
+        "arbiter_workers_spawned_total",
+        "counter",
+        "Workers spawned since the master started.",
+        m.workers_spawned as f64,
+    ));
+    out
+}
+
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        // Rust prints the shortest representation that reads back exactly: `4`,
+        // `2.021479694`, `1e-7`.
+        format!("{v}")
+    }
+}
+
+/// Render families as Prometheus text exposition.
+pub fn render(families: &[Family]) -> String {
+    let mut out = String::new();
+    for f in families {
+        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+        for s in &f.samples {
+            out.push_str(f.name);
+            if !s.labels.is_empty() {
+                out.push('{');
+                for (i, (k, v)) in s.labels.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+                }
+                out.push('}');
+            }
+            let _ = writeln!(out, " {}", value(s.value));
+        }
+    }
+    out
+}
+
+/// [`families`] as JSON (`metrics --json`): `[{"name","help","type","samples":
+/// [{"labels":{..},"value":..}]}]`.
+pub fn to_json(families: &[Family]) -> serde_json::Value {
+    serde_json::Value::Array(
+        families
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "name": f.name,
+                    "help": f.help,
+                    "type": f.kind,
+                    "samples": f.samples.iter().map(|s| serde_json::json!({
+                        "labels": s.labels.iter()
+                            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.clone())))
+                            .collect::<serde_json::Map<_, _>>(),
+                        "value": s.value,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::fixture;
+
+    #[test]
+    fn rendered() {
+        let mut st = fixture();
+        st.master.name = "we\"b\\".into();
+        let text = render(&families(&st));
+        let want = r#"# HELP arbiter_master_info The master: name, version and pid (always 1).
+# TYPE arbiter_master_info gauge
+arbiter_master_info{name="we\"b\\",version="0.1.0",pid="1234"} 1
+# HELP arbiter_master_uptime_seconds Seconds since the master started.
+# TYPE arbiter_master_uptime_seconds gauge
+arbiter_master_uptime_seconds 11523.5
+# HELP arbiter_generation The generation new workers belong to (bumped by every reload).
+# TYPE arbiter_generation gauge
+arbiter_generation 2
+# HELP arbiter_workers_target The target number of workers.
+# TYPE arbiter_workers_target gauge
+arbiter_workers_target 4
+# HELP arbiter_workers_ready Ready workers of the current generation.
+# TYPE arbiter_workers_ready gauge
+arbiter_workers_ready 3
+# HELP arbiter_workers Worker processes by state.
+# TYPE arbiter_workers gauge
+arbiter_workers{state="aborted"} 0
+arbiter_workers{state="booting"} 1
+arbiter_workers{state="killed"} 0
+arbiter_workers{state="ready"} 3
+arbiter_workers{state="stopping"} 0
+# HELP arbiter_reload_in_progress 1 while a reload is in flight.
+# TYPE arbiter_reload_in_progress gauge
+arbiter_reload_in_progress 0
+# HELP arbiter_worker_up_seconds Seconds since the worker was spawned.
+# TYPE arbiter_worker_up_seconds gauge
+arbiter_worker_up_seconds{id="9",slot="1",pid="999"} 11520
+arbiter_worker_up_seconds{id="10",slot="0",pid="1001"} 187.9
+arbiter_worker_up_seconds{id="11",slot="2",pid="100234"} 187.9
+arbiter_worker_up_seconds{id="12",slot="3",pid="4321"} 2
+# HELP arbiter_worker_rss_bytes Resident set size of the worker, in bytes.
+# TYPE arbiter_worker_rss_bytes gauge
+arbiter_worker_rss_bytes{id="9",slot="1",pid="999"} 1536
+arbiter_worker_rss_bytes{id="10",slot="0",pid="1001"} 12900000
+arbiter_worker_rss_bytes{id="11",slot="2",pid="100234"} 12900000
+# HELP arbiter_worker_heartbeat_age_seconds Seconds since the worker's last heartbeat (absent if it never beat).
+# TYPE arbiter_worker_heartbeat_age_seconds gauge
+arbiter_worker_heartbeat_age_seconds{id="9",slot="1",pid="999"} 75
+arbiter_worker_heartbeat_age_seconds{id="10",slot="0",pid="1001"} 0.42
+arbiter_worker_heartbeat_age_seconds{id="11",slot="2",pid="100234"} 0.42
+# HELP arbiter_worker_restarts Consecutive failures of the worker slot (0 once a worker of it stays up).
+# TYPE arbiter_worker_restarts gauge
+arbiter_worker_restarts{slot="0"} 0
+arbiter_worker_restarts{slot="1"} 0
+arbiter_worker_restarts{slot="2"} 0
+arbiter_worker_restarts{slot="3"} 3
+# HELP arbiter_reloads_total Reloads since the master started.
+# TYPE arbiter_reloads_total counter
+arbiter_reloads_total 1
+# HELP arbiter_upgrades_total Master upgrades started by this master.
+# TYPE arbiter_upgrades_total counter
+arbiter_upgrades_total 0
+# HELP arbiter_worker_failures_total Workers that died without being asked to.
+# TYPE arbiter_worker_failures_total counter
+arbiter_worker_failures_total 5
+# HELP arbiter_workers_spawned_total Workers spawned since the master started.
+# TYPE arbiter_workers_spawned_total counter
+arbiter_workers_spawned_total 12
+"#;
+        assert_eq!(text, want, "got:\n{text}");
+    }
+
+    #[test]
+    fn values_and_escapes() {
+        assert_eq!(value(f64::NAN), "NaN");
+        assert_eq!(value(f64::INFINITY), "+Inf");
+        assert_eq!(value(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(value(3.0), "3");
+        assert_eq!(escape_label("a\nb\"c\\"), "a\\nb\\\"c\\\\");
+    }
+
+    #[test]
+    fn json_form() {
+        let j = to_json(&families(&fixture()));
+        let ready = j
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "arbiter_workers_ready")
+            .unwrap();
+        assert_eq!(ready["type"], "gauge");
+        assert_eq!(ready["samples"][0]["value"], 3.0);
+        let states = j
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "arbiter_workers")
+            .unwrap();
+        assert_eq!(states["samples"][1]["labels"]["state"], "booting");
+    }
+}

@@ -1,0 +1,527 @@
+//! Which control socket: `--control`, `--name`, or `--pid PIDFILE`.
+//!
+//! With `--pid`, arbiterctl reads the pid from the file and looks at that process:
+//!
+//! 1. It must be alive (not a zombie), else "no master answering" (exit 3).
+//! 2. Its command line (`/proc/PID/cmdline`, up to a `--`) is read the way arbiterd
+//!    parses it: `--control PATH` / `--control=PATH` wins; else `-c/--config FILE`
+//!    is read for a `control` key; else the name (`-n NAME`, `-nNAME`,
+//!    `--name NAME`, `--name=NAME`, or the config file's `name`, default
+//!    `arbiter`) gives the default path as arbiterd computes it, with the master's
+//!    own `XDG_RUNTIME_DIR` (from `/proc/PID/environ`) and uid.
+//! 3. Relative paths are taken from the master's working directory
+//!    (`/proc/PID/cwd`). A master started with `-D` and no `--chdir` has moved to
+//!    `/`, so its start directory is unknown: arbiterctl's own directory is used.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// Where to connect, and the master's pid when it is known beforehand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The control socket.
+    pub path: PathBuf,
+    /// The master's pid, from `--pid PIDFILE`.
+    pub pid: Option<i32>,
+}
+
+/// Why no socket path could be found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ResolveError {
+    /// No master runs (missing pidfile, dead pid): exit 3.
+    NoMaster(String),
+    /// Anything else (unreadable pidfile, garbage in it): exit 1.
+    Failed(String),
+}
+
+/// The options of arbiterd's command line that matter here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MasterArgs {
+    /// `--control PATH`.
+    pub control: Option<OsString>,
+    /// `-n/--name NAME`.
+    pub name: Option<OsString>,
+    /// `-c/--config FILE`.
+    pub config: Option<OsString>,
+    /// `--chdir DIR`.
+    pub chdir: Option<OsString>,
+    /// `-D/--daemon`.
+    pub daemon: bool,
+}
+
+/// arbiterd's long options that take a value (the others are flags).
+const LONG_WITH_VALUE: &[&str] = &[
+    "bind",
+    "workers",
+    "timeout",
+    "graceful-timeout",
+    "ready",
+    "boot-timeout",
+    "name",
+    "pid",
+    "control",
+    "log-file",
+    "log-level",
+    "config",
+    "max-worker-rss",
+    "max-worker-age",
+    "backlog",
+    "umask",
+    "chdir",
+    "user",
+    "group",
+];
+
+/// arbiterd's short options that take a value.
+const SHORT_WITH_VALUE: &[u8] = b"bwtnpc";
+
+/// Parse `/proc/PID/cmdline` (NUL-separated, `argv[0]` first) as arbiterd's parser
+/// would, for the options in [`MasterArgs`]. Stops at `--` (the worker COMMAND);
+/// the last occurrence of an option wins.
+pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
+    let mut args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    if raw.ends_with(&[0]) {
+        args.pop();
+    }
+    let mut out = MasterArgs::default();
+    let set = |out: &mut MasterArgs, key: &str, v: &[u8]| {
+        let v = Some(OsStr::from_bytes(v).to_os_string());
+        match key {
+            "control" => out.control = v,
+            "name" | "n" => out.name = v,
+            "config" | "c" => out.config = v,
+            "chdir" => out.chdir = v,
+            _ => {}
+        }
+    };
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if a == b"--" {
+            break;
+        }
+        if let Some(long) = a.strip_prefix(b"--") {
+            let (key, inline) = match long.iter().position(|b| *b == b'=') {
+                Some(eq) => (&long[..eq], Some(&long[eq + 1..])),
+                None => (long, None),
+            };
+            let key = String::from_utf8_lossy(key);
+            if key == "daemon" {
+                out.daemon = true;
+            } else if LONG_WITH_VALUE.contains(&key.as_ref()) {
+                let value = match inline {
+                    Some(v) => Some(v),
+                    None if i < args.len() => {
+                        i += 1;
+                        Some(args[i - 1])
+                    }
+                    None => None,
+                };
+                if let Some(v) = value {
+                    set(&mut out, &key, v);
+                }
+            }
+        } else if let Some(cluster) = a.strip_prefix(b"-").filter(|c| !c.is_empty()) {
+            // -D, -w4, -n web, -nweb, -n=web, -Dn web
+            for (j, &c) in cluster.iter().enumerate() {
+                if c == b'D' {
+                    out.daemon = true;
+                } else if SHORT_WITH_VALUE.contains(&c) {
+                    let rest = &cluster[j + 1..];
+                    let rest = rest.strip_prefix(b"=").unwrap_or(rest);
+                    let value = if !rest.is_empty() {
+                        Some(rest)
+                    } else if i < args.len() {
+                        i += 1;
+                        Some(args[i - 1])
+                    } else {
+                        None
+                    };
+                    if let Some(v) = value {
+                        set(&mut out, &(c as char).to_string(), v);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `arbiter_proto::paths::default_control_path`, for another process's
+/// environment and uid.
+pub fn default_control_path_for(name: &OsStr, runtime_dir: Option<&OsStr>, uid: u32) -> PathBuf {
+    let mut file = name.to_os_string();
+    file.push(".sock");
+    if let Some(dir) = runtime_dir.filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("arbiter").join(file);
+    }
+    if uid == 0 {
+        PathBuf::from("/run/arbiter").join(file)
+    } else {
+        PathBuf::from(format!("/tmp/arbiter-{uid}")).join(file)
+    }
+}
+
+/// What arbiterctl reads about a running master (from /proc, or a test's fixture).
+#[derive(Clone, Debug, Default)]
+pub struct MasterProc {
+    /// `/proc/PID/cmdline`: NUL-separated arguments, `argv[0]` first.
+    pub cmdline: Vec<u8>,
+    /// Its environment could be read (`runtime_dir` is meaningful).
+    pub env_known: bool,
+    /// `XDG_RUNTIME_DIR` of its environment; `None` if unset or unreadable.
+    pub runtime_dir: Option<OsString>,
+    /// Its real uid; `None` if unknown.
+    pub uid: Option<u32>,
+    /// Its working directory; `None` if unreadable.
+    pub cwd: Option<PathBuf>,
+}
+
+impl MasterProc {
+    /// Read `/proc/PID/{cmdline,environ,status,cwd}`.
+    pub fn read(pid: i32) -> std::io::Result<MasterProc> {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        let cmdline = std::fs::read(dir.join("cmdline"))?;
+        let environ = std::fs::read(dir.join("environ")).ok();
+        let env_known = environ.is_some();
+        let runtime_dir = environ.and_then(|env| {
+            env.split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"XDG_RUNTIME_DIR=".as_slice()))
+                .map(|v| OsString::from_vec(v.to_vec()))
+        });
+        let uid = std::fs::read_to_string(dir.join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+        let cwd = std::fs::read_link(dir.join("cwd")).ok();
+        Ok(MasterProc {
+            cmdline,
+            env_known,
+            runtime_dir,
+            uid,
+            cwd,
+        })
+    }
+}
+
+/// The control socket of the master described by `proc`. `own_cwd`, `own_uid` and
+/// `own_runtime_dir` stand in for what cannot be read about the master.
+pub fn control_path_of(
+    proc: &MasterProc,
+    own_cwd: &Path,
+    own_uid: u32,
+    own_runtime_dir: Option<&OsStr>,
+) -> PathBuf {
+    let args = parse_master_cmdline(&proc.cmdline);
+    let base: PathBuf = if args.daemon && args.chdir.is_none() {
+        own_cwd.to_path_buf()
+    } else {
+        proc.cwd.clone().unwrap_or_else(|| own_cwd.to_path_buf())
+    };
+    let abs = |p: &OsStr| base.join(p);
+    if let Some(c) = &args.control {
+        return abs(c);
+    }
+    let mut name = args.name.clone();
+    if let Some(cfg) = &args.config {
+        let (control, cfg_name) = read_config(&abs(cfg));
+        if let Some(c) = control {
+            return abs(OsStr::new(&c));
+        }
+        if name.is_none() {
+            name = cfg_name.map(OsString::from);
+        }
+    }
+    let name = name.unwrap_or_else(|| "arbiter".into());
+    // Its environment when readable, even if the variable is unset there.
+    let runtime_dir = if proc.env_known {
+        proc.runtime_dir.clone()
+    } else {
+        own_runtime_dir.map(OsStr::to_os_string)
+    };
+    default_control_path_for(&name, runtime_dir.as_deref(), proc.uid.unwrap_or(own_uid))
+}
+
+/// The `control` and `name` keys of an arbiterd config file (TOML); nothing if it
+/// cannot be read or parsed.
+fn read_config(path: &Path) -> (Option<String>, Option<String>) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (None, None);
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return (None, None);
+    };
+    let get = |k: &str| table.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    (get("control"), get("name"))
+}
+
+/// Is `pid` a live process (a zombie counts as gone)?
+pub fn pid_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the last ')' (the command name may contain parentheses).
+    match stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+    {
+        Some(state) => !matches!(state, "Z" | "X" | "x"),
+        None => false,
+    }
+}
+
+/// The socket of the master whose pid is in `pidfile`.
+pub fn from_pidfile(pidfile: &Path) -> Result<Target, ResolveError> {
+    let shown = pidfile.display();
+    let text = match std::fs::read_to_string(pidfile) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ResolveError::NoMaster(format!(
+                "no master answering: pidfile {shown} does not exist"
+            )));
+        }
+        Err(e) => return Err(ResolveError::Failed(format!("pidfile {shown}: {e}"))),
+    };
+    let pid: i32 = match text.trim().parse() {
+        Ok(p) if p > 0 => p,
+        _ => {
+            return Err(ResolveError::Failed(format!(
+                "pidfile {shown}: not a pid: {:?}",
+                text.trim()
+            )));
+        }
+    };
+    if !pid_alive(pid) {
+        return Err(ResolveError::NoMaster(format!(
+            "no master answering: pid {pid} (from {shown}) is not running"
+        )));
+    }
+    let proc = MasterProc::read(pid).map_err(|e| {
+        if pid_alive(pid) {
+            ResolveError::Failed(format!("cannot read /proc/{pid}: {e}"))
+        } else {
+            ResolveError::NoMaster(format!(
+                "no master answering: pid {pid} (from {shown}) is not running"
+            ))
+        }
+    })?;
+    let own_cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::getuid() };
+    let own_runtime = std::env::var_os("XDG_RUNTIME_DIR");
+    Ok(Target {
+        path: control_path_of(&proc, &own_cwd, own_uid, own_runtime.as_deref()),
+        pid: Some(pid),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(args: &[&str]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for a in args {
+            v.extend_from_slice(a.as_bytes());
+            v.push(0);
+        }
+        v
+    }
+
+    fn os(s: &str) -> Option<OsString> {
+        Some(s.into())
+    }
+
+    #[test]
+    fn cmdlines() {
+        let p = |a: &[&str]| parse_master_cmdline(&cmd(a));
+        assert_eq!(p(&["arbiterd"]), MasterArgs::default());
+        assert_eq!(p(&[]), MasterArgs::default());
+        assert_eq!(
+            p(&["arbiterd", "--control", "/tmp/a.sock", "-w", "4"]).control,
+            os("/tmp/a.sock")
+        );
+        assert_eq!(
+            p(&["arbiterd", "--control=/tmp/b.sock"]).control,
+            os("/tmp/b.sock")
+        );
+        assert_eq!(p(&["arbiterd", "-n", "web"]).name, os("web"));
+        assert_eq!(p(&["arbiterd", "-nweb"]).name, os("web"));
+        assert_eq!(p(&["arbiterd", "-n=web"]).name, os("web"));
+        assert_eq!(p(&["arbiterd", "--name", "web"]).name, os("web"));
+        assert_eq!(p(&["arbiterd", "--name=web"]).name, os("web"));
+        let a = p(&["arbiterd", "-Dn", "web", "-c", "app.toml"]);
+        assert_eq!(
+            a,
+            MasterArgs {
+                name: os("web"),
+                config: os("app.toml"),
+                daemon: true,
+                ..MasterArgs::default()
+            }
+        );
+        // Values of other options are skipped, not read as options.
+        assert_eq!(p(&["arbiterd", "--log-file", "--name", "x"]).name, None);
+        assert_eq!(p(&["arbiterd", "-b", "-n", "x"]).name, None);
+        assert_eq!(p(&["arbiterd", "-w4", "-n", "x"]).name, os("x"));
+        // Flags do not eat the next argument.
+        assert_eq!(p(&["arbiterd", "--reuse-port", "-n", "x"]).name, os("x"));
+        // The last one wins.
+        assert_eq!(p(&["arbiterd", "-n", "a", "--name=b"]).name, os("b"));
+        // The worker command's own options are not the master's.
+        let a = p(&[
+            "arbiterd",
+            "-n",
+            "a",
+            "--",
+            "app",
+            "--name",
+            "b",
+            "--control",
+            "/x",
+        ]);
+        assert_eq!((a.name, a.control), (os("a"), None));
+        // A trailing option without its value.
+        assert_eq!(p(&["arbiterd", "--control"]).control, None);
+        assert_eq!(p(&["arbiterd", "--chdir", "/srv"]).chdir, os("/srv"));
+        assert!(p(&["arbiterd", "--daemon"]).daemon);
+    }
+
+    #[test]
+    fn default_paths_match_the_proto_crate() {
+        let uid = unsafe { libc::getuid() };
+        let rt = std::env::var_os("XDG_RUNTIME_DIR");
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), rt.as_deref(), uid),
+            arbiter_proto::paths::default_control_path("web")
+        );
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), Some(OsStr::new("/run/user/7")), 7),
+            PathBuf::from("/run/user/7/arbiter/web.sock")
+        );
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), Some(OsStr::new("")), 0),
+            PathBuf::from("/run/arbiter/web.sock")
+        );
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), None, 1000),
+            PathBuf::from("/tmp/arbiter-1000/web.sock")
+        );
+    }
+
+    #[test]
+    fn paths_from_a_master() {
+        let m = |args: &[&str], cwd: &str| MasterProc {
+            cmdline: cmd(args),
+            env_known: true,
+            runtime_dir: None,
+            uid: Some(1000),
+            cwd: Some(cwd.into()),
+        };
+        let own = Path::new("/home/me");
+        let path = |p: &MasterProc| control_path_of(p, own, 0, Some(OsStr::new("/run/user/0")));
+        assert_eq!(
+            path(&m(&["arbiterd", "--control", "/s/c.sock"], "/srv")),
+            PathBuf::from("/s/c.sock")
+        );
+        assert_eq!(
+            path(&m(&["arbiterd", "--control", "c.sock"], "/srv")),
+            PathBuf::from("/srv/c.sock")
+        );
+        // -D without --chdir: the start directory is lost; ours stands in.
+        assert_eq!(
+            path(&m(&["arbiterd", "-D", "--control", "c.sock"], "/")),
+            PathBuf::from("/home/me/c.sock")
+        );
+        // The master's uid and (unset) XDG_RUNTIME_DIR, not ours.
+        assert_eq!(
+            path(&m(&["arbiterd", "-n", "web"], "/srv")),
+            PathBuf::from("/tmp/arbiter-1000/web.sock")
+        );
+        let mut with_rt = m(&["arbiterd"], "/srv");
+        with_rt.runtime_dir = os("/run/user/1000");
+        assert_eq!(
+            path(&with_rt),
+            PathBuf::from("/run/user/1000/arbiter/arbiter.sock")
+        );
+        // Unreadable /proc details: our own stand in.
+        let unknown = MasterProc {
+            cmdline: cmd(&["arbiterd", "--name", "x"]),
+            env_known: false,
+            runtime_dir: None,
+            uid: None,
+            cwd: None,
+        };
+        assert_eq!(path(&unknown), PathBuf::from("/run/user/0/arbiter/x.sock"));
+
+        // A config file: its `control`, else its `name`; the command line wins.
+        let dir = std::env::temp_dir().join(format!("arbctl-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.toml"),
+            "workers = 2\ncontrol = \"ctl/a.sock\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("b.toml"), "name = \"bee\"\n[extra]\ncontrol = 1\n").unwrap();
+        std::fs::write(dir.join("bad.toml"), "this is = = not toml").unwrap();
+        let d = dir.to_str().unwrap();
+        assert_eq!(
+            path(&m(&["arbiterd", "-c", "a.toml"], d)),
+            dir.join("ctl/a.sock")
+        );
+        assert_eq!(
+            path(&m(&["arbiterd", "-c", "a.toml", "--control", "/z.sock"], d)),
+            PathBuf::from("/z.sock")
+        );
+        assert_eq!(
+            path(&m(&["arbiterd", "--config", "b.toml"], d)),
+            PathBuf::from("/tmp/arbiter-1000/bee.sock")
+        );
+        assert_eq!(
+            path(&m(&["arbiterd", "--config", "b.toml", "-n", "cli"], d)),
+            PathBuf::from("/tmp/arbiter-1000/cli.sock")
+        );
+        assert_eq!(
+            path(&m(&["arbiterd", "-c", "bad.toml"], d)),
+            PathBuf::from("/tmp/arbiter-1000/arbiter.sock")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pidfiles() {
+        let dir = std::env::temp_dir().join(format!("arbctl-pidfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(
+            from_pidfile(&dir.join("missing.pid")),
+            Err(ResolveError::NoMaster(_))
+        ));
+        std::fs::write(dir.join("garbage.pid"), "hello\n").unwrap();
+        assert!(matches!(
+            from_pidfile(&dir.join("garbage.pid")),
+            Err(ResolveError::Failed(_))
+        ));
+        // A pid that cannot exist (above pid_max).
+        std::fs::write(dir.join("dead.pid"), "2147483646\n").unwrap();
+        assert!(matches!(
+            from_pidfile(&dir.join("dead.pid")),
+            Err(ResolveError::NoMaster(_))
+        ));
+        // This test process: alive, its cmdline is not arbiterd's, so the default.
+        std::fs::write(dir.join("me.pid"), format!("{}\n", std::process::id())).unwrap();
+        let t = from_pidfile(&dir.join("me.pid")).unwrap();
+        assert_eq!(t.pid, Some(std::process::id() as i32));
+        assert!(t.path.ends_with("arbiter.sock"), "{t:?}");
+        assert!(pid_alive(std::process::id() as i32));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
