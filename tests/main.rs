@@ -4,3 +4,5 @@ mod ctl;
 mod gunicornc;
 mod harness;
 mod master;
+mod ops;
+mod upgrade;

@@ -1256,6 +1256,10 @@ impl Arbiter {
         if self.successor == Some(pid) {
             error!("The new master (pid:{pid}) {}", death.describe());
             self.successor = None;
+            if self.shutdown.is_none() {
+                // A rollback: we are systemd's main process again.
+                self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
+            }
             return;
         }
         if self.abandoned_master.is_some_and(|(p, _)| p == pid) {
@@ -1394,6 +1398,7 @@ impl Arbiter {
         }
         if let (Some(m), Some(t)) = (&self.manager, self.manager_watchdog_at)
             && now >= t
+            && self.successor.is_none()
         {
             m.send("WATCHDOG=1");
             self.manager_watchdog_at = m.watchdog_interval.map(|i| now + i);
@@ -1676,6 +1681,11 @@ impl Arbiter {
     /// sent only when it changed.
     fn tell_manager(&mut self, extra: &str) {
         let Some(m) = &self.manager else { return };
+        if self.successor.is_some() {
+            // The new master is systemd's main process now (it sent MAINPID=): a
+            // word from us, STOPPING=1 above all, would be taken as the service's.
+            return;
+        }
         let ready = self
             .workers
             .iter()
@@ -1975,15 +1985,21 @@ impl Arbiter {
             upgrade::ENV_PARENT_FD,
             &(contract::LISTEN_FDS_START + n + 1),
         );
+        let mut pid_keys = vec![contract::ENV_LISTEN_PID];
         if let Some(m) = &self.manager {
             set(contract::ENV_NOTIFY_SOCKET, &m.address());
+            // The unit's watchdog must stay fed by whoever is the main process.
+            if let Some(usec) = m.watchdog_usec {
+                set(contract::ENV_WATCHDOG_USEC, &usec);
+                pid_keys.push(contract::ENV_WATCHDOG_PID);
+            }
         }
         let argv: Vec<&OsStr> = self.start.argv.iter().map(|a| a.as_os_str()).collect();
         let mut prepared = Prepared::new(Plan {
             path: binary.as_os_str(),
             argv: &argv,
             env,
-            pid_keys: &[contract::ENV_LISTEN_PID],
+            pid_keys: &pid_keys,
             fds,
             stdio: None,
             credentials: None,

@@ -145,6 +145,8 @@ pub struct ServiceManager {
     address: String,
     /// Ping `WATCHDOG=1` this often, when systemd asked for it (`WATCHDOG_USEC`).
     pub watchdog_interval: Option<std::time::Duration>,
+    /// systemd's `WATCHDOG_USEC` as given, to hand to a new master on upgrade.
+    pub watchdog_usec: Option<u64>,
 }
 
 impl ServiceManager {
@@ -156,12 +158,12 @@ impl ServiceManager {
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
             .is_none_or(|p| p == std::process::id());
-        let watchdog = std::env::var("WATCHDOG_USEC")
+        let watchdog_usec = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|u| u.parse::<u64>().ok())
-            .filter(|&u| u > 0 && pid_ok)
-            // Half the interval, as sd_watchdog_enabled(3) advises.
-            .map(|u| std::time::Duration::from_micros(u / 2));
+            .filter(|&u| u > 0 && pid_ok);
+        // Half the interval, as sd_watchdog_enabled(3) advises.
+        let watchdog = watchdog_usec.map(|u| std::time::Duration::from_micros(u / 2));
         // SAFETY: called at startup, before any thread could exist.
         unsafe {
             std::env::remove_var("NOTIFY_SOCKET");
@@ -171,6 +173,7 @@ impl ServiceManager {
         Some(ServiceManager {
             address: address?,
             watchdog_interval: watchdog,
+            watchdog_usec,
         })
     }
 
