@@ -613,7 +613,7 @@ impl Arbiter {
 
     // ---------------------------------------------------------------- signals
 
-    fn handle_signal(&mut self, sig: Signal, sender: Option<i32>) {
+    fn handle_signal(&mut self, sig: Signal, sender: Option<signals::Sender>) {
         if sig == Signal::SIGCHLD {
             debug!("Handling signal: chld");
             return;
@@ -627,13 +627,21 @@ impl Arbiter {
             Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT | Signal::SIGHUP
         );
         if let Some(sender) = sender.filter(|_| lifecycle)
-            && let Some(worker_pid) = self.worker_owning(sender)
+            && let Some(worker_pid) = self.worker_owning(sender.pid).or_else(|| {
+                // Each worker leads its own group: a sender in one is that worker's.
+                let group = sender.group?;
+                self.workers
+                    .iter()
+                    .find(|w| w.pid.as_raw() == group)
+                    .map(|w| w.pid)
+            })
         {
             // Some libraries signal their parent; a worker must not stop or reload
             // the whole service that way.
             warning!(
-                "Ignoring SIG{} sent by worker (pid:{worker_pid}) (sender pid:{sender})",
-                signals::short_name(sig)
+                "Ignoring SIG{} sent by worker (pid:{worker_pid}) (sender pid:{})",
+                signals::short_name(sig),
+                sender.pid
             );
             return;
         }
@@ -1276,6 +1284,11 @@ impl Arbiter {
         let was_ready = self.booted(&w, now);
         log_death(&w, death);
         if w.retiring {
+            // Asked to stop (or said STOPPING=1): not a failure. A clean exit after
+            // serving also proves the slot healthy again.
+            if was_ready && matches!(death, Death::Code(0)) && w.generation == self.generation {
+                self.slots.remove(&w.slot);
+            }
             return;
         }
         let failed = !was_ready || !matches!(death, Death::Code(0));
@@ -1617,7 +1630,9 @@ impl Arbiter {
             .collect();
         others.sort();
         let keep = self.target.saturating_sub(ready_current);
-        let surplus = others.len().saturating_sub(keep);
+        // Booting ones sort first (false < true) and cover nothing: all go.
+        let booting = others.iter().filter(|(ready, _, _)| !ready).count();
+        let surplus = others.len().saturating_sub(keep).max(booting);
         for &(_, _, pid) in &others[..surplus] {
             let recycled = self.workers.iter().any(|w| w.pid == pid && w.recycle);
             let why = if recycled {

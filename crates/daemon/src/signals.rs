@@ -14,9 +14,9 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signa
 
 static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
 
-/// One delivery as written into the pipe: the signal number and the sender's pid.
-/// Eight bytes, well under PIPE_BUF, so each write is atomic.
-const RECORD: usize = 8;
+/// One delivery as written into the pipe: the signal number, the sender's pid and
+/// its process group. Twelve bytes, well under PIPE_BUF, so each write is atomic.
+const RECORD: usize = 12;
 
 extern "C" fn on_signal(signum: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: only async-signal-safe calls: errno is saved and restored around a
@@ -26,15 +26,31 @@ extern "C" fn on_signal(signum: libc::c_int, info: *mut libc::siginfo_t, _ctx: *
         let fd = WRITE_FD.load(Ordering::Relaxed);
         if fd >= 0 {
             let sender = if info.is_null() { 0 } else { (*info).si_pid() };
+            // Looked up now, while the sender most likely still exists: by the time
+            // the loop reads this record, a short-lived `kill` has exited.
+            let group = if sender > 0 {
+                libc::getpgid(sender)
+            } else {
+                -1
+            };
             let mut rec = [0u8; RECORD];
             rec[..4].copy_from_slice(&signum.to_ne_bytes());
-            rec[4..].copy_from_slice(&sender.to_ne_bytes());
+            rec[4..8].copy_from_slice(&sender.to_ne_bytes());
+            rec[8..].copy_from_slice(&group.to_ne_bytes());
             // A full pipe (EAGAIN) drops this delivery: thousands of signals are
             // already queued and the loop is about to read them.
             libc::write(fd, rec.as_ptr().cast(), RECORD);
         }
         *libc::__errno_location() = errno;
     }
+}
+
+/// Who sent a signal, as seen when it arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: i32,
+    /// Its process group at delivery time, if it still existed.
+    pub group: Option<i32>,
 }
 
 /// The read end of the self-pipe; the loop polls it and calls [`SignalPipe::drain`].
@@ -77,9 +93,9 @@ impl SignalPipe {
             .collect()
     }
 
-    /// Every delivery since the last drain, in arrival order, with the pid of the
-    /// process that sent it (`None` when the kernel sent it, or for SIGCHLD's child).
-    pub fn drain_with_sender(&self) -> Vec<(Signal, Option<i32>)> {
+    /// Every delivery since the last drain, in arrival order, with who sent it
+    /// (`None` when the kernel sent it).
+    pub fn drain_with_sender(&self) -> Vec<(Signal, Option<Sender>)> {
         let mut out = Vec::new();
         let mut buf = [0u8; RECORD * 64];
         loop {
@@ -87,10 +103,16 @@ impl SignalPipe {
                 Ok(0) => break,
                 Ok(n) => {
                     for rec in buf[..n].chunks_exact(RECORD) {
-                        let signum = i32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
-                        let sender = i32::from_ne_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                        let word = |i: usize| {
+                            i32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]])
+                        };
+                        let (signum, pid, group) = (word(0), word(4), word(8));
                         if let Ok(sig) = Signal::try_from(signum) {
-                            out.push((sig, (sender > 0).then_some(sender)));
+                            let sender = (pid > 0).then_some(Sender {
+                                pid,
+                                group: (group > 0).then_some(group),
+                            });
+                            out.push((sig, sender));
                         }
                     }
                     if n < buf.len() {
