@@ -2,9 +2,11 @@
 
 mod ctl;
 mod daemon_mode;
+mod examples;
 mod gunicornc;
 mod harness;
 mod health;
+mod manpages;
 mod master;
 mod ops;
 mod upgrade;

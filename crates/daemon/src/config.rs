@@ -17,7 +17,7 @@ use crate::log::Level;
 /// worker is that program, exec'd with the listeners at fds 3, 4, ... and the
 /// systemd LISTEN_FDS variables.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "arbiterd", version, about, long_about = None)]
+#[command(name = "arbiterd", version)]
 pub struct Cli {
     /// Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)
     #[arg(short, long = "bind", value_name = "ADDR")]

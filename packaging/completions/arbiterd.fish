@@ -1,0 +1,24 @@
+complete -c arbiterd -s b -l bind -d 'Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)' -r
+complete -c arbiterd -s w -l workers -d 'Number of workers' -r
+complete -c arbiterd -s t -l timeout -d 'Heartbeat timeout in seconds; 0 disables' -r
+complete -c arbiterd -l graceful-timeout -d 'How long TERMed workers may drain before KILL, in seconds' -r
+complete -c arbiterd -l ready -d 'When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1). Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)' -r
+complete -c arbiterd -l boot-timeout -d 'A worker not ready by then is killed and counts as a boot failure, in seconds' -r
+complete -c arbiterd -s n -l name -d 'Instance name: process titles, default paths, logs' -r
+complete -c arbiterd -s p -l pid -d 'Pidfile' -r -F
+complete -c arbiterd -l control -d 'Control socket path' -r -F
+complete -c arbiterd -l log-file -d 'Log file; `-` is stderr' -r -F
+complete -c arbiterd -l log-level -d 'debug, info, warning, error or critical' -r
+complete -c arbiterd -s c -l config -d 'TOML file with the same keys as the long options; re-read on reload' -r -F
+complete -c arbiterd -l max-worker-rss -d 'Recycle a worker whose RSS exceeds this many MiB' -r
+complete -c arbiterd -l max-worker-age -d 'Recycle a worker older than this many seconds' -r
+complete -c arbiterd -l backlog -d 'Listen backlog' -r
+complete -c arbiterd -l umask -d 'File mode creation mask, octal' -r
+complete -c arbiterd -l chdir -d 'Change to this directory before anything else' -r -F
+complete -c arbiterd -l user -d 'Run workers as this user (name or uid)' -r
+complete -c arbiterd -l group -d 'Run workers as this group (name or gid)' -r
+complete -c arbiterd -s D -l daemon -d 'Detach: double fork, setsid, stdio to /dev/null'
+complete -c arbiterd -l reuse-port -d 'Set SO_REUSEPORT on the listeners'
+complete -c arbiterd -l check-config -d 'Check the configuration (flags, config file, COMMAND) and exit: 0 if it is valid. Binds nothing; used before an upgrade to vet the new binary'
+complete -c arbiterd -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c arbiterd -s V -l version -d 'Print version'

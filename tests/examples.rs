@@ -1,0 +1,331 @@
+//! The real-worker examples under `examples/`, run against the real arbiterd the
+//! way their READMEs say, each under continuous HTTP load across a reload (HUP):
+//! not one request may fail, answers must come from both generations, and a TERM
+//! afterwards must stop everything (gunicorn's own workers included) with exit 0.
+//!
+//! uvicorn and gunicorn come from PyPI: when the Python package is missing the
+//! test says so and passes, unless `ARBITER_REQUIRE_EXAMPLES=1` (CI installs them
+//! and sets it, so a broken install cannot hide as a skip). The Rust example is
+//! built with cargo into `target/examples-rust-listenfd` (a few seconds).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+
+use crate::harness::{self, Daemon, LONG, Listener, SHORT, http_get, ms, secs};
+
+const REQUIRE_VAR: &str = "ARBITER_REQUIRE_EXAMPLES";
+
+fn example_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+/// A Python interpreter that can import `module`, as its real path
+/// (`sys.executable`, not a version manager's shim). `None`, with the reason
+/// printed, when there is none (a failure instead under `ARBITER_REQUIRE_EXAMPLES=1`).
+fn python_with(module: &str, pip_name: &str) -> Option<PathBuf> {
+    let candidates: [OsString; 2] = [harness::python3(), "python3".into()];
+    for py in &candidates {
+        let Ok(out) = Command::new(py)
+            .args([
+                "-c",
+                &format!("import sys, {module}; print(sys.executable)"),
+            ])
+            .output()
+        else {
+            continue;
+        };
+        let exe = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !exe.is_empty() {
+            return Some(PathBuf::from(exe));
+        }
+    }
+    let msg = format!(
+        "the Python package `{pip_name}` is not installed for {candidates:?} \
+         (`python3 -m pip install {pip_name}`)"
+    );
+    if std::env::var_os(REQUIRE_VAR).is_some_and(|v| v == "1") {
+        panic!("{msg}, and {REQUIRE_VAR}=1 requires it");
+    }
+    eprintln!("skipped: {msg}");
+    None
+}
+
+// ------------------------------------------------------------------ load
+
+/// What the load threads saw.
+#[derive(Default, Debug)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    /// The first few failures, for the message.
+    errors: Vec<String>,
+    /// `generation` fields of the answers.
+    generations: BTreeSet<u64>,
+}
+
+/// Clients in threads, each sending `GET /` on a fresh connection
+/// (`Connection: close`) back to back until stopped. Bounded: every thread stops
+/// by itself after 2 minutes.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<Tally>>,
+}
+
+impl Load {
+    fn start(target: &Listener, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, target) = (stop.clone(), ok.clone(), target.clone());
+                std::thread::spawn(move || {
+                    let mut t = Tally::default();
+                    let end = Instant::now() + secs(120);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                        match http_get(&target, "/", SHORT) {
+                            Ok(r) if r.status == 200 => {
+                                t.ok += 1;
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if let Some(g) = serde_json::from_str::<serde_json::Value>(&r.body)
+                                    .ok()
+                                    .and_then(|j| j.get("generation")?.as_u64())
+                                {
+                                    t.generations.insert(g);
+                                }
+                            }
+                            other => {
+                                t.failed += 1;
+                                if t.errors.len() < 5 {
+                                    t.errors.push(match other {
+                                        Ok(r) => format!("status {}: {:?}", r.status, r.body),
+                                        Err(e) => e.to_string(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    t
+                })
+            })
+            .collect();
+        Load { stop, ok, threads }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Tally::default();
+        for h in self.threads {
+            let t = h.join().expect("a load thread panicked");
+            all.ok += t.ok;
+            all.failed += t.failed;
+            all.errors.extend(t.errors);
+            all.generations.extend(t.generations);
+        }
+        all
+    }
+}
+
+/// Wait until the load has `n` more successful answers than now.
+fn wait_more_answers(d: &Daemon, load: &Load, n: u64, what: &str) {
+    let from = load.ok();
+    d.wait_until(LONG, what, || {
+        let now = load.ok();
+        if now >= from + n {
+            Ok(())
+        } else {
+            Err(format!("{} answers since", now - from))
+        }
+    });
+}
+
+// ------------------------------------------------------------------ the scenario
+
+/// Start arbiterd with `args` (`-b 127.0.0.1:0` and `--control` are added by the
+/// harness), wait for `workers` serving workers, put it under load, HUP, wait for
+/// the new generation to replace the old one, keep the load on a little longer,
+/// then TERM. Zero failed requests, answers from both generations, exit 0,
+/// nothing left behind.
+fn reload_under_load(args: &[OsString], workers: usize) -> Tally {
+    let d = Daemon::builder().args(args).start();
+    let first = d.wait_workers(workers);
+    let old: Vec<i32> = first.iter().map(|w| w.pid).collect();
+
+    let load = Load::start(d.listener(), 2);
+    wait_more_answers(&d, &load, 100, "100 answers under load before the reload");
+
+    d.signal_delivered(Signal::SIGHUP);
+    d.wait_until(LONG, "generation 2 to replace generation 1", || {
+        let now = d.worker_infos();
+        let gone = old.iter().all(|p| !harness::is_alive(*p));
+        if gone && now.len() == workers && now.iter().all(|w| w.generation == Some(2)) {
+            Ok(())
+        } else {
+            Err(format!("workers {now:?}, old {old:?}"))
+        }
+    });
+    wait_more_answers(&d, &load, 100, "100 answers after the reload");
+    let tally = load.finish();
+
+    if tally.failed > 0 {
+        d.fail(&format!(
+            "{} of {} requests failed across the reload; first errors: {:#?}",
+            tally.failed,
+            tally.ok + tally.failed,
+            tally.errors
+        ));
+    }
+    if !(tally.generations.contains(&1) && tally.generations.contains(&2)) {
+        d.fail(&format!(
+            "expected answers from generations 1 and 2, saw {:?}",
+            tally.generations
+        ));
+    }
+
+    // Nothing is in flight now, so a graceful stop is quick; a worker deaf to TERM
+    // (say, stuck in a blocking accept() it lost to another worker) would hold it
+    // for the whole --graceful-timeout (30 s) before its KILL.
+    let term = Instant::now();
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LONG);
+    if status.code() != Some(0) {
+        d.fail(&format!("arbiterd exited with {status} after TERM, not 0"));
+    }
+    if term.elapsed() > secs(10) {
+        d.fail(&format!(
+            "TERM with nothing in flight took {:.1?} to stop: a worker ignored it",
+            term.elapsed()
+        ));
+    }
+    d.wait_no_leftovers(SHORT);
+    tally
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+// ------------------------------------------------------------------ the examples
+
+#[test]
+fn uvicorn_example_reloads_under_load_without_a_failed_request() {
+    let Some(py) = python_with("uvicorn", "uvicorn") else {
+        return;
+    };
+    let dir = example_dir("uvicorn");
+    let mut args = os(&["-w", "2", "--chdir"]);
+    args.push(dir.into());
+    args.extend(os(&["--"]));
+    args.push(py.into());
+    // As the README, with `python -m` for the interpreter found above.
+    args.extend(os(&[
+        "-m",
+        "uvicorn",
+        "--fd",
+        "3",
+        "--no-access-log",
+        "app:app",
+    ]));
+    let t = reload_under_load(&args, 2);
+    eprintln!(
+        "uvicorn: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+#[test]
+fn gunicorn_example_reloads_under_load_without_a_failed_request() {
+    let Some(py) = python_with("gunicorn", "gunicorn") else {
+        return;
+    };
+    let dir = example_dir("gunicorn");
+    let mut args = os(&["-w", "2", "--ready", "notify", "--chdir"]);
+    args.push(dir.into());
+    args.extend(os(&["--"]));
+    args.push(py.into());
+    args.extend(os(&["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]));
+    let t = reload_under_load(&args, 2);
+    eprintln!(
+        "gunicorn: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+#[test]
+fn python_notify_example_reloads_under_load_and_beats() {
+    let dir = example_dir("python-notify");
+    let py = harness::python3();
+    // A 3 s heartbeat timeout: the worker's WATCHDOG=1 pings (every 1.5 s) must
+    // keep it alive.
+    let mut args = os(&["-w", "2", "--ready", "notify", "--timeout", "3", "--"]);
+    args.push(py);
+    args.push(dir.join("worker.py").into());
+    let d = Daemon::builder().args(&args).start();
+    let workers = d.wait_workers(2);
+    // Past the timeout, the same workers serve, and the master saw their beats.
+    let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
+    d.assert_workers_stay(&pids, ms(4000));
+    let out = d.ctl(["--json", "status"]);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| d.fail(&format!("arbiterctl --json status: {e}: {out:?}")));
+    let beats: Vec<Option<f64>> = json["workers"]
+        .as_array()
+        .map(|ws| ws.iter().map(|w| w["last_beat_secs"].as_f64()).collect())
+        .unwrap_or_default();
+    if beats.len() != 2 || beats.iter().any(|b| !b.is_some_and(|s| s < 3.0)) {
+        d.fail(&format!(
+            "expected two workers with a recent beat, got {beats:?} in {json}"
+        ));
+    }
+    drop(d);
+    let t = reload_under_load(&args, 2);
+    eprintln!(
+        "python-notify: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+/// The Rust example builds (its own lock file, its own target dir) and serves.
+#[test]
+fn rust_listenfd_example_reloads_under_load_without_a_failed_request() {
+    let dir = example_dir("rust-listenfd");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/examples-rust-listenfd");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let start = Instant::now();
+    let out = Command::new(&cargo)
+        .args(["build", "--quiet", "--locked", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "cargo build --locked of examples/rust-listenfd failed (if crates/proto's \
+         dependencies changed, its Cargo.lock needs them: run `cargo build --manifest-path \
+         examples/rust-listenfd/Cargo.toml` once and commit the lock file):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("rust-listenfd: built in {:.1?}", start.elapsed());
+    let bin = target.join("debug/listenfd-worker");
+    let mut args = os(&["-w", "2", "--ready", "notify", "--timeout", "5", "--"]);
+    args.push(bin.into());
+    let t = reload_under_load(&args, 2);
+    eprintln!(
+        "rust-listenfd: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}

@@ -1,0 +1,640 @@
+//! The generated files under `packaging/`: man pages (`packaging/man/*.1`) and
+//! shell completions (`packaging/completions/`), rendered from the clap
+//! definitions of both binaries and compared with the committed copies, so a
+//! changed flag or help text cannot ship with stale docs.
+//!
+//!     UPDATE_GENERATED=1 cargo test --test blackbox manpages
+//!
+//! rewrites them instead of failing. The man pages are clap_mangen's sections
+//! (NAME, SYNOPSIS, DESCRIPTION, OPTIONS) plus the ones written below (SIGNALS,
+//! EXIT STATUS, FILES, ENVIRONMENT, ...), which say what `--help` has no room for.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::CommandFactory;
+use clap_complete::Shell;
+use clap_mangen::Man;
+use clap_mangen::roff::{Inline, Roff, bold, roman};
+
+const UPDATE_VAR: &str = "UPDATE_GENERATED";
+
+/// What `Roff::render` puts in front of every document (an apostrophe string).
+const ROFF_PREAMBLE: &str = ".ie \\n(.g .ds Aq \\(aq\n.el .ds Aq '\n";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ------------------------------------------------------------------ hand-written text
+
+/// A block of a hand-written man section. In the text, `` `x` `` is set in bold.
+enum Block {
+    /// A paragraph.
+    P(&'static str),
+    /// A tagged paragraph: the tag on its own line, the text indented below.
+    Tp(&'static str, &'static str),
+    /// Several tags, one per line (`.TQ`), sharing one text.
+    Tqs(&'static [&'static str], &'static str),
+    /// Literal lines (commands), kept as they are.
+    Ex(&'static [&'static str]),
+}
+use Block::{Ex, P, Tp, Tqs};
+
+struct Section {
+    title: &'static str,
+    blocks: &'static [Block],
+}
+
+/// Appended to clap's DESCRIPTION of arbiterd (its `long_about` is off, so `--help`
+/// stays short).
+const ARBITERD_DESCRIPTION: &[Block] = &[
+    P(
+        "`arbiterd` binds the listening sockets once, forks N workers that inherit them, \
+         watches their heartbeats, replaces the dead and the hung, and reloads, rescales and \
+         upgrades itself without dropping a connection, with the signals and semantics of \
+         gunicorn's Arbiter.",
+    ),
+    P(
+        "With no COMMAND, each worker runs the built-in HTTP worker. With a COMMAND after \
+         `--`, each worker is that program, exec'd after fork in its own process group, \
+         with the listening sockets at fds 3, 4, ... in `--bind` order and `LISTEN_FDS`, \
+         `LISTEN_PID` and `LISTEN_FDNAMES` set as systemd sets them: `uvicorn --fd 3`, \
+         gunicorn (which adopts them as under systemd, with no `-b`) and Rust's \
+         listenfd serve unchanged.",
+    ),
+    P(
+        "A worker proves it is alive by touching the file at `ARBITER_HEARTBEAT_FD` or by \
+         sending `WATCHDOG=1` to `NOTIFY_SOCKET`; one silent for `--timeout` after its first \
+         beat gets ABRT, then KILL. With `--ready notify` a worker is ready once it sends \
+         `READY=1`. A reload is readiness-gated: old workers retire only as new ones become \
+         ready, and if the new generation never does, the old one keeps serving.",
+    ),
+    P(
+        "Every long option can also be set in the `--config` file (TOML, the long option \
+         names as keys, `command` as an array); the command line wins over the file, and \
+         the file is re-read on every reload.",
+    ),
+];
+
+const ARBITERD_SECTIONS: &[Section] = &[
+    Section {
+        title: "SIGNALS",
+        blocks: &[
+            P("As gunicorn's master. Every delivery counts: three TTIN are three more workers."),
+            Tp(
+                "HUP",
+                "Reload: re-read the config file, start a new generation, retire the old one \
+                 as the new one becomes ready.",
+            ),
+            Tp(
+                "TERM",
+                "Graceful shutdown: workers get TERM and finish in-flight requests; KILL \
+                 after `--graceful-timeout`. Exit status 0.",
+            ),
+            Tp(
+                "INT, QUIT",
+                "Quick shutdown: workers get QUIT and exit at once.",
+            ),
+            Tp(
+                "TTIN, TTOU",
+                "One worker more, one fewer (the oldest first, never below 1).",
+            ),
+            Tp(
+                "USR1",
+                "Reopen the log file. Workers write through the master, so their output \
+                 follows.",
+            ),
+            Tp(
+                "USR2",
+                "Upgrade on the fly: fork and exec a new master that inherits the listeners; \
+                 the old pidfile becomes PIDFILE.oldbin.",
+            ),
+            Tp(
+                "WINCH",
+                "When daemonized (`-D`): stop all workers gracefully, keep the master (the \
+                 upgrade dance). Ignored in the foreground.",
+            ),
+            Tp("CHLD", "Reap."),
+            P(
+                "Workers get TERM (finish in-flight work, then exit), QUIT or INT (exit now), \
+                 and ABRT on a heartbeat timeout, followed by KILL. Unlike unicorn and nginx, \
+                 TERM is the graceful one; `arbiterctl stop` and `arbiterctl stop --fast` mean \
+                 the same for every master.",
+            ),
+        ],
+    },
+    Section {
+        title: "EXIT STATUS",
+        blocks: &[
+            Tp(
+                "0",
+                "Shut down on request (TERM, INT, QUIT, `arbiterctl stop`), or \
+                 `--check-config` found the configuration valid.",
+            ),
+            Tp(
+                "1",
+                "Startup error: a bad flag or config file, an address that cannot be bound, a \
+                 COMMAND that is not found or not executable, a pidfile held by a live master. \
+                 One line on stderr names the thing at fault; nothing is left behind.",
+            ),
+            Tp(
+                "3, 4",
+                "A worker of the first generation exited with 3 (boot error) or 4 (application \
+                 load error), as in gunicorn. Once the service has served, such a worker only \
+                 fails its start (backoff, or a failed reload).",
+            ),
+            P(
+                "A worker that exits with 78 (EX_CONFIG) is not restarted until a reload or a \
+                 scale; one that keeps failing is restarted with exponential backoff.",
+            ),
+        ],
+    },
+    Section {
+        title: "FILES",
+        blocks: &[
+            Tqs(
+                &[
+                    "$XDG_RUNTIME_DIR/arbiter/NAME.sock",
+                    "/run/arbiter/NAME.sock",
+                    "/tmp/arbiter-UID/NAME.sock",
+                ],
+                "The default control socket (the first that applies: XDG_RUNTIME_DIR set, \
+                 root, anyone else). Mode 0600 in a 0700 directory; see `arbiterctl`(1).",
+            ),
+            Tp(
+                "PIDFILE.oldbin, PIDFILE.2",
+                "During an upgrade, the old master's and the new master's pidfiles; the new \
+                 master renames its own to PIDFILE once the old one has exited.",
+            ),
+            Tp(
+                "/etc/arbiter/NAME.toml",
+                "The config file of the systemd unit arbiter@NAME.service.",
+            ),
+            Tp(
+                "/var/log/arbiter/NAME.log",
+                "Where the packaged logrotate rules expect `--log-file`; rotated daily, \
+                 followed by `arbiterctl reopen`.",
+            ),
+        ],
+    },
+    Section {
+        title: "ENVIRONMENT",
+        blocks: &[
+            Tp(
+                "LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES",
+                "Sockets handed over by systemd socket activation (or by an upgrading master): \
+                 adopted instead of binding, and passed on to the workers with their names.",
+            ),
+            Tp(
+                "NOTIFY_SOCKET, WATCHDOG_USEC",
+                "Under systemd: `READY=1` once the first generation is ready, `RELOADING=1` \
+                 around a reload, `STATUS=` with the worker counts, `MAINPID=` when an upgrade \
+                 hands over, and watchdog pings. With NOTIFY_SOCKET set, `-D` does not detach. \
+                 Never passed on to workers.",
+            ),
+            Tp("XDG_RUNTIME_DIR", "Where the default control socket goes."),
+            P("Set for each worker:"),
+            Tp(
+                "LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES",
+                "The listeners at fds 3, 4, ...; LISTEN_PID is the worker's own pid.",
+            ),
+            Tp(
+                "ARBITER_WORKER_ID, ARBITER_SLOT, ARBITER_GENERATION, ARBITER_MASTER_PID",
+                "The spawn counter (gunicorn's age), the slot 0..N-1 (reused by a \
+                 replacement), the generation (bumped by every reload), the master's pid.",
+            ),
+            Tp(
+                "ARBITER_HEARTBEAT_FD, ARBITER_TIMEOUT",
+                "An fd on an unlinked file: change its ctime (fchmod, a write) to beat; the \
+                 heartbeat timeout in seconds.",
+            ),
+            Tp(
+                "NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID",
+                "The master's sd_notify socket (READY=1, WATCHDOG=1, STATUS=, STOPPING=1), \
+                 with the watchdog variables when there is a timeout, as systemd sets them.",
+            ),
+        ],
+    },
+    Section {
+        title: "EXAMPLES",
+        blocks: &[
+            Ex(&["arbiterd -w 4 -b 127.0.0.1:8000"]),
+            Ex(&["arbiterd -w 4 -b 127.0.0.1:8000 -- uvicorn --fd 3 app:app"]),
+            Ex(&[
+                "arbiterd -n web -c /etc/arbiter/web.toml -p /run/web.pid -D",
+                "kill -HUP $(cat /run/web.pid)",
+            ]),
+        ],
+    },
+    Section {
+        title: "SEE ALSO",
+        blocks: &[P(
+            "`arbiterctl`(1), gunicorn(1), systemd.socket(5), sd_notify(3), logrotate(8)",
+        )],
+    },
+];
+
+const ARBITERCTL_SECTIONS: &[Section] = &[
+    Section {
+        title: "EXIT STATUS",
+        blocks: &[
+            Tp("0", "Done."),
+            Tp(
+                "1",
+                "The master refused or the action failed (the reason on stderr).",
+            ),
+            Tp("2", "Usage error."),
+            Tp("3", "No master answering at the control socket."),
+            Tp(
+                "4",
+                "(`status` only) Running but degraded: fewer ready workers than the target.",
+            ),
+        ],
+    },
+    Section {
+        title: "FILES",
+        blocks: &[Tqs(
+            &[
+                "$XDG_RUNTIME_DIR/arbiter/NAME.sock",
+                "/run/arbiter/NAME.sock",
+                "/tmp/arbiter-UID/NAME.sock",
+            ],
+            "The control socket of the master named NAME, as `arbiterd`(1) places it. It \
+             speaks newline-delimited JSON (and gunicorn's gunicornc framing); only the \
+             master's own user and root may use it.",
+        )],
+    },
+    Section {
+        title: "ENVIRONMENT",
+        blocks: &[Tp(
+            "XDG_RUNTIME_DIR",
+            "Where the default control socket is looked for.",
+        )],
+    },
+    Section {
+        title: "EXAMPLES",
+        blocks: &[
+            Ex(&["arbiterctl --name web status"]),
+            Ex(&["arbiterctl --name web scale +2"]),
+            Ex(&["arbiterctl --name web reload && deploy-next-step"]),
+            Ex(&["arbiterctl --pid /run/web.pid --json status"]),
+            Ex(&["echo '{\"v\":1,\"cmd\":\"ping\"}' | socat - UNIX-CONNECT:/run/arbiter/web.sock"]),
+        ],
+    },
+    Section {
+        title: "SEE ALSO",
+        blocks: &[P("`arbiterd`(1), socat(1)")],
+    },
+];
+
+// ------------------------------------------------------------------ rendering
+
+/// `` `x` `` in bold, the rest roman.
+fn inlines(text: &str) -> Vec<Inline> {
+    text.split('`')
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(i, s)| if i % 2 == 1 { bold(s) } else { roman(s) })
+        .collect()
+}
+
+fn render_blocks(roff: &mut Roff, blocks: &[Block]) {
+    for b in blocks {
+        match b {
+            P(text) => {
+                roff.control("PP", []);
+                roff.text(inlines(text));
+            }
+            Tp(tag, text) => {
+                roff.control("TP", []);
+                roff.text(inlines(tag));
+                roff.text(inlines(text));
+            }
+            Tqs(tags, text) => {
+                for (i, tag) in tags.iter().enumerate() {
+                    roff.control(if i == 0 { "TP" } else { "TQ" }, []);
+                    roff.text(inlines(tag));
+                }
+                roff.text(inlines(text));
+            }
+            Ex(lines) => {
+                roff.control("PP", []);
+                roff.control("RS", ["4"]);
+                roff.control("nf", []);
+                for l in lines.iter() {
+                    roff.text([roman(*l)]);
+                }
+                roff.control("fi", []);
+                roff.control("RE", []);
+            }
+        }
+    }
+}
+
+/// A rendered piece without the preamble each `Roff::render` repeats.
+fn body(rendered: String) -> String {
+    match rendered.strip_prefix(ROFF_PREAMBLE) {
+        Some(rest) => rest.to_string(),
+        None => rendered,
+    }
+}
+
+fn man_part(f: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> String {
+    let mut buf = Vec::new();
+    f(&mut buf).expect("render to a Vec");
+    body(String::from_utf8(buf).expect("roff is UTF-8"))
+}
+
+/// One `.SS` per subcommand (usage, help, its own arguments) in place of
+/// clap_mangen's SUBCOMMANDS section, which points at one page per subcommand.
+fn render_commands(roff: &mut Roff, cmd: &clap::Command) {
+    roff.control("SH", ["COMMANDS"]);
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = sub.get_name();
+        if name == "help" {
+            continue;
+        }
+        let mut sub = sub.clone();
+        let usage = sub.render_usage().to_string();
+        let usage = usage.trim().trim_start_matches("Usage:").trim().to_string();
+        roff.control("SS", [name]);
+        roff.control("PP", []);
+        roff.text([bold(usage)]);
+        if let Some(about) = sub.get_long_about().or_else(|| sub.get_about()) {
+            roff.control("PP", []);
+            roff.text([roman(about.to_string())]);
+        }
+        let own: Vec<&clap::Arg> = sub
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && !a.is_global_set())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .collect();
+        for a in own {
+            let mut tag = String::new();
+            if let Some(s) = a.get_short() {
+                tag.push_str(&format!("-{s}"));
+            }
+            if let Some(l) = a.get_long() {
+                if !tag.is_empty() {
+                    tag.push_str(", ");
+                }
+                tag.push_str(&format!("--{l}"));
+            }
+            let takes_value = a.get_num_args().is_some_and(|n| n.takes_values())
+                && !matches!(
+                    a.get_action(),
+                    clap::ArgAction::SetTrue | clap::ArgAction::SetFalse | clap::ArgAction::Count
+                );
+            if let Some(v) = a.get_value_names().and_then(|v| v.first())
+                && takes_value
+            {
+                if a.is_positional() {
+                    tag.push_str(v.as_str());
+                } else {
+                    tag.push_str(&format!(" <{v}>"));
+                }
+            }
+            let defaults: Vec<String> = a
+                .get_default_values()
+                .iter()
+                .map(|d| d.to_string_lossy().into_owned())
+                .collect();
+            if !defaults.is_empty() && takes_value {
+                tag.push_str(&format!(" [default: {}]", defaults.join(", ")));
+            }
+            roff.control("TP", []);
+            roff.text([bold(tag)]);
+            if let Some(help) = a.get_long_help().or_else(|| a.get_help()) {
+                roff.text([roman(help.to_string())]);
+            }
+        }
+    }
+}
+
+/// A man page: clap_mangen's sections, then the hand-written ones.
+fn render_man(cmd: clap::Command, extra_description: &[Block], sections: &[Section]) -> String {
+    // `about` is the crate description, "arbiterd: the pre-fork master": NAME
+    // already says whose it is.
+    let name = cmd.get_name().to_string();
+    let cmd = match cmd.get_about().map(|a| a.to_string()) {
+        Some(about) => {
+            let short = about.strip_prefix(&format!("{name}: ")).unwrap_or(&about);
+            cmd.about(short.to_string())
+        }
+        None => cmd,
+    };
+    let man = Man::new(cmd.clone()).manual("arbiter");
+    let mut built = cmd;
+    built.build();
+    let mut out = String::from(ROFF_PREAMBLE);
+    out += &man_part(|w| man.render_title(w));
+    out += &man_part(|w| man.render_name_section(w));
+    out += &man_part(|w| man.render_synopsis_section(w));
+    if built.get_long_about().is_some() || extra_description.is_empty() {
+        out += &man_part(|w| man.render_description_section(w));
+    } else {
+        // Only the one-line `about`, already in NAME: the paragraphs below say more.
+        let mut roff = Roff::new();
+        roff.control("SH", ["DESCRIPTION"]);
+        out += &body(roff.render());
+    }
+    let mut roff = Roff::new();
+    render_blocks(&mut roff, extra_description);
+    out += &body(roff.render());
+    out += &man_part(|w| man.render_options_section(w));
+    if built.has_subcommands() {
+        let mut roff = Roff::new();
+        render_commands(&mut roff, &built);
+        out += &body(roff.render());
+    }
+    if built.get_after_long_help().is_some() || built.get_after_help().is_some() {
+        out += &man_part(|w| man.render_extra_section(w));
+    }
+    for s in sections {
+        let mut roff = Roff::new();
+        roff.control("SH", [s.title]);
+        render_blocks(&mut roff, s.blocks);
+        out += &body(roff.render());
+    }
+    out += &man_part(|w| man.render_version_section(w));
+    out
+}
+
+/// Completion scripts for bash, zsh and fish, under the names their packaged
+/// locations expect once the directory is dropped (`NAME.bash` -> bash-completion's
+/// `NAME`, `_NAME` for zsh, `NAME.fish`).
+fn render_completions(cmd: &clap::Command, bin: &str, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+    for (shell, file) in [
+        (Shell::Bash, format!("{bin}.bash")),
+        (Shell::Zsh, format!("_{bin}")),
+        (Shell::Fish, format!("{bin}.fish")),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut cmd.clone(), bin, &mut buf);
+        out.insert(PathBuf::from("packaging/completions").join(file), buf);
+    }
+}
+
+fn arbiterd_command() -> clap::Command {
+    arbiter_daemon::config::Cli::command()
+}
+
+fn arbiterctl_command() -> clap::Command {
+    arbiter_ctl::cli::Cli::command()
+}
+
+/// Every generated file, by path relative to the repository root.
+fn generated() -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let d = arbiterd_command();
+    out.insert(
+        PathBuf::from("packaging/man/arbiterd.1"),
+        render_man(d.clone(), ARBITERD_DESCRIPTION, ARBITERD_SECTIONS).into_bytes(),
+    );
+    render_completions(&d, "arbiterd", &mut out);
+    let c = arbiterctl_command();
+    out.insert(
+        PathBuf::from("packaging/man/arbiterctl.1"),
+        render_man(c.clone(), &[], ARBITERCTL_SECTIONS).into_bytes(),
+    );
+    render_completions(&c, "arbiterctl", &mut out);
+    out
+}
+
+/// Where `want` and `have` first differ, for the failure message.
+fn first_difference(want: &[u8], have: &[u8]) -> String {
+    let w = String::from_utf8_lossy(want);
+    let h = String::from_utf8_lossy(have);
+    let (mut wl, mut hl) = (w.lines(), h.lines());
+    let mut n = 1;
+    loop {
+        match (wl.next(), hl.next()) {
+            (Some(a), Some(b)) if a == b => n += 1,
+            (None, None) => return "they differ only in line endings".into(),
+            (a, b) => {
+                return format!(
+                    "line {n}: generated {:?}, committed {:?}",
+                    a.unwrap_or("<end of file>"),
+                    b.unwrap_or("<end of file>")
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn man_pages_and_completions_are_current() {
+    let update = std::env::var_os(UPDATE_VAR).is_some_and(|v| v == "1");
+    let mut stale = Vec::new();
+    for (rel, want) in generated() {
+        let path = root().join(&rel);
+        let have = std::fs::read(&path).ok();
+        if have.as_deref() == Some(&want[..]) {
+            continue;
+        }
+        if update {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &want)
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            eprintln!("rewrote {}", rel.display());
+            continue;
+        }
+        let why = match &have {
+            None => "missing".to_string(),
+            Some(have) => first_difference(&want, have),
+        };
+        stale.push(format!("  {}: {why}", rel.display()));
+    }
+    assert!(
+        stale.is_empty(),
+        "generated files under packaging/ are out of date with the clap definitions:\n{}\n\
+         regenerate them with\n    {UPDATE_VAR}=1 cargo test --test blackbox manpages\n\
+         and commit the result",
+        stale.join("\n")
+    );
+}
+
+/// The committed man pages format without warnings, where a formatter is installed.
+#[test]
+fn man_pages_format_cleanly() {
+    let Some(man) = ["/usr/bin/man", "/bin/man"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("skipped: man(1) is not installed");
+        return;
+    };
+    for page in ["arbiterd.1", "arbiterctl.1"] {
+        let path = root().join("packaging/man").join(page);
+        if !path.exists() {
+            continue; // reported by man_pages_and_completions_are_current
+        }
+        let out = Command::new(man)
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(&path)
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("run man");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "man -l {}: {}\n{stderr}",
+            path.display(),
+            out.status
+        );
+        // Overstrike (`X\bX`, `_\bX`) to plain text, as col -b does.
+        let mut text = String::new();
+        for ch in String::from_utf8_lossy(&out.stdout).chars() {
+            if ch == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(ch);
+            }
+        }
+        for heading in ["NAME", "SYNOPSIS", "OPTIONS", "EXIT STATUS", "SEE ALSO"] {
+            assert!(
+                text.contains(heading),
+                "{page} has no {heading} section:\n{text}"
+            );
+        }
+    }
+}
+
+/// The committed completion scripts parse, for each shell that is installed.
+#[test]
+fn completions_parse() {
+    let dir = root().join("packaging/completions");
+    for (shell, suffix) in [("bash", ".bash"), ("zsh", ""), ("fish", ".fish")] {
+        let Some(bin) = ["/usr/bin/", "/bin/"]
+            .iter()
+            .map(|d| PathBuf::from(format!("{d}{shell}")))
+            .find(|p| p.exists())
+        else {
+            eprintln!("skipped: {shell} is not installed");
+            continue;
+        };
+        for name in ["arbiterd", "arbiterctl"] {
+            let file = if shell == "zsh" {
+                dir.join(format!("_{name}"))
+            } else {
+                dir.join(format!("{name}{suffix}"))
+            };
+            if !file.exists() {
+                continue; // reported by man_pages_and_completions_are_current
+            }
+            let out = Command::new(&bin)
+                .arg("-n")
+                .arg(&file)
+                .output()
+                .expect("run the shell");
+            assert!(
+                out.status.success(),
+                "{shell} -n {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
