@@ -25,6 +25,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// gunicornc's interactive mode keeps a connection open between commands typed by
 /// a person; gunicorn's own server allows 300 s.
 pub const GUNICORN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a refused client has to send its first bytes before it is closed.
+const REFUSED_GRACE: Duration = Duration::from_secs(1);
 /// A client that does not read its replies is dropped past this much queued output.
 const MAX_OUTPUT: usize = 8 * 1024 * 1024;
 /// Read at most this much from one client per loop turn, so one fast writer cannot
@@ -58,6 +60,10 @@ struct Client {
     gunicorn: bool,
     /// For a gunicornc request in flight: how to shape its answer.
     shape: Option<crate::gunicornc::Shape>,
+    /// Not to be served (another user): answered with this error once its first
+    /// bytes show which framing it speaks, then closed. Answering before it writes
+    /// would make its write fail, and many clients then never read the answer.
+    refused: Option<(ErrorKind, &'static str)>,
 }
 
 pub struct ControlServer {
@@ -201,6 +207,7 @@ impl ControlServer {
                 eof: false,
                 gunicorn: false,
                 shape: None,
+                refused: None,
             };
             if peer.uid != self.uid && peer.uid != 0 {
                 warning!(
@@ -209,13 +216,11 @@ impl ControlServer {
                     peer.pid,
                     self.uid
                 );
-                client.send(&Response::err(
+                client.refused = Some((
                     ErrorKind::PermissionDenied,
                     "permission denied: not the master's user",
                 ));
-                client.closing = true;
-                client.flush();
-                continue;
+                client.deadline = now + REFUSED_GRACE;
             }
             if self.clients.len() >= MAX_CLIENTS {
                 client.send(&Response::err(
@@ -277,6 +282,18 @@ impl ControlServer {
             // gunicornc's frames start with a 4-byte big-endian length; a JSON line
             // never starts with a NUL byte.
             c.gunicorn = true;
+        }
+        if let Some((kind, message)) = c.refused
+            && (!c.input.is_empty() || c.eof)
+        {
+            if c.gunicorn {
+                c.output
+                    .extend_from_slice(&crate::gunicornc::refusal(message));
+            } else {
+                c.send(&Response::err(kind, message));
+            }
+            c.input.clear();
+            c.closing = true;
         }
         while !c.waiting && !c.closing {
             if c.gunicorn {

@@ -851,6 +851,12 @@ fn ok_frame(id: &Value, data: J) -> Vec<u8> {
     ]))
 }
 
+/// A framed error for a connection refused before any request was read (another
+/// user, too many connections), so gunicornc shows the reason.
+pub fn refusal(message: &str) -> Vec<u8> {
+    error_frame(&Value::from(0), &format!("Command failed: {message}"))
+}
+
 fn error_frame(id: &Value, error: &str) -> Vec<u8> {
     framed(&obj([
         ("id", J::from_value(id)),
