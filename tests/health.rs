@@ -562,6 +562,31 @@ fn a_crash_looping_worker_is_shown_as_such() {
 }
 
 #[test]
+fn a_slot_waiting_out_its_backoff_shows_in_status_with_no_worker_alive() {
+    // Dies at once: between starts the slot has no process for the table to show.
+    let d = Daemon::start(["--", "/bin/sh", "-c", "exit 1"]);
+    let b = d.wait_until(LONG, "a slot in backoff with 3+ failures", || {
+        let st = status(&d);
+        st["master"]["backoff"]
+            .as_array()
+            .and_then(|b| {
+                b.iter()
+                    .find(|s| s["slot"] == 0 && s["failures"].as_u64().unwrap_or(0) >= 3)
+                    .cloned()
+            })
+            .ok_or_else(|| st["master"].to_string())
+    });
+    assert!(b["next_start_secs"].as_f64().is_some(), "{b}");
+    let out = d.ctl(["status"]);
+    assert!(
+        out.stdout.contains("slot 0 has no worker")
+            || out.stdout.contains("slot 0 is crash-looping"),
+        "the table must say why slot 0 is missing: {}",
+        out.stdout
+    );
+}
+
+#[test]
 fn exit_3_during_the_first_boot_halts_with_status_3() {
     let d = Daemon::builder()
         .args(["--", "/bin/sh", "-c", "exit 3"])

@@ -125,6 +125,20 @@ pub fn status_header(st: &Status) -> String {
             "slot {slot} is crash-looping ({restarts} failures in a row)"
         );
     }
+    // A slot waiting out its backoff has no worker to show in the table.
+    for b in &m.backoff {
+        if !st
+            .workers
+            .iter()
+            .any(|w| w.slot == b.slot && w.generation == m.generation)
+        {
+            let _ = writeln!(
+                out,
+                "slot {} has no worker: {} failures in a row, next start in {:.1}s",
+                b.slot, b.failures, b.next_start_secs
+            );
+        }
+    }
     out
 }
 
@@ -259,6 +273,7 @@ pub(crate) mod tests {
                 worker_failures: 5,
                 workers_spawned: 12,
                 timeout_secs: Some(30.0),
+                backoff: Vec::new(),
             },
             workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
         }

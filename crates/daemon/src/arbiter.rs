@@ -1159,6 +1159,22 @@ impl Arbiter {
                 worker_failures: self.worker_failures,
                 workers_spawned: self.workers_spawned,
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
+                backoff: {
+                    let mut b: Vec<snapshot::SlotBackoff> = self
+                        .slots
+                        .iter()
+                        .filter(|(_, h)| h.failures > 0)
+                        .map(|(&slot, h)| snapshot::SlotBackoff {
+                            slot: slot as u64,
+                            failures: u64::from(h.failures),
+                            next_start_secs: h
+                                .not_before
+                                .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64()),
+                        })
+                        .collect();
+                    b.sort_by_key(|x| x.slot);
+                    b
+                },
             },
             workers,
         }

@@ -976,6 +976,7 @@ mod tests {
                 worker_failures: 1,
                 workers_spawned: 5,
                 timeout_secs: Some(30.0),
+                backoff: Vec::new(),
             },
             workers: vec![
                 worker(5, 205, "booting", None),

@@ -42,6 +42,19 @@ pub struct MasterStatus {
     /// Workers spawned since the master started.
     pub workers_spawned: u64,
     pub timeout_secs: Option<f64>,
+    /// Slots whose worker keeps failing and that wait out a restart backoff: with
+    /// no worker alive in them, this is where they show.
+    #[serde(default)]
+    pub backoff: Vec<SlotBackoff>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotBackoff {
+    pub slot: u64,
+    /// Failures in a row.
+    pub failures: u64,
+    /// Seconds until the next start; 0 when it is due.
+    pub next_start_secs: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
