@@ -63,8 +63,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(15);
 /// down our side and read what the client still sends for this long, so that
 /// closing with unread input does not RST the response away before it is read.
 const LINGER: Duration = Duration::from_secs(2);
-/// On TERM, a connection accepted but with no request yet gets this long to send
-/// one: the client connected to be served and may just be a little slow.
+/// On TERM, an idle connection (accepted with no request yet, or keep-alive between
+/// requests) gets this long to send one, answered with `Connection: close`: its
+/// client connected to be served, and may be sending right now.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Epoll tokens: connections use slab tokens (index in the low 32 bits), which
@@ -933,8 +934,8 @@ impl Worker {
         None
     }
 
-    /// Graceful stop: no new connections; idle ones closed; busy ones finish, each
-    /// with `Connection: close` on its last response.
+    /// Graceful stop: no new connections; busy ones finish, each with
+    /// `Connection: close` on its last response; idle ones get DRAIN_GRACE to ask.
     fn drain(&mut self) {
         if self.draining {
             return;
@@ -959,7 +960,6 @@ impl Worker {
             self.pump(token);
             if let Some(c) = self.conns.get(token)
                 && c.idle()
-                && !c.session.answered
             {
                 self.arm(token, self.now + DRAIN_GRACE);
             }
@@ -1231,9 +1231,12 @@ impl Worker {
                 // Nothing more is coming, and nothing is owed.
                 self.close(token);
                 return;
-            } else if self.draining && c.idle() && c.session.answered {
-                self.close(token);
-                return;
+            } else if self.draining && c.idle() && c.deadline.is_none() {
+                // An idle keep-alive connection: its client may be sending the
+                // next request right now. Closing under it would fail that
+                // request; answering it (with `Connection: close`) sends the client
+                // to another worker. Closed at the grace's end if nothing comes.
+                self.arm(token, self.now + DRAIN_GRACE);
             }
         }
         let Some(c) = self.conns.get_mut(token) else {
