@@ -43,30 +43,91 @@ impl Level {
 }
 
 enum Target {
-    Stderr,
-    File { path: PathBuf, file: File },
+    /// fd 2 as it is (a terminal, a file); `pipe` is a non-blocking description of
+    /// our own on it when it is a pipe, so a reader that stops reading costs us
+    /// lines, not the loop.
+    Stderr {
+        pipe: Option<File>,
+    },
+    File {
+        path: PathBuf,
+        file: File,
+    },
 }
 
 struct Logger {
     level: Level,
     target: Target,
+    /// Lines that could not be written (a full pipe, a full disk), reported with
+    /// the next line that can be.
+    dropped: u64,
 }
 
 static LOGGER: Mutex<Logger> = Mutex::new(Logger {
     level: Level::Info,
-    target: Target::Stderr,
+    target: Target::Stderr { pipe: None },
+    dropped: 0,
 });
 
 fn open_log(path: &PathBuf) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let fifo = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo());
     // O_NOFOLLOW: a symlink planted at the log path must not send our writes
-    // elsewhere (the master often runs as root).
+    // elsewhere (the master often runs as root). A FIFO is opened non-blocking:
+    // with no reader the open fails at once instead of hanging the start.
+    let flags = libc::O_NOFOLLOW | if fifo { libc::O_NONBLOCK } else { 0 };
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(flags)
         .open(path)
+}
+
+/// fd 2 again, non-blocking, when it is a pipe (a supervisor's, a shell pipeline).
+/// Opening /proc/self/fd/2 makes a new open file description, so the flag does not
+/// reach whoever else writes to that pipe.
+fn stderr_pipe() -> Option<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = std::fs::metadata("/proc/self/fd/2").ok()?;
+    if !meta.file_type().is_fifo() {
+        return None;
+    }
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/proc/self/fd/2")
+        .ok()
+}
+
+impl Logger {
+    /// Write one line, or count it as dropped; never wait for the reader.
+    fn emit(&mut self, line: &str) {
+        if self.dropped > 0 {
+            let note = format!(
+                "[{}] [{}] [WARNING] {} log lines could not be written (the log did not accept them)\n",
+                chrono::Local::now().format("%Y-%m-%d %H:%M:%S %z"),
+                std::process::id(),
+                self.dropped
+            );
+            if self.raw(note.as_bytes()).is_err() {
+                self.dropped += 1;
+                return;
+            }
+            self.dropped = 0;
+        }
+        if self.raw(line.as_bytes()).is_err() {
+            self.dropped += 1;
+        }
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.target {
+            Target::Stderr { pipe: Some(p) } => p.write_all(bytes),
+            Target::Stderr { pipe: None } => io::stderr().write_all(bytes),
+            Target::File { file, .. } => file.write_all(bytes),
+        }
+    }
 }
 
 /// Route logs to `path` (`None` or `-`: stderr) at `level`.
@@ -76,7 +137,9 @@ pub fn init(level: Level, path: Option<&PathBuf>) -> io::Result<()> {
             file: open_log(p)?,
             path: p.clone(),
         },
-        _ => Target::Stderr,
+        _ => Target::Stderr {
+            pipe: stderr_pipe(),
+        },
     };
     let mut logger = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
     logger.level = level;
@@ -109,11 +172,9 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
         level.label(),
         args
     );
-    // A log that cannot be written must not take the master down: the line is lost.
-    let _ = match &mut logger.target {
-        Target::Stderr => io::stderr().write_all(line.as_bytes()),
-        Target::File { file, .. } => file.write_all(line.as_bytes()),
-    };
+    // A log that cannot be written must not take the master down: the line is
+    // lost, and counted.
+    logger.emit(&line);
 }
 
 #[macro_export]
@@ -136,8 +197,5 @@ pub fn worker_line(pid: i32, worker_id: u64, text: &str) {
         chrono::Local::now().format("%Y-%m-%d %H:%M:%S %z"),
         text.trim_end_matches('\r')
     );
-    let _ = match &mut logger.target {
-        Target::Stderr => io::stderr().write_all(line.as_bytes()),
-        Target::File { file, .. } => file.write_all(line.as_bytes()),
-    };
+    logger.emit(&line);
 }
