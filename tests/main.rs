@@ -10,4 +10,5 @@ mod health;
 mod manpages;
 mod master;
 mod ops;
+mod reliability;
 mod upgrade;
