@@ -698,6 +698,20 @@ impl Arbiter {
             info!("Reload ignored: shutting down");
             return Err("the master is shutting down".into());
         }
+        // A reload is also when an operator expects the control socket back if
+        // something removed it.
+        if self.predecessor.is_none()
+            && let Some(c) = &mut self.control
+        {
+            match c.ensure_bound() {
+                Ok(true) => warning!(
+                    "Control socket was missing; recreated at {}",
+                    c.path().display()
+                ),
+                Ok(false) => {}
+                Err(e) => error!("Control socket is missing and cannot be recreated: {e}"),
+            }
+        }
         let changed = match self.apply_new_config() {
             Ok(previous) => previous,
             Err(e) => {

@@ -385,6 +385,21 @@ impl ControlServer {
         self.sweep();
     }
 
+    /// If the socket file is gone (a cleaner removed its directory) or replaced by
+    /// something that is not ours, bind a new one at the same path. The connected
+    /// clients stay. Returns whether it had to.
+    pub fn ensure_bound(&mut self) -> Result<bool, ControlError> {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            return Ok(false);
+        }
+        let fresh = ControlServer::bind(&self.path)?;
+        self.listener = fresh.listener;
+        self.identity = fresh.identity;
+        Ok(true)
+    }
+
     /// Move the socket file (an upgraded master taking the usual path). The rename is
     /// atomic: clients find either the old master's socket or ours, never nothing.
     pub fn rename_to(&mut self, to: &Path) -> io::Result<()> {
