@@ -303,6 +303,11 @@ impl std::fmt::Display for BindSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BindSpec::Tcp(a) => write!(f, "{a}"),
+            // `unix://` is itself a prefix parse_bind strips, so a path that starts
+            // with `//` needs it spelled out to read back the same.
+            BindSpec::Unix(p) if p.as_os_str().as_encoded_bytes().starts_with(b"//") => {
+                write!(f, "unix://{}", p.display())
+            }
             BindSpec::Unix(p) => write!(f, "unix:{}", p.display()),
             BindSpec::Fd(n) => write!(f, "fd://{n}"),
         }
