@@ -347,7 +347,7 @@ class Server:
         shown = ["$N" if bench.current == "boot" and prev == "-w" else a
                  for prev, a in zip([None] + self.argv, self.argv)]
         bench.record(f"{kind}{' + cworker' if kind == 'arbiterd' and worker == 'c' else ''} "
-                     f"({bench.current})", shown, self.port)
+                     f"({bench.current}{', choosing the upgrade method' if tag == 'up' else ''})", shown, self.port)
         self.ctl = Ctl(self.ctl_path) if kind == "arbiterd" else None
         self.popen = None
         self.master = None
@@ -1034,9 +1034,9 @@ def report(b):
     boot, fl = r.get("boot", {}), r.get("floor", {})
     w("## Boot: launch until N distinct workers serve\n")
     w("arbiterd: polled every 2-5 ms with the status request (`{\"v\":1,\"cmd\":\"status\"}`, what "
-      "`arbiterctl status --json` sends): `ready == N` with N distinct ready pids, each of which is "
-      "blocked waiting for clients (`/proc/PID/syscall` in epoll_wait/poll/accept). gunicorn: N children of the "
-      "master blocked waiting for clients (the sync worker reaches its `select` only after loading the app). "
+      "`arbiterctl status --json` sends): `ready == N` with N distinct ready pids, each of which has been "
+      "seen blocked waiting for clients (`/proc/PID/syscall` in epoll_wait/poll/accept). gunicorn: N children of the "
+      "master seen blocked waiting for clients (the sync worker reaches its `select` only after loading the app). "
       "Floor: `floor boot N` forks+execs N copies of a tiny C program that each write one byte once exec'd; "
       "it runs right before each arbiterd/gunicorn pair, so it sees the same machine.\n")
     w("| N | arbiterd | gunicorn | gunicorn / arbiterd | floor | arbiterd / floor |")
@@ -1132,7 +1132,8 @@ def report(b):
             w(f"| {n} | arbiterctl status --json | not measured: arbiterctl did not work in this build |")
     c1024 = median(ctl.get("1024", {}).get("arbiterctl status --json", []))
     targets.append(("`arbiterctl status` at 1024 workers within 20 ms",
-                    ms(c1024, 2) if r.get("arbiterctl") else "arbiterctl not available",
+                    ("arbiterctl not available" if not r.get("arbiterctl") else
+                     "not run (no 1024-worker boot in this mode)" if c1024 is None else ms(c1024, 2)),
                     None if c1024 is None else c1024 <= 0.020))
     w("")
 
@@ -1266,6 +1267,10 @@ def report(b):
         else:
             w(f"| at least 5x better than gunicorn: {name} | {x:.1f}x | {'yes' if x >= 5 else 'no'} |")
     w("")
+    w("Two comparisons are structurally bounded: gunicorn's TTIN forks its already-initialised Python master "
+      "without an exec, while every arbiterd worker is fork+exec'd (`floor seq` above is the cost of the exec "
+      "alone); and a hung worker cannot be replaced before its heartbeat deadline, so with `-t 2` neither "
+      "server can go below about 2 s minus the beat's age (the lateness row compares what is left).\n")
 
     if r["errors"]:
         w("## What failed to run\n")
@@ -1277,9 +1282,14 @@ def report(b):
     w("The harness: `bench/run.sh" + (" --quick" if b.quick else "") + "` (builds with `cargo build --release --bins`, "
       "compiles `bench/floor.c` and `bench/cworker.c` with `cc -O2`, then runs `bench/run.py`). Below, each distinct "
       "command line, from the repository root (gunicorn runs with `bench/` as its working directory); "
-      "`$PORT` is a port picked free at run time, `$RUN` the run's scratch directory, `$N` the worker count.\n")
+      "`$PORT` is a port picked free at run time, `$RUN` the run's scratch directory (`NAME`: server, worker count and timeout), `$N` the worker count.\n")
     w("```")
+    merged = {}  # the same command but for the scratch file names: one line
     for line, uses in b.commands.items():
+        line = re.sub(r"\$RUN/\w+-\$PORT\.", "$RUN/NAME-$PORT.", line)
+        merged.setdefault(line, [])
+        merged[line] += [u for u in uses if u not in merged[line]]
+    for line, uses in merged.items():
         w(f"# {', '.join(uses)}")
         w(line)
     w("```")
