@@ -19,35 +19,9 @@ use arbiter_proto::frame::{FrameError, read_line};
 const CI_ITERS: u64 = 20_000;
 const LONG_ITERS: u64 = 1_000_000;
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-}
+#[path = "support/fuzzgen.rs"]
+mod fuzzgen;
+use fuzzgen::{Rng, mutate};
 
 /// Interesting tokens spliced in by the mutator.
 const TOKENS: &[&[u8]] = &[
@@ -87,51 +61,6 @@ const TOKENS: &[&[u8]] = &[
     b"\xe2\x82",
     b" ",
 ];
-
-/// Byte flips, truncation, duplication, insertion of tokens and random bytes.
-fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
-    let mut v = input.to_vec();
-    for _ in 0..=rng.below(4) {
-        match rng.below(7) {
-            0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
-            }
-            1 => {
-                let n = rng.below(v.len() + 1);
-                v.truncate(n);
-            }
-            2 if !v.is_empty() => {
-                let a = rng.below(v.len());
-                let b = a + rng.below(v.len() - a + 1);
-                let chunk = v[a..b].to_vec();
-                let at = rng.below(v.len() + 1);
-                v.splice(at..at, chunk);
-            }
-            3 => {
-                let tok = *rng.pick(TOKENS);
-                let at = rng.below(v.len() + 1);
-                v.splice(at..at, tok.iter().copied());
-            }
-            4 if !v.is_empty() => {
-                let a = rng.below(v.len());
-                let b = (a + rng.below(8)).min(v.len());
-                v.drain(a..b);
-            }
-            5 => {
-                let extra = rng.bytes(8);
-                let at = rng.below(v.len() + 1);
-                v.splice(at..at, extra);
-            }
-            _ if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = rng.next() as u8;
-            }
-            _ => {}
-        }
-    }
-    v
-}
 
 fn random_string(rng: &mut Rng) -> String {
     const PARTS: &[&str] = &[
@@ -291,7 +220,7 @@ fn run_request(iters: u64, seed: u64) {
             0 => rng.bytes(64),
             _ => {
                 let s = rng.pick(&seeds).clone();
-                mutate(&mut rng, &s)
+                mutate(&mut rng, &s, TOKENS)
             }
         };
         check_request(&input);
@@ -313,7 +242,7 @@ fn run_frame(iters: u64, seed: u64) {
                 data.push(b'\n');
             }
         }
-        let data = mutate(&mut rng, &data);
+        let data = mutate(&mut rng, &data, TOKENS);
         check_frame(&data, 1 + rng.below(16));
     }
 }
