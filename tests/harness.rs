@@ -489,10 +489,12 @@ fn parse_response(buf: &[u8], eof: bool) -> io::Result<Option<Response>> {
 
 /// Send `GET path` with `Connection: close` on `stream` and read the response.
 pub fn exchange<S: Read + Write>(mut stream: S, host: &str, path: &str) -> io::Result<Response> {
-    write!(
-        stream,
+    // One write, as a real client sends it: `write!` would send each piece of
+    // the format on its own.
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: arbiter-blackbox\r\nConnection: close\r\n\r\n"
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     stream.flush()?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
