@@ -236,6 +236,66 @@ fn a_sigstopped_worker_is_killed_and_replaced_within_timeout_plus_1s() {
 }
 
 #[test]
+fn a_stall_of_the_whole_machine_does_not_time_out_the_workers() {
+    // SIGSTOP of the master and of every worker stands in for a paused VM or a
+    // machine thrashing in swap: nobody runs, nobody beats. gunicorn's master
+    // wakes from that and kills every worker at once for silence.
+    let d = Daemon::start(["-w", "2", "-t", "2"]);
+    let before = pids(&d.wait_workers(2));
+    d.wait_until(SHORT, "both workers' first heartbeat", || {
+        let st = status(&d);
+        let beating = before
+            .iter()
+            .filter(|&&p| worker_entry(&st, p).is_some_and(|e| e["last_beat_secs"].is_number()))
+            .count();
+        if beating == 2 {
+            Ok(())
+        } else {
+            Err(st["workers"].to_string())
+        }
+    });
+    d.signal(Signal::SIGSTOP);
+    for &p in &before {
+        d.signal_worker(p, Signal::SIGSTOP);
+    }
+    // The fault itself, not a wait for a condition: the stall must outlast the
+    // 2 s timeout.
+    std::thread::sleep(secs(3));
+    // The master first: it must not judge before the workers have had a chance.
+    d.signal(Signal::SIGCONT);
+    for &p in &before {
+        d.signal_worker(p, Signal::SIGCONT);
+    }
+    d.wait_log("the master saying it ran late", |l| {
+        l.contains("WARNING") && l.contains("ran") && l.contains("late")
+    });
+    // Fresh beats from both, seen by the master: any timeout would have been
+    // decided by now, in the master's first turn after the stall.
+    d.wait_until(SHORT, "fresh heartbeats from both workers", || {
+        let st = status(&d);
+        let fresh = before
+            .iter()
+            .filter(|&&p| {
+                worker_entry(&st, p)
+                    .and_then(|e| e["last_beat_secs"].as_f64())
+                    .is_some_and(|age| age < 1.0)
+            })
+            .count();
+        if fresh == 2 {
+            Ok(())
+        } else {
+            Err(st["workers"].to_string())
+        }
+    });
+    let timeouts = d.log_lines_with("WORKER TIMEOUT");
+    if !timeouts.is_empty() {
+        d.fail(&format!("workers timed out for the stall: {timeouts:?}"));
+    }
+    assert_eq!(sorted(d.workers()), before, "the same workers serve");
+    d.get("/");
+}
+
+#[test]
 fn a_worker_that_never_heartbeats_is_not_killed_for_silence() {
     // Slot 0 never touches its heartbeat fd; slot 1 beats once (a byte written to
     // the fd) and then goes silent: it is the control showing that the 1 s timeout

@@ -76,6 +76,11 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// From this many failures in a row, a slot is reported as crash-looping.
 const CRASH_LOOP_AFTER: u32 = 3;
+/// A poll that returns this much later than its deadline means the master did
+/// not run: stopped, a paused VM, a machine thrashing in swap. The workers most
+/// likely did not run either, so their silence over that time is not held
+/// against them.
+const STALL: Duration = Duration::from_secs(1);
 
 struct Reload {
     /// The generation that keeps serving if this reload fails.
@@ -224,6 +229,8 @@ pub struct Arbiter {
     exit_reason: Option<String>,
     /// The first generation was fully ready once: exit 3/4 no longer halts.
     served: bool,
+    /// Heartbeat silence before this instant is not counted (see `forgive_stall`).
+    silence_counted_from: Instant,
     slots: HashMap<usize, SlotHealth>,
     /// A worker of this generation exited with EX_CONFIG: spawn none until it changes.
     config_failed: Option<u64>,
@@ -343,6 +350,7 @@ impl Arbiter {
             exit_status: 0,
             exit_reason: None,
             served: false,
+            silence_counted_from: Instant::now(),
             slots: HashMap::new(),
             config_failed: None,
             fork_failures: 0,
@@ -408,6 +416,7 @@ impl Arbiter {
     /// Sleep until a signal, an exec status, a control client, or the nearest
     /// deadline, and handle what woke us.
     fn wait_for_events(&mut self) {
+        let due = self.next_deadline();
         let timeout = self.poll_timeout(Instant::now());
         let woke: Vec<Token> = {
             let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
@@ -446,22 +455,29 @@ impl Arbiter {
                 }
             }
             match poll(&mut fds, timeout) {
-                Ok(_) => {}
+                Ok(_) => fds
+                    .iter()
+                    .zip(tokens)
+                    .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
+                    .map(|(_, t)| t)
+                    .collect(),
                 // Every signal interrupts poll (SA_RESTART does not apply to it); the
                 // record waits in the pipe for the next turn.
-                Err(nix::errno::Errno::EINTR) => return,
+                Err(nix::errno::Errno::EINTR) => Vec::new(),
                 Err(e) => {
                     critical!("poll failed: {e}");
-                    return;
+                    Vec::new()
                 }
             }
-            fds.iter()
-                .zip(tokens)
-                .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
-                .map(|(_, t)| t)
-                .collect()
         };
         let now = Instant::now();
+        // Before anything is judged on time, this turn included: a stall ends in
+        // whichever way poll returns.
+        if let Some(due) = due
+            && now > due + STALL
+        {
+            self.forgive_stall(now - due, now);
+        }
         let mut requests = Vec::new();
         for token in woke {
             match token {
@@ -600,10 +616,41 @@ impl Arbiter {
         next
     }
 
+    /// The master woke `late` after its deadline: heartbeat silence is counted
+    /// again from now, so a stall of the whole machine does not time out every
+    /// worker at once (gunicorn's master does exactly that after a VM pause). A
+    /// worker really hung is still timed out, one `--timeout` later.
+    fn forgive_stall(&mut self, late: Duration, now: Instant) {
+        let Some(timeout) = self.cfg.timeout else {
+            return;
+        };
+        let silent = self
+            .workers
+            .iter()
+            .filter(|w| {
+                w.heartbeat
+                    .last_beat
+                    .is_some_and(|b| b + timeout / 2 <= now)
+            })
+            .count();
+        warning!(
+            "The master ran {:.1}s late (stopped, or the machine stalled); heartbeat silence \
+             is counted from now ({silent} worker(s) had been silent for over half the timeout)",
+            late.as_secs_f64()
+        );
+        self.silence_counted_from = now;
+    }
+
+    /// Since when the worker counts as silent: its last beat, or the end of the
+    /// master's last stall if that is later.
+    fn silent_since(&self, w: &Worker) -> Option<Instant> {
+        silent_since(w, self.silence_counted_from)
+    }
+
     /// When the worker's heartbeat must next be looked at.
     fn heartbeat_deadline(&self, w: &Worker) -> Option<Instant> {
         let timeout = self.cfg.timeout?;
-        Some(match w.heartbeat.last_beat {
+        Some(match self.silent_since(w) {
             Some(beat) => (beat + timeout).max(w.extended_until.unwrap_or(beat)),
             // Not beating yet: never killed for that, but looked at now and then to
             // notice the first beat.
@@ -1448,6 +1495,7 @@ impl Arbiter {
         }
         let timeout = self.cfg.timeout;
         let boot_timeout = self.cfg.boot_timeout;
+        let counted_from = self.silence_counted_from;
         for w in &mut self.workers {
             match w.state {
                 State::Stopping { deadline } | State::Aborted { deadline } if now >= deadline => {
@@ -1481,7 +1529,7 @@ impl Arbiter {
                     // many workers instead of one wakeup each. Killing still needs
                     // the full timeout of silence (checked below).
                     let slack = timeout / 4;
-                    let due = match w.heartbeat.last_beat {
+                    let due = match silent_since(w, counted_from) {
                         Some(beat) => now + slack >= beat + timeout,
                         None => now + slack >= w.heartbeat.last_check() + probe_interval(timeout),
                     };
@@ -1489,7 +1537,7 @@ impl Arbiter {
                         continue;
                     }
                     w.heartbeat.check(now);
-                    if let Some(beat) = w.heartbeat.last_beat
+                    if let Some(beat) = silent_since(w, counted_from)
                         && now >= beat + timeout
                     {
                         critical!("WORKER TIMEOUT (pid:{})", w.pid);
@@ -2434,6 +2482,10 @@ fn ready_mode(cfg: &Config) -> ReadyMode {
 }
 
 /// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).
+fn silent_since(w: &Worker, counted_from: Instant) -> Option<Instant> {
+    w.heartbeat.last_beat.map(|beat| beat.max(counted_from))
+}
+
 fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
     let base = w.started + boot_timeout;
     w.extended_until.map_or(base, |t| t.max(base))
