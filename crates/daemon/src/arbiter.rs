@@ -25,7 +25,7 @@ use arbiter_proto::status as snapshot;
 use arbiter_proto::worker as contract;
 
 use crate::config::{self, Config, Loader, ReadyMode, WorkerProgram};
-use crate::control::{ClientId, ControlServer, Interest, Peer};
+use crate::control::{ClientId, ControlServer, Interest, Peer, Restore};
 use crate::daemonize::Report;
 use crate::listeners::{self, Listener};
 use crate::notify::{self, Message, NotifySocket, ServiceManager};
@@ -499,6 +499,11 @@ impl Arbiter {
                 Token::Notify => {
                     for (sender, messages) in self.notify.receive() {
                         self.on_notify(sender, messages, now);
+                    }
+                }
+                Token::Control(Interest::Watch) => {
+                    if let Some(c) = &mut self.control {
+                        c.on_watch(now);
                     }
                 }
                 Token::Control(Interest::Listener) => {
@@ -1471,6 +1476,17 @@ impl Arbiter {
     fn check_deadlines(&mut self, now: Instant) {
         if let Some(c) = &mut self.control {
             c.expire(now);
+            match c.restore(now) {
+                Some(Restore::Rebound) => warning!(
+                    "Control socket {} was removed; bound a new one",
+                    c.path().display()
+                ),
+                Some(Restore::Failed(e, retry)) => error!(
+                    "Control socket was removed and cannot be recreated: {e}; retrying in {:.0}s",
+                    retry.as_secs_f64()
+                ),
+                None => {}
+            }
         }
         if self
             .upgrade

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arbiter_proto::control::{ErrorKind, MAX_LINE, Request, Response, parse_request};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::warning;
 
@@ -27,6 +28,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const GUNICORN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a refused client has to send its first bytes before it is closed.
 const REFUSED_GRACE: Duration = Duration::from_secs(1);
+/// After the socket file disappears, wait this long before binding a new one: an
+/// `rm -rf` of its directory is still running, and a file put back at once would
+/// make its rmdir fail.
+const RESTORE_DELAY: Duration = Duration::from_secs(1);
+/// Retries of a restore that failed back off up to this.
+const RESTORE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A client that does not read its replies is dropped past this much queued output.
 const MAX_OUTPUT: usize = 8 * 1024 * 1024;
 /// Read at most this much from one client per loop turn, so one fast writer cannot
@@ -75,12 +82,30 @@ pub struct ControlServer {
     clients: Vec<Client>,
     next_id: ClientId,
     uid: u32,
+    /// Tells us when the socket file is removed (a tmp cleaner, an `rm -rf` of its
+    /// directory), so control comes back without a reload. None when inotify is
+    /// unavailable: then only a reload restores it.
+    watch: Option<Inotify>,
+    watched: Option<WatchDescriptor>,
+    /// When to look at the path again, and the back-off after a failed restore.
+    restore_at: Option<Instant>,
+    restore_backoff: Duration,
 }
 
 /// What the poll loop should watch for one fd of the control server.
 pub enum Interest {
     Listener,
     Client(ClientId),
+    /// The inotify watch on the socket's directory.
+    Watch,
+}
+
+/// What [`ControlServer::restore`] did.
+pub enum Restore {
+    /// The socket file was missing; a new one is bound at the same path.
+    Rebound,
+    /// It is still missing and could not be bound; tried again after the delay.
+    Failed(ControlError, Duration),
 }
 
 #[derive(Debug)]
@@ -96,49 +121,123 @@ impl ControlServer {
     /// Bind the control socket at `path`: mode 0600, in a directory created 0700 if
     /// missing. A stale socket from a dead master is replaced; a live one is an error.
     pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
-        let shown = path.display();
-        let fail = |what: String| ControlError(format!("control socket {shown}: {what}"));
-        if path.as_os_str().len() >= 108 {
-            return Err(fail("path longer than 107 bytes".into()));
-        }
-        // SAFETY: getuid cannot fail.
-        let uid = unsafe { libc::getuid() };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            prepare_dir(dir, uid).map_err(fail)?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) => {
-                use std::os::unix::fs::FileTypeExt;
-                if !meta.file_type().is_socket() {
-                    return Err(fail("the path exists and is not a socket".into()));
-                }
-                if UnixStream::connect(path).is_ok() {
-                    return Err(fail("a running master is answering on it".into()));
-                }
-                std::fs::remove_file(path)
-                    .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fail(e.to_string())),
-        }
-        // The master has one thread, so changing the umask around bind is race-free
-        // and leaves no window in which the socket is more open than 0600.
-        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-        let bound = UnixListener::bind(path);
-        nix::sys::stat::umask(old);
-        let listener = bound.map_err(|e| fail(e.to_string()))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| fail(e.to_string()))?;
-        let meta = std::fs::symlink_metadata(path).map_err(|e| fail(e.to_string()))?;
-        Ok(ControlServer {
+        let (listener, identity) = bind_socket(path)?;
+        let mut server = ControlServer {
             listener,
             path: path.to_path_buf(),
-            identity: (meta.dev(), meta.ino()),
+            identity,
             clients: Vec::new(),
             next_id: 1,
-            uid,
-        })
+            // SAFETY: getuid cannot fail.
+            uid: unsafe { libc::getuid() },
+            watch: None,
+            watched: None,
+            restore_at: None,
+            restore_backoff: RESTORE_DELAY,
+        };
+        match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+            Ok(i) => server.watch = Some(i),
+            Err(e) => warning!(
+                "Control socket: cannot watch {} ({e}); if it is removed, a reload \
+                 brings it back",
+                path.display()
+            ),
+        }
+        server.arm_watch();
+        Ok(server)
+    }
+
+    /// (Re)point the inotify watch at the socket's directory, which may be new.
+    fn arm_watch(&mut self) {
+        let Some(inotify) = &self.watch else { return };
+        if let Some(wd) = self.watched.take() {
+            let _ = inotify.rm_watch(wd);
+        }
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mask = AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF
+            | AddWatchFlags::IN_ONLYDIR;
+        // Failing here (the directory just went away) is noticed at the restore.
+        self.watched = inotify.add_watch(dir, mask).ok();
+    }
+
+    /// The watch fired: if the event concerns our file or its directory, look at
+    /// the path again shortly.
+    pub fn on_watch(&mut self, now: Instant) {
+        let Some(inotify) = &self.watch else { return };
+        let name = self.path.file_name();
+        let mut gone = false;
+        // Bounded: the queue holds at most max_queued_events, and our own writes
+        // never generate these events.
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for e in events {
+                let dir_gone = e.mask.intersects(
+                    AddWatchFlags::IN_DELETE_SELF
+                        | AddWatchFlags::IN_MOVE_SELF
+                        | AddWatchFlags::IN_IGNORED
+                        | AddWatchFlags::IN_Q_OVERFLOW,
+                );
+                if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    self.watched = None;
+                }
+                gone |= dir_gone || (e.name.is_some() && e.name.as_deref() == name);
+            }
+        }
+        if gone && self.restore_at.is_none() {
+            self.restore_at = Some(now + RESTORE_DELAY);
+        }
+    }
+
+    /// Bind a new socket if ours was removed and nothing took its place. A path
+    /// that exists is left alone whoever owns it: during an upgrade the new master
+    /// renames its socket over ours.
+    pub fn restore(&mut self, now: Instant) -> Option<Restore> {
+        if self.restore_at.is_none_or(|t| now < t) {
+            return None;
+        }
+        self.restore_at = None;
+        match std::fs::symlink_metadata(&self.path) {
+            // NotADirectory: something else now sits where the directory was.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) => {}
+            _ => {
+                self.restore_backoff = RESTORE_DELAY;
+                if self.watched.is_none() {
+                    self.arm_watch();
+                }
+                return None;
+            }
+        }
+        match self.rebind() {
+            Ok(()) => {
+                self.restore_backoff = RESTORE_DELAY;
+                Some(Restore::Rebound)
+            }
+            Err(e) => {
+                let retry = self.restore_backoff;
+                self.restore_backoff = (retry * 2).min(RESTORE_BACKOFF_MAX);
+                self.restore_at = Some(now + retry);
+                Some(Restore::Failed(e, retry))
+            }
+        }
+    }
+
+    /// A new listener at the same path; connected clients stay.
+    fn rebind(&mut self) -> Result<(), ControlError> {
+        (self.listener, self.identity) = bind_socket(&self.path)?;
+        self.arm_watch();
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -148,6 +247,9 @@ impl ControlServer {
     /// The fds to poll and what for: (fd, want read, want write, whose).
     pub fn interests(&self) -> Vec<(BorrowedFd<'_>, bool, bool, Interest)> {
         let mut out = vec![(self.listener.as_fd(), true, false, Interest::Listener)];
+        if let Some(w) = &self.watch {
+            out.push((w.as_fd(), true, false, Interest::Watch));
+        }
         for c in &self.clients {
             let read = !c.waiting && !c.closing && !c.eof;
             let write = !c.output.is_empty();
@@ -162,6 +264,7 @@ impl ControlServer {
             .iter()
             .filter(|c| !c.waiting)
             .map(|c| c.deadline)
+            .chain(self.restore_at)
             .min()
     }
 
@@ -394,9 +497,8 @@ impl ControlServer {
         if ours {
             return Ok(false);
         }
-        let fresh = ControlServer::bind(&self.path)?;
-        self.listener = fresh.listener;
-        self.identity = fresh.identity;
+        self.rebind()?;
+        self.restore_at = None;
         Ok(true)
     }
 
@@ -405,6 +507,7 @@ impl ControlServer {
     pub fn rename_to(&mut self, to: &Path) -> io::Result<()> {
         std::fs::rename(&self.path, to)?;
         self.path = to.to_path_buf();
+        self.arm_watch();
         Ok(())
     }
 
@@ -477,6 +580,47 @@ impl Client {
 
 /// Is a whole request already buffered? (A gunicornc frame's length is checked by
 /// its parser; four bytes are enough to ask it.)
+/// Bind the socket file at `path` (see [`ControlServer::bind`]); its listener and
+/// the file's device and inode.
+fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ControlError> {
+    let shown = path.display();
+    let fail = |what: String| ControlError(format!("control socket {shown}: {what}"));
+    if path.as_os_str().len() >= 108 {
+        return Err(fail("path longer than 107 bytes".into()));
+    }
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir, uid).map_err(fail)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(fail("the path exists and is not a socket".into()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(fail("a running master is answering on it".into()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    // The master has one thread, so changing the umask around bind is race-free
+    // and leaves no window in which the socket is more open than 0600.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| fail(e.to_string()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| fail(e.to_string()))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
 fn has_complete_request(c: &Client) -> bool {
     if c.gunicorn {
         c.input.len() >= 4
