@@ -669,8 +669,31 @@ fn log_file_on_a_full_disk_does_not_stop_the_master() {
     });
     assert_eq!(http_get(&target, "/", SHORT).unwrap().status, 200);
     assert!(d.try_status().is_none(), "the master exited");
+    // The operator can tell the log is lost: status, arbiterctl and metrics say so.
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let log = &st["master"]["log"];
+    let dropped = log["lines_dropped"].as_u64().unwrap_or(0);
+    assert!(
+        dropped >= 10,
+        "lines_dropped {dropped} after all that: {log}"
+    );
+    let failing = log["failing"].as_str().unwrap_or_default();
+    assert!(failing.contains("No space left"), "failing: {log}");
+    let shown = d.ctl(["status"]);
+    assert!(
+        shown
+            .stdout
+            .contains("LOG FAILING: No space left on device"),
+        "arbiterctl status: {shown:?}"
+    );
+    let metrics = d.ctl(["metrics"]);
+    assert!(
+        metrics.stdout.contains("\narbiter_log_failing 1\n"),
+        "arbiterctl metrics: {}",
+        metrics.stdout
+    );
     eprintln!(
-        "RELIABILITY log=/dev/full: master alive and serving; reopen answered {reopen}; stderr/stdout carried {:?}",
+        "RELIABILITY log=/dev/full: master alive and serving; {dropped} lines dropped, status says {failing:?}; reopen answered {reopen}; stderr/stdout carried {:?}",
         d.log()
     );
 }
@@ -996,5 +1019,49 @@ fn a_stuck_log_reader_does_not_freeze_the_master() {
         stuck.as_ref().map(|s| s.1),
         stuck.as_ref().map_or(0, |s| s.0),
         stuck.as_ref().map_or(String::new(), |s| s.2.clone()),
+    );
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let log = st["master"]["log"].clone();
+    assert!(
+        log["lines_dropped"].as_u64().unwrap_or(0) > 0 && log["failing"].is_string(),
+        "status while the reader is stuck: {log}"
+    );
+    // The reader catches up: the next line gets through, with the count of those
+    // lost, and status stops saying the log is failing.
+    let mut reader = _reader;
+    let mut seen = Vec::new();
+    d.wait_until(SHORT, "the log writing again", || {
+        use std::io::Read;
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // A line to write: the scale logs one.
+        control(
+            &d.control_path(),
+            r#"{"v":1,"cmd":"scale","to":2}"#,
+            secs(2),
+        )?;
+        let st = status_at(&d.control_path())?;
+        if st["master"]["log"]["failing"].is_null() {
+            Ok(())
+        } else {
+            Err(st["master"]["log"].to_string())
+        }
+    });
+    {
+        use std::io::Read;
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest);
+        seen.extend_from_slice(&rest);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.contains("log lines could not be written"),
+        "no count of the lost lines in what the reader got: {}",
+        &text[text.len().saturating_sub(2000)..]
     );
 }

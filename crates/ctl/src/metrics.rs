@@ -198,6 +198,18 @@ pub fn families(st: &Status) -> Vec<Family> {
         "Workers spawned since the master started.",
         m.workers_spawned as f64,
     ));
+    out.push(single(
+        "arbiter_log_lines_dropped_total",
+        "counter",
+        "Lines the master could not write to its log (a full disk, a stalled reader).",
+        m.log.lines_dropped as f64,
+    ));
+    out.push(single(
+        "arbiter_log_failing",
+        "gauge",
+        "1 while the master's log is refusing lines.",
+        if m.log.failing.is_some() { 1.0 } else { 0.0 },
+    ));
     out
 }
 
@@ -342,6 +354,12 @@ arbiter_worker_failures_total 5
 # HELP arbiter_workers_spawned_total Workers spawned since the master started.
 # TYPE arbiter_workers_spawned_total counter
 arbiter_workers_spawned_total 12
+# HELP arbiter_log_lines_dropped_total Lines the master could not write to its log (a full disk, a stalled reader).
+# TYPE arbiter_log_lines_dropped_total counter
+arbiter_log_lines_dropped_total 0
+# HELP arbiter_log_failing 1 while the master's log is refusing lines.
+# TYPE arbiter_log_failing gauge
+arbiter_log_failing 0
 "#;
         assert_eq!(text, want, "got:\n{text}");
     }

@@ -111,6 +111,15 @@ pub fn status_header(st: &Status) -> String {
     if let Some(u) = &m.upgrade {
         let _ = writeln!(out, "upgrade in flight: {u}");
     }
+    match (&m.log.failing, m.log.lines_dropped) {
+        (Some(e), n) => {
+            let _ = writeln!(out, "LOG FAILING: {e} ({n} lines lost so far)");
+        }
+        (None, 0) => {}
+        (None, n) => {
+            let _ = writeln!(out, "log: {n} lines lost earlier; writing again");
+        }
+    }
     let mut looping: Vec<(u64, u64)> = st
         .workers
         .iter()
@@ -274,6 +283,7 @@ pub(crate) mod tests {
                 workers_spawned: 12,
                 timeout_secs: Some(30.0),
                 backoff: Vec::new(),
+                log: Default::default(),
             },
             workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
         }

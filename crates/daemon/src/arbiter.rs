@@ -1224,6 +1224,13 @@ impl Arbiter {
                 upgrades: self.upgrades,
                 worker_failures: self.worker_failures,
                 workers_spawned: self.workers_spawned,
+                log: {
+                    let (lines_dropped, failing) = crate::log::health();
+                    snapshot::LogStatus {
+                        lines_dropped,
+                        failing,
+                    }
+                },
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
                 backoff: {
                     let mut b: Vec<snapshot::SlotBackoff> = self

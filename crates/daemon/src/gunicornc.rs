@@ -977,6 +977,7 @@ mod tests {
                 workers_spawned: 5,
                 timeout_secs: Some(30.0),
                 backoff: Vec::new(),
+                log: Default::default(),
             },
             workers: vec![
                 worker(5, 205, "booting", None),

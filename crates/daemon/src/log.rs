@@ -61,13 +61,26 @@ struct Logger {
     /// Lines that could not be written (a full pipe, a full disk), reported with
     /// the next line that can be.
     dropped: u64,
+    /// All lines ever dropped, and the error while it lasts: for `status`, which
+    /// is how an operator learns that the log itself is lost.
+    dropped_total: u64,
+    failing: Option<String>,
 }
 
 static LOGGER: Mutex<Logger> = Mutex::new(Logger {
     level: Level::Info,
     target: Target::Stderr { pipe: None },
     dropped: 0,
+    dropped_total: 0,
+    failing: None,
 });
+
+/// Lines dropped since the start, and the current write error if the log is
+/// refusing lines now.
+pub fn health() -> (u64, Option<String>) {
+    let logger = LOGGER.lock().unwrap_or_else(|e| e.into_inner());
+    (logger.dropped_total, logger.failing.clone())
+}
 
 fn open_log(path: &PathBuf) -> io::Result<File> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -110,15 +123,22 @@ impl Logger {
                 std::process::id(),
                 self.dropped
             );
-            if self.raw(note.as_bytes()).is_err() {
-                self.dropped += 1;
+            if let Err(e) = self.raw(note.as_bytes()) {
+                self.drop_line(e);
                 return;
             }
             self.dropped = 0;
         }
-        if self.raw(line.as_bytes()).is_err() {
-            self.dropped += 1;
+        match self.raw(line.as_bytes()) {
+            Ok(()) => self.failing = None,
+            Err(e) => self.drop_line(e),
         }
+    }
+
+    fn drop_line(&mut self, e: io::Error) {
+        self.dropped += 1;
+        self.dropped_total += 1;
+        self.failing = Some(e.to_string());
     }
 
     fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {

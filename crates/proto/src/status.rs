@@ -46,6 +46,20 @@ pub struct MasterStatus {
     /// no worker alive in them, this is where they show.
     #[serde(default)]
     pub backoff: Vec<SlotBackoff>,
+    /// The master's own log (`--log-file`, or stderr).
+    #[serde(default)]
+    pub log: LogStatus,
+}
+
+/// Whether the master's log is taking its lines: a full disk or a log reader that
+/// stopped reading costs lines, never the master.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogStatus {
+    /// Lines the master could not write, since it started.
+    pub lines_dropped: u64,
+    /// Set while the log is refusing lines: the last write error. Cleared by the
+    /// first line that gets through.
+    pub failing: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
