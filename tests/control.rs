@@ -177,3 +177,68 @@ fn another_uid_is_refused() {
     assert!(is_alive(d.pid()), "a refused client stopped the master");
     assert!(status_took(&d) < SHORT);
 }
+
+#[test]
+fn past_64_clients_one_is_told_busy_in_its_own_framing_then_served_again() {
+    let d = Daemon::start(["-w", "1"]);
+    d.wait_workers(1);
+    let path = d.control_path();
+    let connect = || {
+        let s = UnixStream::connect(&path).unwrap_or_else(|e| d.fail(&e.to_string()));
+        s.set_read_timeout(Some(SHORT)).unwrap();
+        s
+    };
+    // The listen queue is first come, first served: these 64 fill every slot
+    // before the clients below are accepted.
+    let idle: Vec<UnixStream> = (0..64).map(|_| connect()).collect();
+
+    // JSON: the busy error comes as the answer to its request, then EOF.
+    let mut json = connect();
+    json.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap();
+    let mut got = String::new();
+    (&json)
+        .read_to_string(&mut got)
+        .unwrap_or_else(|e| d.fail(&format!("busy JSON client: {e} after {got:?}")));
+    let v: Value =
+        serde_json::from_str(got.trim()).unwrap_or_else(|e| d.fail(&format!("{e}: {got:?}")));
+    assert_eq!(v["error"]["kind"], "busy", "{v}");
+
+    // gunicornc framing: an error frame, not a JSON line it cannot parse.
+    let mut gc = connect();
+    let body = br#"{"id":1,"command":"show workers","args":[]}"#;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    gc.write_all(&frame).unwrap();
+    let mut raw = Vec::new();
+    (&gc)
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|e| d.fail(&format!("busy gunicornc client: {e} after {raw:?}")));
+    assert!(raw.len() > 4, "gunicornc client got {raw:?}");
+    let len = u32::from_be_bytes(raw[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, raw.len() - 4, "one whole frame: {raw:?}");
+    let v: Value = serde_json::from_slice(&raw[4..]).unwrap();
+    assert_eq!(v["status"], "error", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too many control connections"),
+        "{v}"
+    );
+
+    // One that says nothing is closed after its grace, told nothing.
+    let silent = connect();
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let r = (&silent).read_to_end(&mut rest);
+    assert!(
+        r.is_ok() && rest.is_empty(),
+        "silent busy client: {r:?} {rest:?} after {:?}",
+        t.elapsed()
+    );
+
+    drop(idle);
+    d.wait_until(SHORT, "status served again", || {
+        control(&path, r#"{"v":1,"cmd":"status"}"#, SHORT)
+    });
+}

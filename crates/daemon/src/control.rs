@@ -19,13 +19,15 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::warning;
 
-/// Connections served at once; one more is told "busy" and closed.
+/// Connections served at once; one more is told "busy" and closed (as many again
+/// wait up to [`REFUSED_GRACE`] to be told in their own framing).
 pub const MAX_CLIENTS: usize = 64;
 /// A connection with no complete request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// gunicornc's interactive mode keeps a connection open between commands typed by
 /// a person; gunicorn's own server allows 300 s.
 pub const GUNICORN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const BUSY: &str = "too many control connections; try again";
 /// How long a refused client has to send its first bytes before it is closed.
 const REFUSED_GRACE: Duration = Duration::from_secs(1);
 /// After the socket file disappears, wait this long before binding a new one: an
@@ -325,11 +327,19 @@ impl ControlServer {
                 ));
                 client.deadline = now + REFUSED_GRACE;
             }
-            if self.clients.len() >= MAX_CLIENTS {
-                client.send(&Response::err(
-                    ErrorKind::Busy,
-                    "too many control connections; try again",
-                ));
+            let served = self.clients.iter().filter(|c| c.refused.is_none()).count();
+            let refused = self.clients.len() - served;
+            if client.refused.is_none() && served >= MAX_CLIENTS {
+                // Answered like a refused user: once it has written, in its own
+                // framing, so it reads the answer instead of a broken pipe.
+                client.refused = Some((ErrorKind::Busy, BUSY));
+                client.deadline = now + REFUSED_GRACE;
+            }
+            if let Some((kind, message)) = client.refused
+                && refused >= MAX_CLIENTS
+            {
+                // Past the refused ones too (a flood): say it at once and close.
+                client.send(&Response::err(kind, message));
                 client.closing = true;
                 client.flush();
                 continue;
