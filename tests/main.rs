@@ -7,6 +7,7 @@ mod examples;
 mod gunicornc;
 mod harness;
 mod health;
+mod listener_flags;
 mod manpages;
 mod master;
 mod ops;

@@ -3,11 +3,17 @@
 //! The master execs its own binary as `arbiterd --builtin-worker`; from then on this
 //! is a worker like any other (listeners at fds 3.., `LISTEN_PID`, a heartbeat fd,
 //! `NOTIFY_SOCKET`). It is also the benchmark worker, so it is lean: one thread, one
-//! level-triggered epoll loop, non-blocking sockets, listeners registered with
+//! level-triggered epoll loop, non-blocking connections, listeners registered with
 //! `EPOLLEXCLUSIVE` so N workers sharing a socket do not all wake for each
 //! connection, a bounded number of connections, canned responses, and one shared
 //! read buffer (a connection only keeps bytes of its own when a request straddles
 //! two reads).
+//!
+//! The listeners stay as the master bound them, blocking: their file status flags
+//! belong to the open file description that the master and every worker share, so
+//! setting O_NONBLOCK here would hand it to whatever the workers of a later reload
+//! or upgrade run. Accepting therefore polls first and runs under an interval
+//! alarm (see [`Worker::accept`]).
 //!
 //! - `GET /` answers `{"pid":P,"worker_id":I,"slot":S,"generation":G}`;
 //! - `GET /sleep?ms=N` answers the same after N ms (a timer, never a blocked loop);
@@ -23,9 +29,15 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{
+    SaFlags, SigAction, SigEvent, SigHandler, SigSet, SigevNotify, Signal, sigaction,
+};
 use nix::sys::socket::{self, MsgFlags, Shutdown, SockFlag, SockaddrLike, sockopt};
+use nix::sys::time::TimeSpec;
+use nix::sys::timer::{Expiration, Timer, TimerSetTimeFlags};
+use nix::time::ClockId;
 
 use arbiter_proto::worker as contract;
 
@@ -53,6 +65,10 @@ const READS_PER_EVENT: usize = 16;
 const ACCEPT_BATCH: usize = 64;
 /// Out of descriptors: how long to leave the listeners alone.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// While a batch of accepts runs, SIGALRM comes this often: the longest a blocking
+/// accept that lost its connection to another process (between our poll and the
+/// accept) keeps the worker from its other connections.
+const ACCEPT_ALARM_EVERY: Duration = Duration::from_millis(10);
 /// A connection with nothing in progress (idle keep-alive, a head or body that
 /// stopped arriving, a client that does not read) is closed after this; without
 /// it, MAX_CONNECTIONS silent clients would wedge the worker for good.
@@ -771,6 +787,8 @@ struct Listener {
 struct Worker {
     epoll: Epoll,
     signals: SignalPipe,
+    /// Armed only during a batch of accepts; see [`AcceptAlarm`].
+    alarm: AcceptAlarm,
     listeners: Vec<Listener>,
     /// The listeners are in the epoll set.
     listening: bool,
@@ -802,6 +820,7 @@ impl Worker {
             Signal::SIGUSR1,
         ])
         .map_err(|e| format!("signal handlers: {e}"))?;
+        let alarm = AcceptAlarm::install().map_err(|e| format!("accept alarm: {e}"))?;
         let epoll =
             Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
         epoll
@@ -813,6 +832,7 @@ impl Worker {
         let mut w = Worker {
             epoll,
             signals,
+            alarm,
             listeners,
             listening: false,
             conns: Slab::default(),
@@ -1007,13 +1027,28 @@ impl Worker {
         }
     }
 
+    /// Take up to ACCEPT_BATCH connections from a listener that is blocking (see
+    /// the module docs) without ever waiting on it: each accept follows a poll that
+    /// saw a connection queued, and since another worker may take that connection
+    /// first, the batch runs with the alarm armed, which turns an accept left
+    /// waiting into EINTR within ACCEPT_ALARM_EVERY.
     fn accept(&mut self, index: usize) {
+        let mut armed = false;
         for _ in 0..ACCEPT_BATCH {
             let Some(l) = self.listeners.get(index) else {
-                return;
+                break;
             };
-            if !self.listening {
-                return;
+            if !self.listening || !acceptable(l.fd.as_fd()) {
+                break;
+            }
+            if !armed {
+                if let Err(e) = self.alarm.arm() {
+                    // Unguarded, an accept could wait for good: leave the listeners
+                    // alone for a moment, as for any accept error.
+                    self.accept_failed(e);
+                    break;
+                }
+                armed = true;
             }
             let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
             match socket::accept4(l.fd.as_raw_fd(), flags) {
@@ -1026,12 +1061,14 @@ impl Worker {
                     }
                     self.adopt(fd);
                 }
-                Err(Errno::EAGAIN) => return,
+                // EINTR: the alarm, so another process took the connection we saw;
+                // EAGAIN: someone else made the listener non-blocking. Either way the
+                // queue is empty, and epoll says when it is not.
+                Err(Errno::EINTR | Errno::EAGAIN) => break,
                 // The connection died in the queue, or a network error that accept(2)
                 // says to treat as a retry.
                 Err(
-                    Errno::EINTR
-                    | Errno::ECONNABORTED
+                    Errno::ECONNABORTED
                     | Errno::EPROTO
                     | Errno::ENETDOWN
                     | Errno::ENOPROTOOPT
@@ -1042,22 +1079,29 @@ impl Worker {
                     | Errno::ENETUNREACH,
                 ) => continue,
                 Err(e) => {
-                    // Out of descriptors or memory: the connection stays queued and the
-                    // listener readable, so stop asking for a moment instead of spinning.
-                    let expected = matches!(
-                        e,
-                        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
-                    );
-                    if !expected && !self.accept_error_reported {
-                        self.accept_error_reported = true;
-                        eprintln!("arbiterd builtin worker: accept: {e}");
-                    }
-                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    self.update_listening();
-                    return;
+                    self.accept_failed(e);
+                    break;
                 }
             }
         }
+        if armed {
+            self.alarm.disarm();
+        }
+    }
+
+    /// Out of descriptors or memory, or worse: the connection stays queued and the
+    /// listener readable, so stop asking for a moment instead of spinning.
+    fn accept_failed(&mut self, e: Errno) {
+        let expected = matches!(
+            e,
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
+        );
+        if !expected && !self.accept_error_reported {
+            self.accept_error_reported = true;
+            eprintln!("arbiterd builtin worker: accept: {e}");
+        }
+        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+        self.update_listening();
     }
 
     fn adopt(&mut self, fd: OwnedFd) {
@@ -1363,10 +1407,6 @@ fn adopt_listener(raw: RawFd) -> Result<Listener, String> {
         Ok(false) => return Err(format!("fd {raw} is a socket that is not listening")),
         Err(e) => return Err(format!("fd {raw} is not a listening socket: {e}")),
     }
-    // O_NONBLOCK is on the open file description, shared with the master and the
-    // other workers; every worker of this program wants it, and the master never
-    // accepts. Without it, two workers woken for one connection would block.
-    set_nonblocking(fd.as_fd()).map_err(|e| format!("fd {raw}: {e}"))?;
     let tcp = socket::getsockname::<socket::SockaddrStorage>(raw).is_ok_and(|a| {
         matches!(
             a.family(),
@@ -1376,11 +1416,80 @@ fn adopt_listener(raw: RawFd) -> Result<Listener, String> {
     Ok(Listener { fd, tcp })
 }
 
-fn set_nonblocking(fd: BorrowedFd) -> nix::Result<()> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
+/// Whether accept would find something now: a queued connection, or an error
+/// (which accept then reports). Never waits.
+fn acceptable(fd: BorrowedFd) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) => return n > 0,
+            // A signal arrived while nothing was ready; look again.
+            Err(Errno::EINTR) => continue,
+            // Let accept try: the alarm bounds the wait, and saying "nothing" would
+            // have the level-triggered listener reported, and polled, in a loop.
+            Err(_) => return true,
+        }
+    }
+}
+
+/// SIGALRM every ACCEPT_ALARM_EVERY while armed, with a handler that does nothing
+/// but is installed without SA_RESTART: a blocking accept it interrupts returns
+/// EINTR instead of being restarted. The self-pipe's handlers use SA_RESTART (an
+/// accept they interrupt just goes on waiting), so this is the signal that gets a
+/// waiting accept back to the loop.
+struct AcceptAlarm {
+    timer: Timer,
+}
+
+extern "C" fn on_alarm(_: libc::c_int) {}
+
+impl AcceptAlarm {
+    fn install() -> nix::Result<AcceptAlarm> {
+        let action = SigAction::new(
+            SigHandler::Handler(on_alarm),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, which is async-signal-safe.
+        unsafe { sigaction(Signal::SIGALRM, &action) }?;
+        // The contract hands workers an empty mask; a blocked SIGALRM would leave
+        // an accept that lost its race waiting, so make sure.
+        SigSet::from(Signal::SIGALRM).thread_unblock()?;
+        // To this thread, not the process: the worker has only one, but the unit
+        // tests run beside libtest's threads, any of which could take a signal
+        // sent to the process and leave the accept waiting.
+        #[cfg(target_env = "gnu")]
+        let notify = SigevNotify::SigevThreadId {
+            signal: Signal::SIGALRM,
+            thread_id: nix::unistd::gettid().as_raw(),
+            si_value: 0,
+        };
+        #[cfg(not(target_env = "gnu"))]
+        let notify = SigevNotify::SigevSignal {
+            signal: Signal::SIGALRM,
+            si_value: 0,
+        };
+        let timer = Timer::new(ClockId::CLOCK_MONOTONIC, SigEvent::new(notify))?;
+        Ok(AcceptAlarm { timer })
+    }
+
+    /// An interval, not one shot: the batch may outlast the first expiry, and a
+    /// signal that lands just before an accept starts waiting is followed by another.
+    fn arm(&mut self) -> nix::Result<()> {
+        let every = TimeSpec::from_duration(ACCEPT_ALARM_EVERY);
+        self.timer
+            .set(Expiration::Interval(every), TimerSetTimeFlags::empty())
+    }
+
+    fn disarm(&mut self) {
+        // A zero one-shot expiry stops the timer, which cannot fail for a timer we
+        // own; were it to, the alarms would only cut epoll_wait short (an empty
+        // wake-up), never make anything wait.
+        let _ = self.timer.set(
+            Expiration::OneShot(TimeSpec::new(0, 0)),
+            TimerSetTimeFlags::empty(),
+        );
+    }
 }
 
 /// The common soft limit of 1024 descriptors is below MAX_CONNECTIONS plus our own:
@@ -1809,5 +1918,54 @@ mod tests {
         assert_eq!(beat_interval(30.0), Duration::from_secs(1));
         assert_eq!(beat_interval(2.0), Duration::from_millis(500));
         assert_eq!(beat_interval(0.1), Duration::from_millis(50));
+    }
+
+    fn is_nonblocking(fd: BorrowedFd) -> bool {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+        flags.contains(OFlag::O_NONBLOCK)
+    }
+
+    #[test]
+    fn acceptable_sees_a_queued_connection_without_waiting() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!acceptable(l.as_fd()), "nothing queued yet");
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // The handshake completes inside connect() on loopback, but nothing promises it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !acceptable(l.as_fd()) {
+            assert!(Instant::now() < deadline, "the connection never showed");
+            std::thread::yield_now();
+        }
+        let (_conn, _) = l.accept().unwrap();
+        assert!(!acceptable(l.as_fd()), "the only connection was taken");
+        assert!(!is_nonblocking(l.as_fd()), "polling changed the listener");
+    }
+
+    #[test]
+    fn the_alarm_gets_a_waiting_accept_back() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // Should the alarm not work, a connection ends the wait, and the test fails
+        // on the accept's result instead of hanging.
+        let (done, watch) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if watch.recv_timeout(Duration::from_secs(5)).is_err() {
+                let _ = std::net::TcpStream::connect(addr);
+            }
+        });
+        let mut alarm = AcceptAlarm::install().unwrap();
+        for round in 0..2 {
+            let start = Instant::now();
+            alarm.arm().unwrap();
+            let got = socket::accept4(l.as_raw_fd(), SockFlag::SOCK_CLOEXEC);
+            alarm.disarm();
+            let took = start.elapsed();
+            assert_eq!(got, Err(Errno::EINTR), "round {round}, after {took:?}");
+            assert!(took < Duration::from_secs(2), "round {round}: {took:?}");
+        }
+        assert!(!is_nonblocking(l.as_fd()));
+        let _ = done.send(());
+        watchdog.join().unwrap();
     }
 }
