@@ -1301,6 +1301,25 @@ SETTINGS = ("quick", "runs", "ns", "gunicorn_max", "idle_secs", "load_secs", "ev
             "timeout_trials", "workdir")
 
 
+# Everything from this line on in RESULTS.md is written by hand from the
+# reliability test runs (this harness does not measure it) and is carried over
+# when the report is written again.
+KEPT_MARKER = "<!-- kept by bench/run.py: the reliability section, from tests/reliability.rs and the fuzz runs -->"
+
+
+def write_report(out, text):
+    kept = ""
+    try:
+        with open(out) as f:
+            old = f.read()
+        if KEPT_MARKER in old:
+            kept = "\n" + old[old.index(KEPT_MARKER):]
+    except FileNotFoundError:
+        pass
+    with open(out, "w") as f:
+        f.write(text + kept)
+
+
 def report_from(path, out):
     """Write the report again from a run's results.json (no measuring)."""
     import types
@@ -1309,8 +1328,7 @@ def report_from(path, out):
     b = types.SimpleNamespace(r=data["results"], commands=data["commands"], **data["settings"])
     text = report(b) + (f"\nTotal run time: {b.r['took_secs']:.0f} s. Raw data: `{rel(b.workdir)}/results.json` "
                         "(not committed).\n")
-    with open(out, "w") as f:
-        f.write(text)
+    write_report(out, text)
     log(f"wrote {out} from {path}")
 
 
@@ -1372,8 +1390,7 @@ def main():
     with open(os.path.join(b.workdir, "results.json"), "w") as f:
         json.dump({"results": b.r, "commands": b.commands, "settings": settings}, f, indent=1)
     text = report(b) + f"\nTotal run time: {b.r['took_secs']:.0f} s. Raw data: `{rel(b.workdir)}/results.json` (not committed).\n"
-    with open(out, "w") as f:
-        f.write(text)
+    write_report(out, text)
     log(f"wrote {out} in {b.r['took_secs']:.0f} s")
 
 
