@@ -381,8 +381,31 @@ fn seconds(flag: &str, v: f64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// Parse one `--bind` value, in gunicorn's forms.
+/// What a `--bind` value says, before any host name is looked up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindForm {
+    Spec(BindSpec),
+    /// A host that is not an IP literal, and its port: needs a DNS look-up.
+    Host(String, u16),
+}
+
+/// Parse one `--bind` value, in gunicorn's forms, resolving a host name (IPv4).
 pub fn parse_bind(s: &str) -> Result<BindSpec, ConfigError> {
+    let (host, port) = match parse_bind_form(s)? {
+        BindForm::Spec(spec) => return Ok(spec),
+        BindForm::Host(host, port) => (host, port),
+    };
+    match (host.as_str(), port).to_socket_addrs() {
+        Ok(mut addrs) => match addrs.find(|a| a.is_ipv4()) {
+            Some(a) => Ok(BindSpec::Tcp(a)),
+            None => bail!("--bind {s}: '{host}' has no IPv4 address"),
+        },
+        Err(e) => bail!("--bind {s}: cannot resolve '{host}': {e}"),
+    }
+}
+
+/// The syntax of [`parse_bind`] alone: pure, no look-up, so it can be fuzzed.
+pub fn parse_bind_form(s: &str) -> Result<BindForm, ConfigError> {
     if let Some(path) = s
         .strip_prefix("unix://")
         .or_else(|| s.strip_prefix("unix:"))
@@ -393,11 +416,11 @@ pub fn parse_bind(s: &str) -> Result<BindSpec, ConfigError> {
         if path.len() >= 108 {
             bail!("--bind {s}: unix socket path longer than 107 bytes");
         }
-        return Ok(BindSpec::Unix(PathBuf::from(path)));
+        return Ok(BindForm::Spec(BindSpec::Unix(PathBuf::from(path))));
     }
     if let Some(n) = s.strip_prefix("fd://") {
         return match n.parse::<i32>() {
-            Ok(fd) if fd >= 0 => Ok(BindSpec::Fd(fd)),
+            Ok(fd) if fd >= 0 => Ok(BindForm::Spec(BindSpec::Fd(fd))),
             _ => bail!("--bind {s}: '{n}' is not a valid file descriptor"),
         };
     }
@@ -422,15 +445,9 @@ pub fn parse_bind(s: &str) -> Result<BindSpec, ConfigError> {
         bail!("--bind {s}: '{port}' is not a valid port number");
     };
     let host = if host.is_empty() { "0.0.0.0" } else { host };
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(BindSpec::Tcp(SocketAddr::new(ip, port)));
-    }
-    match (host, port).to_socket_addrs() {
-        Ok(mut addrs) => match addrs.find(|a| a.is_ipv4()) {
-            Some(a) => Ok(BindSpec::Tcp(a)),
-            None => bail!("--bind {s}: '{host}' has no IPv4 address"),
-        },
-        Err(e) => bail!("--bind {s}: cannot resolve '{host}': {e}"),
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(BindForm::Spec(BindSpec::Tcp(SocketAddr::new(ip, port)))),
+        Err(_) => Ok(BindForm::Host(host.to_string(), port)),
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use arbiter_daemon::config::{BindSpec, Loader, parse_bind};
+use arbiter_daemon::config::{BindForm, BindSpec, Loader, parse_bind, parse_bind_form};
 use arbiter_daemon::gunicornc::{Frame, MAX_BODY, render, take_frame};
 use arbiter_daemon::notify::{Message, parse};
 use arbiter_proto::control::{ErrorKind, Reply, Response};
@@ -342,55 +342,36 @@ fn notify_fuzz_long() {
 
 // -------------------------------------------------------------------- bind
 
-/// Would `parse_bind(s)` resolve a host name? The tests must not do DNS look-ups
-/// (slow, and not deterministic), so these inputs are skipped. Mirrors the
-/// host/port split in `parse_bind`.
-fn needs_dns(s: &str) -> bool {
-    if s.starts_with("unix:") || s.starts_with("fd://") {
-        return false;
-    }
-    let hp = s.strip_prefix("tcp://").unwrap_or(s);
-    let (host, port) = if let Some(rest) = hp.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((h, p)) => (
-                h,
-                p.strip_prefix(':')
-                    .unwrap_or(if p.is_empty() { "8000" } else { p }),
-            ),
-            None => return false,
-        }
-    } else {
-        hp.rsplit_once(':').unwrap_or((hp, "8000"))
-    };
-    if port.parse::<u16>().is_err() || host.is_empty() {
-        return false;
-    }
-    host.parse::<std::net::IpAddr>().is_err()
-}
-
 /// Outcome of one bind execution, for the counts in the report.
 #[derive(Default, Debug)]
 struct BindStats {
     ok: u64,
     err: u64,
-    skipped_dns: u64,
+    /// Of `ok`: a host name, which `parse_bind` would then look up.
+    host: u64,
 }
 
 fn check_bind(s: &str, stats: &mut BindStats) {
-    if needs_dns(s) {
-        stats.skipped_dns += 1;
-        return;
-    }
-    match parse_bind(s) {
-        Ok(spec) => {
+    match parse_bind_form(s) {
+        Ok(BindForm::Spec(spec)) => {
             stats.ok += 1;
             let shown = spec.to_string();
-            if known_unix_display_ambiguity(&spec) {
-                return;
-            }
             let again = parse_bind(&shown)
                 .unwrap_or_else(|e| panic!("{s:?} -> {shown:?} does not parse back: {}", e.0));
             assert_eq!(again, spec, "{s:?} -> {shown:?}");
+        }
+        Ok(BindForm::Host(host, port)) => {
+            stats.ok += 1;
+            stats.host += 1;
+            assert!(!host.is_empty(), "{s:?}: empty host");
+            assert!(
+                host.parse::<std::net::IpAddr>().is_err(),
+                "{s:?}: IP literal {host:?} taken for a host name"
+            );
+            assert!(
+                s.contains(&host) && (s.contains(&port.to_string()) || port == 8000),
+                "{s:?} -> {host:?} {port}"
+            );
         }
         Err(e) => {
             stats.err += 1;
@@ -398,11 +379,6 @@ fn check_bind(s: &str, stats: &mut BindStats) {
             assert!(e.0.contains(s), "the error names the input: {}", e.0);
         }
     }
-}
-
-/// No display form is ambiguous any more (see `bind_unix_double_slash`).
-fn known_unix_display_ambiguity(_spec: &BindSpec) -> bool {
-    false
 }
 
 const BIND_TOKENS: &[&[u8]] = &[
@@ -430,7 +406,6 @@ fn run_bind(iters: u64, seed: u64) -> BindStats {
     let seeds = corpus("bind");
     let mut rng = Rng::new(seed);
     let mut stats = BindStats::default();
-    // `iters` counts parse_bind executions, not the inputs skipped for DNS.
     while stats.ok + stats.err < iters {
         let raw = match rng.below(5) {
             0 => rng.bytes(16),
