@@ -259,16 +259,18 @@ fn a_stall_of_the_whole_machine_does_not_time_out_the_workers() {
         d.signal_worker(p, Signal::SIGSTOP);
     }
     // The fault itself, not a wait for a condition: the stall must outlast the
-    // 2 s timeout.
-    std::thread::sleep(secs(3));
+    // 2 s timeout by enough that the master, which may have meant to sleep up to
+    // 2 s of it anyway, still wakes well past its deadline.
+    std::thread::sleep(secs(4));
     // The master first: it must not judge before the workers have had a chance.
     d.signal(Signal::SIGCONT);
     for &p in &before {
         d.signal_worker(p, Signal::SIGCONT);
     }
-    d.wait_log("the master saying it ran late", |l| {
+    let late = d.wait_log("the master saying it ran late", |l| {
         l.contains("WARNING") && l.contains("ran") && l.contains("late")
     });
+    eprintln!("RELIABILITY stall of 4 s: {late}");
     // Fresh beats from both, seen by the master: any timeout would have been
     // decided by now, in the master's first turn after the stall.
     d.wait_until(SHORT, "fresh heartbeats from both workers", || {

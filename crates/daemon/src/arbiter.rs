@@ -76,10 +76,12 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// From this many failures in a row, a slot is reported as crash-looping.
 const CRASH_LOOP_AFTER: u32 = 3;
-/// A poll that returns this much later than its deadline means the master did
-/// not run: stopped, a paused VM, a machine thrashing in swap. The workers most
-/// likely did not run either, so their silence over that time is not held
-/// against them.
+/// A poll that returns this much later than its deadline (or a quarter of the
+/// heartbeat timeout, if less) means the master did not run: stopped, a paused VM,
+/// a machine thrashing in swap. The workers most likely did not run either, so
+/// their silence over that time is not held against them. The lateness is less
+/// than the stall by however long the master meant to sleep anyway, hence the
+/// bound tied to the timeout.
 const STALL: Duration = Duration::from_secs(1);
 
 struct Reload {
@@ -473,8 +475,9 @@ impl Arbiter {
         let now = Instant::now();
         // Before anything is judged on time, this turn included: a stall ends in
         // whichever way poll returns.
+        let stall = self.cfg.timeout.map_or(STALL, |t| STALL.min(t / 4));
         if let Some(due) = due
-            && now > due + STALL
+            && now > due + stall
         {
             self.forgive_stall(now - due, now);
         }
