@@ -571,6 +571,44 @@ fn with_chdir_the_daemon_works_in_that_directory() {
     dz.stop();
 }
 
+#[test]
+fn arbiterctl_pid_finds_a_daemons_relative_control_socket_from_anywhere() {
+    // -D moves the master to /, so a relative --control cannot be resolved from its
+    // command line and working directory; arbiterctl finds it among the sockets
+    // the master listens on.
+    let b = Daemon::builder();
+    let pidfile = b.path("arbiter.pid");
+    let args: Vec<String> = [
+        "-D",
+        "-p",
+        &pidfile.to_string_lossy(),
+        "--control",
+        "rel.sock",
+        "-w",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let dz = Daemonized::launch(b, &args, pidfile.clone());
+    assert!(
+        dz.d.path("rel.sock").exists(),
+        "the socket is in the start directory"
+    );
+    for cwd in ["/", "/tmp"] {
+        let out = Run::new(ARBITERCTL)
+            .arg("--pid")
+            .arg(&pidfile)
+            .args(["--json", "ping"])
+            .current_dir(cwd)
+            .run();
+        assert_eq!(out.code(), Some(0), "from {cwd}: {out:?}");
+        let j: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        assert_eq!(j["pid"].as_i64(), Some(i64::from(dz.pid)), "{j}");
+    }
+    dz.stop();
+}
+
 // ------------------------------------------------------------------ WINCH
 
 #[test]

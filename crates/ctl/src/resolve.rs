@@ -12,6 +12,11 @@
 //! 3. Relative paths are taken from the master's working directory
 //!    (`/proc/PID/cwd`). A master started with `-D` and no `--chdir` has moved to
 //!    `/`, so its start directory is unknown: arbiterctl's own directory is used.
+//! 4. The result is checked against the Unix sockets the master really listens on
+//!    (its fds, matched by inode in `/proc/PID/net/unix`, where paths are as bound,
+//!    absolute): if the computed path is not one of them but exactly one has the
+//!    same file name, that one is used. This is what finds the socket of a `-D`
+//!    master given a relative `--control`, or one whose config file changed since.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -279,6 +284,89 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// The paths of the stream sockets `pid` is listening on, as bound; empty when
+/// they cannot be read (another user's process, no /proc).
+pub fn listening_unix_paths(pid: i32) -> Vec<PathBuf> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: Vec<u64> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let Ok(table) = std::fs::read(format!("/proc/{pid}/net/unix")) else {
+        return Vec::new();
+    };
+    parse_net_unix(&table)
+        .into_iter()
+        .filter(|(inode, _)| inodes.contains(inode))
+        .map(|(_, path)| path)
+        .collect()
+}
+
+/// (inode, path) of each listening, path-bound stream socket in a
+/// `/proc/net/unix` table: `Num RefCount Protocol Flags Type St Inode Path`.
+fn parse_net_unix(table: &[u8]) -> Vec<(u64, PathBuf)> {
+    const ACCEPTCON: u32 = 0x0001_0000;
+    const STREAM: u32 = 1;
+    let mut out = Vec::new();
+    for line in table.split(|b| *b == b'\n').skip(1) {
+        // Seven fields, then the path, which may itself contain spaces.
+        let mut rest = line;
+        let mut fields = Vec::with_capacity(7);
+        while fields.len() < 7 {
+            let start = rest.iter().position(|b| *b != b' ').unwrap_or(rest.len());
+            rest = &rest[start..];
+            let end = rest.iter().position(|b| *b == b' ').unwrap_or(rest.len());
+            if end == 0 {
+                break;
+            }
+            fields.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        let path = rest.strip_prefix(b" ").unwrap_or(rest);
+        if fields.len() < 7 || path.first() != Some(&b'/') {
+            continue; // unbound, abstract, or not a table row
+        }
+        let hex = |f: &[u8]| u32::from_str_radix(std::str::from_utf8(f).ok()?, 16).ok();
+        let (Some(flags), Some(kind)) = (hex(fields[3]), hex(fields[4])) else {
+            continue;
+        };
+        let Some(inode) = std::str::from_utf8(fields[6])
+            .ok()
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        if flags & ACCEPTCON != 0 && kind == STREAM {
+            out.push((inode, PathBuf::from(OsStr::from_bytes(path))));
+        }
+    }
+    out
+}
+
+/// `computed` if the master listens there (or nothing is known); else the one
+/// socket it listens on with the same file name, if there is exactly one.
+pub fn check_against_listening(computed: PathBuf, listening: &[PathBuf]) -> PathBuf {
+    if listening.is_empty() || listening.contains(&computed) {
+        return computed;
+    }
+    let mut same = listening
+        .iter()
+        .filter(|p| p.file_name() == computed.file_name());
+    match (same.next(), same.next()) {
+        (Some(only), None) => only.clone(),
+        _ => computed,
+    }
+}
+
 /// The socket of the master whose pid is in `pidfile`.
 pub fn from_pidfile(pidfile: &Path) -> Result<Target, ResolveError> {
     let shown = pidfile.display();
@@ -318,8 +406,9 @@ pub fn from_pidfile(pidfile: &Path) -> Result<Target, ResolveError> {
     // SAFETY: getuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::getuid() };
     let own_runtime = std::env::var_os("XDG_RUNTIME_DIR");
+    let computed = control_path_of(&proc, &own_cwd, own_uid, own_runtime.as_deref());
     Ok(Target {
-        path: control_path_of(&proc, &own_cwd, own_uid, own_runtime.as_deref()),
+        path: check_against_listening(computed, &listening_unix_paths(pid)),
         pid: Some(pid),
     })
 }
@@ -327,6 +416,51 @@ pub fn from_pidfile(pidfile: &Path) -> Result<Target, ResolveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_unix_rows() {
+        let table = b"Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 123456 /tmp/a b/c.sock
+0000000000000000: 00000002 00000000 00010000 0001 01    77 /srv/app.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 123457 /tmp/connected.sock
+0000000000000000: 00000002 00000000 00010000 0002 01 123458 /tmp/dgram.sock
+0000000000000000: 00000002 00000000 00010000 0001 01 123459 @abstract
+0000000000000000: 00000002 00000000 00000000 0001 03 123460
+";
+        assert_eq!(
+            parse_net_unix(table),
+            vec![
+                (123456, PathBuf::from("/tmp/a b/c.sock")),
+                (77, PathBuf::from("/srv/app.sock")),
+            ]
+        );
+        assert!(parse_net_unix(b"").is_empty());
+        assert!(parse_net_unix(b"header\ngarbage line\n\xff\xfe\n").is_empty());
+    }
+
+    #[test]
+    fn the_listening_socket_with_the_same_name_wins() {
+        let l = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        let pick = |c: &str, v: &[&str]| check_against_listening(PathBuf::from(c), &l(v));
+        assert_eq!(pick("/x/c.sock", &[]), PathBuf::from("/x/c.sock"));
+        assert_eq!(
+            pick("/x/c.sock", &["/x/c.sock", "/y/c.sock"]),
+            PathBuf::from("/x/c.sock")
+        );
+        assert_eq!(
+            pick("/c.sock", &["/srv/c.sock", "/srv/app.sock"]),
+            PathBuf::from("/srv/c.sock")
+        );
+        // Ambiguous, or nothing alike: keep what the command line says.
+        assert_eq!(
+            pick("/c.sock", &["/a/c.sock", "/b/c.sock"]),
+            PathBuf::from("/c.sock")
+        );
+        assert_eq!(
+            pick("/c.sock", &["/srv/app.sock"]),
+            PathBuf::from("/c.sock")
+        );
+    }
 
     fn cmd(args: &[&str]) -> Vec<u8> {
         let mut v = Vec::new();
