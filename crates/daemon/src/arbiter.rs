@@ -1165,7 +1165,7 @@ impl Arbiter {
                     status_text: w.status_text.clone(),
                     restarts: u64::from(failures),
                     crash_looping: failures >= CRASH_LOOP_AFTER,
-                    rss_bytes: rss_bytes(w.pid),
+                    rss_bytes: w.rss_bytes(),
                 }
             })
             .collect();
@@ -1631,7 +1631,7 @@ impl Arbiter {
                 );
                 w.recycle = true;
             } else if check_rss
-                && let (Some(limit), Some(rss)) = (max_rss, rss_bytes(w.pid))
+                && let (Some(limit), Some(rss)) = (max_rss, w.rss_bytes())
                 && rss > limit
             {
                 info!(
@@ -1907,6 +1907,8 @@ impl Arbiter {
                     retiring: false,
                     extended_until: None,
                     recycle: false,
+                    // Opened now, read after the exec: it shows the new image.
+                    statm: std::fs::File::open(format!("/proc/{pid}/statm")).ok(),
                 });
                 true
             }
@@ -2486,15 +2488,6 @@ pub fn parse_signal(s: &str) -> Option<Signal> {
         format!("SIG{upper}")
     };
     full.parse().ok()
-}
-
-/// Resident set size from /proc/PID/statm (pages * page size).
-fn rss_bytes(pid: Pid) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(0) as u64)
 }
 
 /// How a worker of this configuration proves it is ready: `--ready`, or the

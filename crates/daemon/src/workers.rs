@@ -192,9 +192,35 @@ pub struct Worker {
     /// Past `--max-worker-rss` or `--max-worker-age`: it serves until a replacement
     /// is ready, then stops gracefully, like a worker of an older generation.
     pub recycle: bool,
+    /// `/proc/PID/statm`, held open: `status` at 1024 workers would otherwise spend
+    /// most of its time walking /proc paths (one pread each instead of five calls).
+    pub statm: Option<std::fs::File>,
 }
 
 impl Worker {
+    /// Resident set size, in bytes (None once the process is gone).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let mut buf = [0u8; 128];
+        let n = match &self.statm {
+            Some(f) => nix::sys::uio::pread(f, &mut buf, 0).ok()?,
+            None => {
+                use std::io::Read;
+                let mut f = std::fs::File::open(format!("/proc/{}/statm", self.pid)).ok()?;
+                f.read(&mut buf).ok()?
+            }
+        };
+        // "size resident shared ...", in pages.
+        let pages: u64 = std::str::from_utf8(&buf[..n])
+            .ok()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Some(pages * page.max(0) as u64)
+    }
+
     /// Signal the worker's whole process group (it leads one), so a worker's own
     /// children go with it.
     pub fn signal(&mut self, sig: Signal) -> nix::Result<()> {
