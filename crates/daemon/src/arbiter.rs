@@ -419,7 +419,7 @@ impl Arbiter {
     /// deadline, and handle what woke us.
     fn wait_for_events(&mut self) {
         let due = self.next_deadline();
-        let timeout = self.poll_timeout(Instant::now());
+        let timeout = poll_timeout(due, Instant::now());
         let woke: Vec<Token> = {
             let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
             let mut tokens = vec![Token::Signals];
@@ -546,16 +546,6 @@ impl Arbiter {
         }
     }
 
-    fn poll_timeout(&self, now: Instant) -> PollTimeout {
-        let Some(next) = self.next_deadline() else {
-            return PollTimeout::NONE;
-        };
-        let wait = next.saturating_duration_since(now);
-        // Round up: a sub-millisecond remainder must not become 0 and spin the loop.
-        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-    }
-
     /// The earliest moment something is due: a graceful-stop deadline, a heartbeat
     /// expiry, a boot timeout, a spawn backoff. `None`: nothing is due, sleep.
     fn next_deadline(&self) -> Option<Instant> {
@@ -649,16 +639,10 @@ impl Arbiter {
         self.silence_counted_from = now;
     }
 
-    /// Since when the worker counts as silent: its last beat, or the end of the
-    /// master's last stall if that is later.
-    fn silent_since(&self, w: &Worker) -> Option<Instant> {
-        silent_since(w, self.silence_counted_from)
-    }
-
     /// When the worker's heartbeat must next be looked at.
     fn heartbeat_deadline(&self, w: &Worker) -> Option<Instant> {
         let timeout = self.cfg.timeout?;
-        Some(match self.silent_since(w) {
+        Some(match silent_since(w, self.silence_counted_from) {
             Some(beat) => (beat + timeout).max(w.extended_until.unwrap_or(beat)),
             // Not beating yet: never killed for that, but looked at now and then to
             // notice the first beat.
@@ -2500,11 +2484,24 @@ fn ready_mode(cfg: &Config) -> ReadyMode {
     })
 }
 
-/// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).
+/// How long poll may sleep: until `due`, or for ever when nothing is due.
+fn poll_timeout(due: Option<Instant>, now: Instant) -> PollTimeout {
+    let Some(next) = due else {
+        return PollTimeout::NONE;
+    };
+    let wait = next.saturating_duration_since(now);
+    // Round up: a sub-millisecond remainder must not become 0 and spin the loop.
+    let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+}
+
+/// Since when `w` counts as silent: its last beat, or `counted_from` (the end of
+/// the master's last stall) if later. None: it never beat.
 fn silent_since(w: &Worker, counted_from: Instant) -> Option<Instant> {
     w.heartbeat.last_beat.map(|beat| beat.max(counted_from))
 }
 
+/// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).
 fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
     let base = w.started + boot_timeout;
     w.extended_until.map_or(base, |t| t.max(base))
