@@ -408,6 +408,11 @@ impl ControlServer {
             c.input.clear();
             c.closing = true;
         }
+        // A last request without its newline, then EOF (`printf '{...}' | socat`):
+        // the end of the stream ends the line.
+        if c.eof && !c.gunicorn && !c.input.is_empty() && c.input.last() != Some(&b'\n') {
+            c.input.push(b'\n');
+        }
         while !c.waiting && !c.closing {
             if c.gunicorn {
                 use crate::gunicornc::Frame;
@@ -544,8 +549,8 @@ impl ControlServer {
 
     fn sweep(&mut self) {
         self.clients.retain(|c| {
-            // A client that half-closed after its request still gets the reply; one
-            // at EOF with a partial line never completes it.
+            // A client that half-closed after its request still gets the reply; a
+            // gunicornc client at EOF with a partial frame never completes it.
             let more = has_complete_request(c);
             let done = (c.closing || (c.eof && !more)) && !c.waiting && c.output.is_empty();
             c.output.len() <= MAX_OUTPUT && !done
@@ -633,7 +638,15 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ControlError> 
 
 fn has_complete_request(c: &Client) -> bool {
     if c.gunicorn {
-        c.input.len() >= 4
+        // A whole frame, or a length prefix the parser refuses outright: either
+        // way there is an answer to give. A partial frame at EOF never completes.
+        match c.input.get(..4) {
+            Some(&[a, b, x, y]) => {
+                let len = u32::from_be_bytes([a, b, x, y]) as usize;
+                len > crate::gunicornc::MAX_BODY || c.input.len() - 4 >= len
+            }
+            _ => false,
+        }
     } else {
         c.input.contains(&b'\n')
     }
