@@ -965,3 +965,48 @@ fn watchdog_trigger_is_treated_as_hung_at_once() {
     let now = wait_exec_children(&d, 1);
     assert_ne!(now[0].pid, w, "replaced");
 }
+
+#[test]
+fn a_worker_flooding_the_notify_socket_with_garbage_and_fds_changes_nothing() {
+    let count = 4000;
+    let mut args: Vec<String> = vec!["-w".into(), "1".into(), "--ready".into(), "notify".into()];
+    args.extend(py_worker("notify_fuzz.py"));
+    args.push("7".into());
+    args.push(count.to_string());
+    let d = Daemon::start(&args);
+    let w = wait_exec_children(&d, 1)[0].pid;
+    // The status text the worker sends after its flood: the master got through all
+    // of it, still attributing datagrams to the right worker.
+    let done = format!("fuzzed {count}, ");
+    let text = d.wait_until(LONG, "the worker's STATUS after its flood", || {
+        let st = status(&d);
+        let e = worker_entry(&st, w).ok_or_else(|| st["workers"].to_string())?;
+        match e["status_text"].as_str() {
+            Some(t) if e["state"] == "ready" && t.starts_with(&done) => Ok(t.to_string()),
+            _ => Err(e.to_string()),
+        }
+    });
+    let sent: usize = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| d.fail(&format!("status text {text:?}")));
+    assert!(sent >= count / 8, "the flood did not happen: {text}");
+    assert_eq!(d.workers(), vec![w], "the same worker, never replaced");
+    // fds attached to datagrams were not installed in the master: it holds as many
+    // as a fresh master with one worker.
+    let fd_count = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let fresh = Daemon::start(["-w", "1", "--ready", "notify"]);
+    fresh.wait_workers(1);
+    let (flooded, clean) = (fd_count(d.pid()), fd_count(fresh.pid()));
+    assert_eq!(
+        flooded, clean,
+        "the flooded master holds more fds than a fresh one"
+    );
+    assert_one_thread(&d);
+    eprintln!("RELIABILITY notify flood: {text}; master fds {flooded} (a fresh master: {clean})");
+}
