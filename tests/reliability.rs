@@ -658,6 +658,20 @@ fn log_file_on_a_full_disk_does_not_stop_the_master() {
     ctl_ok(&d, &d.control_path(), r#"{"v":1,"cmd":"reload"}"#, LONG);
     let reopen = control(&d.control_path(), r#"{"v":1,"cmd":"reopen"}"#, SHORT)
         .unwrap_or_else(|e| d.fail(&e));
+    // The reopen itself works on /dev/full; what matters to a logrotate script is
+    // that the log still takes nothing, and it hears so.
+    assert_eq!(reopen["error"]["kind"], "failed", "{reopen}");
+    let msg = reopen["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("refuses lines") && msg.contains("No space left"),
+        "{reopen}"
+    );
+    let out = d.ctl(["reopen"]);
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "arbiterctl reopen on a full disk: {out:?}"
+    );
     scale_to(&d, 4);
     d.wait_until(LONG, "4 ready workers", || {
         let st = status_at(&d.control_path())?;

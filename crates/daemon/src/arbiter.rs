@@ -997,7 +997,16 @@ impl Arbiter {
             Request::Reopen => match crate::log::reopen() {
                 Ok(()) => {
                     info!("Reopened the log file");
-                    Response::ok(Reply::Reopened)
+                    // The open can succeed on a disk that is still full: the line
+                    // just written says whether the log takes lines again, and a
+                    // logrotate postrotate or a cron job should hear it if not.
+                    match crate::log::health().1 {
+                        None => Response::ok(Reply::Reopened),
+                        Some(e) => Response::err(
+                            ErrorKind::Failed,
+                            format!("reopened the log file, but it refuses lines: {e}"),
+                        ),
+                    }
                 }
                 Err(e) => Response::err(
                     ErrorKind::Failed,
