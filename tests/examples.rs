@@ -267,25 +267,25 @@ fn os(args: &[&str]) -> Vec<OsString> {
 
 // ------------------------------------------------------------------ the examples
 
+/// `arbiterd -w 2 --chdir examples/uvicorn -- PYTHON ARGS`, with the interpreter
+/// that has uvicorn; None (the test skips) without one.
+fn uvicorn_example(args: &[&str]) -> Option<Vec<OsString>> {
+    let py = python_with("uvicorn", "uvicorn")?;
+    let mut all = os(&["-w", "2", "--chdir"]);
+    all.push(example_dir("uvicorn").into());
+    all.extend(os(&["--"]));
+    all.push(py.into());
+    all.extend(os(args));
+    Some(all)
+}
+
 #[test]
 fn uvicorn_example_reloads_under_load_losing_only_what_uvicorn_closes_unread() {
-    let Some(py) = python_with("uvicorn", "uvicorn") else {
+    // As the README, with `python -m` for the interpreter found.
+    let Some(args) = uvicorn_example(&["-m", "uvicorn", "--fd", "3", "--no-access-log", "app:app"])
+    else {
         return;
     };
-    let dir = example_dir("uvicorn");
-    let mut args = os(&["-w", "2", "--chdir"]);
-    args.push(dir.into());
-    args.extend(os(&["--"]));
-    args.push(py.into());
-    // As the README, with `python -m` for the interpreter found above.
-    args.extend(os(&[
-        "-m",
-        "uvicorn",
-        "--fd",
-        "3",
-        "--no-access-log",
-        "app:app",
-    ]));
     let t = reload_under_load(&args, 2, Losses::UvicornUnreadClose);
     eprintln!(
         "uvicorn: {} answers, {} closed unread by uvicorn's shutdown, generations {:?}",
@@ -295,15 +295,9 @@ fn uvicorn_example_reloads_under_load_losing_only_what_uvicorn_closes_unread() {
 
 #[test]
 fn uvicorn_example_with_its_draining_serve_py_reloads_under_load_without_a_failed_request() {
-    let Some(py) = python_with("uvicorn", "uvicorn") else {
+    let Some(args) = uvicorn_example(&["serve.py"]) else {
         return;
     };
-    let dir = example_dir("uvicorn");
-    let mut args = os(&["-w", "2", "--chdir"]);
-    args.push(dir.into());
-    args.extend(os(&["--"]));
-    args.push(py.into());
-    args.extend(os(&["serve.py"]));
     let t = reload_under_load(&args, 2, Losses::None);
     eprintln!(
         "uvicorn serve.py: {} answers, 0 failed, generations {:?}",

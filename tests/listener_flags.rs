@@ -36,24 +36,6 @@ fn fds_on_socket(pid: i32, inode: u64) -> Vec<i32> {
     fds
 }
 
-/// The inode of the TCP socket listening on `port` (state 0A in `/proc/net/tcp*`).
-fn tcp_listener_inode(port: u16) -> Option<u64> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|t| fs::read_to_string(t).ok())
-        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local_port = f
-                .get(1)?
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())?;
-            (local_port == port && *f.get(3)? == "0A")
-                .then(|| f.get(9)?.parse().ok())
-                .flatten()
-        })
-}
-
 /// The inode of the unix socket listening at `path` (from `/proc/net/unix`, where
 /// the connections it accepted show the same path; only it has __SO_ACCEPTCON).
 fn unix_listener_inode(path: &Path) -> Option<u64> {
@@ -155,7 +137,7 @@ fn builtin_workers_leave_the_listeners_blocking() {
     let inodes = [
         (
             "tcp",
-            tcp_listener_inode(d.port())
+            crate::ops::listen_inode(d.port())
                 .unwrap_or_else(|| d.fail(&format!("no TCP listener on port {}", d.port()))),
         ),
         (

@@ -197,20 +197,25 @@ fn last_listening(d: &Daemon, pid: i32) -> Vec<Listener> {
     addrs.split(", ").map(Listener::parse).collect()
 }
 
-/// The inode of the TCP socket listening on 127.0.0.1:`port`, from `/proc/net/tcp`.
+/// The inode of the TCP socket listening on `port` (IPv4 or IPv6), from
+/// `/proc/net/tcp{,6}`.
 pub(crate) fn listen_inode(port: u16) -> Option<u64> {
-    let text = fs::read_to_string("/proc/net/tcp").ok()?;
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let local_port = f
-            .get(1)?
-            .rsplit_once(':')
-            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())?;
-        // st 0A = LISTEN
-        (local_port == port && *f.get(3)? == "0A")
-            .then(|| f.get(9)?.parse().ok())
-            .flatten()
-    })
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|t| fs::read_to_string(t).ok())
+        .find_map(|text| {
+            text.lines().skip(1).find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let local_port = f
+                    .get(1)?
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())?;
+                // st 0A = LISTEN
+                (local_port == port && *f.get(3)? == "0A")
+                    .then(|| f.get(9)?.parse().ok())
+                    .flatten()
+            })
+        })
 }
 
 // ------------------------------------------------------------------ config reload
