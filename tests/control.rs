@@ -418,3 +418,32 @@ fn a_last_request_without_its_newline_is_answered_at_eof_and_a_partial_frame_is_
     assert!(got.is_empty(), "{got:?}");
     assert!(t.elapsed() < secs(2), "closed after {:?}", t.elapsed());
 }
+
+#[test]
+fn the_framing_is_decided_by_the_connections_first_byte_only() {
+    // Found by the live fuzz test: a JSON client whose later bytes began with NUL
+    // was switched to gunicornc framing when they arrived in a read of their own.
+    let d = Daemon::start(["-w", "1"]);
+    d.wait_workers(1);
+    let mut s = UnixStream::connect(d.control_path()).unwrap();
+    s.set_read_timeout(Some(SHORT)).unwrap();
+    s.write_all(b"not json\n").unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while !first.ends_with(b"\n") {
+        match s.read(&mut byte) {
+            Ok(1) => first.push(byte[0]),
+            other => d.fail(&format!("first answer: {other:?} after {first:?}")),
+        }
+    }
+    // The first line is answered, so the master has read it; now a NUL-led tail.
+    s.write_all(b"\0\0\0\x05hello").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    for line in [&first[..], &rest[..]] {
+        let v: Value = serde_json::from_slice(line.trim_ascii())
+            .unwrap_or_else(|e| d.fail(&format!("not a JSON line ({e}): {line:?}")));
+        assert_eq!(v["error"]["kind"], "bad_request", "{v}");
+    }
+}

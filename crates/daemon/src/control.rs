@@ -67,6 +67,9 @@ struct Client {
     eof: bool,
     /// The gunicornc framing was detected on this connection.
     gunicorn: bool,
+    /// The framing is decided by the connection's first byte, once: a later NUL
+    /// (after a JSON line, say) must not switch it.
+    framing_known: bool,
     /// For a gunicornc request in flight: how to shape its answer.
     shape: Option<crate::gunicornc::Shape>,
     /// Not to be served (another user): answered with this error once its first
@@ -311,6 +314,7 @@ impl ControlServer {
                 closing: false,
                 eof: false,
                 gunicorn: false,
+                framing_known: false,
                 shape: None,
                 refused: None,
             };
@@ -391,10 +395,11 @@ impl ControlServer {
                 }
             }
         }
-        if !c.gunicorn && c.input.first() == Some(&0) {
+        if !c.framing_known && !c.input.is_empty() {
             // gunicornc's frames start with a 4-byte big-endian length; a JSON line
             // never starts with a NUL byte.
-            c.gunicorn = true;
+            c.gunicorn = c.input[0] == 0;
+            c.framing_known = true;
         }
         if let Some((kind, message)) = c.refused
             && (!c.input.is_empty() || c.eof)
