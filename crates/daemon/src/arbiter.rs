@@ -77,8 +77,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// From this many failures in a row, a slot is reported as crash-looping.
 const CRASH_LOOP_AFTER: u32 = 3;
 /// A poll that returns this much later than its deadline (or a quarter of the
-/// heartbeat timeout, if less) means the master did not run: stopped, a paused VM,
-/// a machine thrashing in swap. The workers most likely did not run either, so
+/// heartbeat timeout, if less), or a turn that takes this long between poll and
+/// the deadline checks, means the master did not run: stopped, a paused VM, a
+/// machine thrashing in swap. The workers most likely did not run either, so
 /// their silence over that time is not held against them. The lateness is less
 /// than the stall by however long the master meant to sleep anyway, hence the
 /// bound tied to the timeout.
@@ -395,8 +396,13 @@ impl Arbiter {
             if self.shutdown.is_some() && self.workers.is_empty() {
                 break;
             }
-            self.wait_for_events();
+            let woke = self.wait_for_events();
             let now = Instant::now();
+            // A stop while the turn's events were handled is a stall too, and
+            // nothing may be judged on time before it is noticed.
+            if now.saturating_duration_since(woke) > self.stall_threshold() {
+                self.forgive_stall(now - woke, now);
+            }
             self.reap(now);
             self.check_deadlines(now);
             self.check_limits(now);
@@ -416,8 +422,8 @@ impl Arbiter {
     // ---------------------------------------------------------------- the poll
 
     /// Sleep until a signal, an exec status, a control client, or the nearest
-    /// deadline, and handle what woke us.
-    fn wait_for_events(&mut self) {
+    /// deadline, and handle what woke us. Returns when poll returned.
+    fn wait_for_events(&mut self) -> Instant {
         let due = self.next_deadline();
         let timeout = poll_timeout(due, Instant::now());
         let woke: Vec<Token> = {
@@ -475,9 +481,8 @@ impl Arbiter {
         let now = Instant::now();
         // Before anything is judged on time, this turn included: a stall ends in
         // whichever way poll returns.
-        let stall = self.cfg.timeout.map_or(STALL, |t| STALL.min(t / 4));
         if let Some(due) = due
-            && now > due + stall
+            && now > due + self.stall_threshold()
         {
             self.forgive_stall(now - due, now);
         }
@@ -526,6 +531,7 @@ impl Arbiter {
             self.handle_request(id, peer, req);
         }
         self.serve_pipelined(now);
+        now
     }
 
     /// Requests a client pipelined behind one that has just been answered (here or
@@ -612,6 +618,11 @@ impl Arbiter {
             }
         }
         next
+    }
+
+    /// Past this, time the master was not running counts as a stall (see [`STALL`]).
+    fn stall_threshold(&self) -> Duration {
+        self.cfg.timeout.map_or(STALL, |t| STALL.min(t / 4))
     }
 
     /// The master woke `late` after its deadline: heartbeat silence is counted
