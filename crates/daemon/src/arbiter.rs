@@ -396,12 +396,13 @@ impl Arbiter {
             if self.shutdown.is_some() && self.workers.is_empty() {
                 break;
             }
-            let woke = self.wait_for_events();
+            let (due, woke) = self.wait_for_events();
             let now = Instant::now();
-            // A stop while the turn's events were handled is a stall too, and
-            // nothing may be judged on time before it is noticed.
-            if now.saturating_duration_since(woke) > self.stall_threshold() {
-                self.forgive_stall(now - woke, now);
+            // Before anything is judged on time: time the master did not run, past
+            // its deadline while it slept, or while it handled this turn's events.
+            let lost = now.saturating_duration_since(due.map_or(woke, |d| d.min(woke)));
+            if lost > self.stall_threshold() {
+                self.forgive_stall(lost, now);
             }
             self.reap(now);
             self.check_deadlines(now);
@@ -422,8 +423,9 @@ impl Arbiter {
     // ---------------------------------------------------------------- the poll
 
     /// Sleep until a signal, an exec status, a control client, or the nearest
-    /// deadline, and handle what woke us. Returns when poll returned.
-    fn wait_for_events(&mut self) -> Instant {
+    /// deadline, and handle what woke us. Returns the deadline it slept toward and
+    /// when poll returned.
+    fn wait_for_events(&mut self) -> (Option<Instant>, Instant) {
         let due = self.next_deadline();
         let timeout = poll_timeout(due, Instant::now());
         let woke: Vec<Token> = {
@@ -479,13 +481,6 @@ impl Arbiter {
             }
         };
         let now = Instant::now();
-        // Before anything is judged on time, this turn included: a stall ends in
-        // whichever way poll returns.
-        if let Some(due) = due
-            && now > due + self.stall_threshold()
-        {
-            self.forgive_stall(now - due, now);
-        }
         let mut requests = Vec::new();
         for token in woke {
             match token {
@@ -531,7 +526,7 @@ impl Arbiter {
             self.handle_request(id, peer, req);
         }
         self.serve_pipelined(now);
-        now
+        (due, now)
     }
 
     /// Requests a client pipelined behind one that has just been answered (here or
