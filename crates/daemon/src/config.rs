@@ -514,6 +514,16 @@ fn resolve_group(s: &str) -> Result<nix::unistd::Group, ConfigError> {
 }
 
 impl Config {
+    /// The uid and gid workers run as (`--user`, `--group`), when not the master's.
+    pub fn worker_credentials(&self) -> Option<(u32, u32)> {
+        self.user.as_ref().map(|u| {
+            (
+                u.uid.as_raw(),
+                self.group.as_ref().map_or(u.gid, |g| g.gid).as_raw(),
+            )
+        })
+    }
+
     /// Validate the command line. `--chdir` is applied by the caller before this
     /// runs, so relative paths here are relative to it, as in gunicorn.
     pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {

@@ -8,7 +8,7 @@
 //! the master never waits on a client: it reads what is there and moves on.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -95,6 +95,11 @@ pub struct ControlServer {
     /// When to look at the path again, and the back-off after a failed restore.
     restore_at: Option<Instant>,
     restore_backoff: Duration,
+    /// Sockets this server is done with (closed clients, a replaced listener), kept
+    /// open until the loop has taken them out of its event set: an fd closed while
+    /// still registered would leave a registration behind in any child that holds a
+    /// copy of it.
+    retired: Vec<OwnedFd>,
 }
 
 /// What the poll loop should watch for one fd of the control server.
@@ -139,6 +144,7 @@ impl ControlServer {
             watched: None,
             restore_at: None,
             restore_backoff: RESTORE_DELAY,
+            retired: Vec::new(),
         };
         match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
             Ok(i) => server.watch = Some(i),
@@ -240,7 +246,10 @@ impl ControlServer {
 
     /// A new listener at the same path; connected clients stay.
     fn rebind(&mut self) -> Result<(), ControlError> {
-        (self.listener, self.identity) = bind_socket(&self.path)?;
+        let (listener, identity) = bind_socket(&self.path)?;
+        let old = std::mem::replace(&mut self.listener, listener);
+        self.retired.push(OwnedFd::from(old));
+        self.identity = identity;
         self.arm_watch();
         Ok(())
     }
@@ -553,13 +562,26 @@ impl ControlServer {
     }
 
     fn sweep(&mut self) {
-        self.clients.retain(|c| {
+        let mut i = 0;
+        while i < self.clients.len() {
+            let c = &self.clients[i];
             // A client that half-closed after its request still gets the reply; a
             // gunicornc client at EOF with a partial frame never completes it.
             let more = has_complete_request(c);
             let done = (c.closing || (c.eof && !more)) && !c.waiting && c.output.is_empty();
-            c.output.len() <= MAX_OUTPUT && !done
-        });
+            if c.output.len() <= MAX_OUTPUT && !done {
+                i += 1;
+            } else {
+                let c = self.clients.remove(i);
+                self.retired.push(OwnedFd::from(c.stream));
+            }
+        }
+    }
+
+    /// The sockets closed since the last call, to be taken out of the event set
+    /// before they are dropped.
+    pub fn take_retired(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.retired)
     }
 
     pub fn client_count(&self) -> usize {

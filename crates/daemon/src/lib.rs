@@ -1,8 +1,9 @@
 //! arbiterd: the pre-fork master.
 //!
-//! `main` turns the command line into a validated [`config::Config`], binds the
-//! listeners and writes the pidfile (each failure is one line and exit status 1,
-//! with nothing left behind), then hands over to [`arbiter::Arbiter`].
+//! [`main`] (in `startup.rs`) turns the command line into a validated
+//! [`config::Config`], binds the listeners and writes the pidfile (each failure is
+//! one line and exit status 1, with nothing left behind), then hands over to
+//! [`arbiter::Arbiter`].
 
 pub mod arbiter;
 pub mod builtin;
@@ -17,199 +18,11 @@ pub mod pidfile;
 pub mod relay;
 pub mod signals;
 pub mod spawn;
+mod startup;
 pub mod upgrade;
 pub mod workers;
 
-use std::process::ExitCode;
+pub use startup::main;
 
 /// argv[1] with which the master execs its own binary as the built-in worker.
 pub const BUILTIN_WORKER_ARG: &str = "--builtin-worker";
-
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("arbiterd: {msg}");
-    ExitCode::from(1)
-}
-
-pub fn main() -> ExitCode {
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == BUILTIN_WORKER_ARG)
-    {
-        return builtin::run();
-    }
-    let mut loader = match config::Loader::from_args() {
-        Ok(l) => l,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            // SPEC: a bad flag is one line and exit status 1 (clap's default is 2).
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            return fail(first.trim_start_matches("error: "));
-        }
-    };
-    if let Some(dir) = loader.chdir()
-        && let Err(e) = std::env::set_current_dir(dir)
-    {
-        return fail(format!("--chdir {}: {e}", dir.display()));
-    }
-    loader.pin_base_dir();
-    let cfg = match loader.load() {
-        Ok(cfg) => cfg,
-        Err(e) => return fail(e),
-    };
-    if let Some(dir) = &cfg.chdir
-        && let Err(e) = std::env::set_current_dir(dir)
-    {
-        return fail(format!("chdir {}: {e}", dir.display()));
-    }
-    if let Some(mask) = cfg.umask {
-        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
-    }
-    if let Err(e) = log::init(cfg.log_level, Some(&cfg.log_file)) {
-        return fail(format!("--log-file {}: {e}", cfg.log_file.display()));
-    }
-    // Nothing the master inherited may leak into a worker.
-    listeners::mark_inherited_fds_cloexec();
-    spawn::raise_nofile_limit();
-
-    if cfg.check_config {
-        println!("arbiterd: configuration ok");
-        return ExitCode::SUCCESS;
-    }
-    // Set by an old master that execs us as its replacement.
-    let mut inherited = upgrade::Inherited::from_env();
-    let start = upgrade::StartContext::capture();
-
-    let opts = listeners::BindOptions {
-        backlog: cfg.backlog,
-        reuse_port: cfg.reuse_port,
-    };
-    let mut socks = match listeners::from_systemd(cfg.backlog) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    if let Some(inh) = &inherited {
-        // The old master's own binds come back as they were; ones the (possibly
-        // edited) configuration no longer names are dropped.
-        for (l, spec) in socks.iter_mut().zip(&inh.specs) {
-            l.spec = spec.as_deref().and_then(|s| config::parse_bind(s).ok());
-        }
-        socks.retain(|l| l.spec.as_ref().is_none_or(|s| cfg.binds.contains(s)));
-    }
-    let has_systemd = socks.iter().any(|l| l.spec.is_none());
-    let to_bind: Vec<config::BindSpec> = if has_systemd && cfg.default_bind {
-        Vec::new()
-    } else {
-        cfg.binds
-            .iter()
-            .filter(|b| !socks.iter().any(|l| l.spec.as_ref() == Some(b)))
-            .cloned()
-            .collect()
-    };
-    if has_systemd && !to_bind.is_empty() {
-        info!(
-            "Using {} socket(s) from systemd and the --bind addresses",
-            socks.len()
-        );
-    }
-    match listeners::bind_all(&to_bind, &opts) {
-        Ok(more) => socks.extend(more),
-        Err(e) => {
-            listeners::close_all(socks);
-            return fail(e);
-        }
-    }
-    // Until promoted, a new master lives beside the old one under `.2` names.
-    let (pid_path, control_path) = match &inherited {
-        Some(_) => (
-            cfg.pidfile.as_deref().map(upgrade::second),
-            upgrade::second(&cfg.control),
-        ),
-        None => (cfg.pidfile.clone(), cfg.control.clone()),
-    };
-    // A live master's pidfile is refused before anything else is created, and
-    // before detaching, so the refusal reaches the terminal.
-    if let Some(path) = &pid_path
-        && pidfile::is_held(path).unwrap_or(false)
-    {
-        listeners::close_all(socks);
-        return fail(pidfile::PidfileError::Held {
-            path: path.clone(),
-            pid: pidfile::read_pid(path),
-        });
-    }
-    let control = match control::ControlServer::bind(&control_path) {
-        Ok(c) => c,
-        Err(e) => {
-            listeners::close_all(socks);
-            return fail(e);
-        }
-    };
-    let under_systemd =
-        std::env::var_os("NOTIFY_SOCKET").is_some() || std::env::var_os("INVOCATION_ID").is_some();
-    let ready_pipe = inherited.as_mut().and_then(|i| i.ready.take());
-    let report = if let Some(fd) = ready_pipe {
-        // The old master waits on this pipe, exactly as -D's launcher does.
-        Some(daemonize::Report::from_fd(fd))
-    } else if cfg.daemon && under_systemd {
-        info!("Not detaching (-D): started by systemd (NOTIFY_SOCKET or INVOCATION_ID is set)");
-        None
-    } else if cfg.daemon {
-        match daemonize::detach(cfg.chdir.is_none()) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                listeners::close_all(socks);
-                control.shutdown(true);
-                return fail(format!("cannot detach: {e}"));
-            }
-        }
-    } else {
-        None
-    };
-    // Written by the process that stays: after detaching, the daemon's own pid.
-    let pidfile = match &pid_path {
-        Some(path) => match pidfile::Pidfile::create(path) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                listeners::close_all(socks);
-                control.shutdown(true);
-                return startup_failed(report, e);
-            }
-        },
-        None => None,
-    };
-    let daemonized = cfg.daemon && inherited.is_none() && report.is_some()
-        || inherited.is_some() && cfg.daemon && !under_systemd;
-    let setup = arbiter::Setup {
-        loader,
-        cfg,
-        listeners: socks,
-        pidfile,
-        control: Some(control),
-        report,
-        daemonized,
-        start,
-        predecessor: inherited.map(|i| (i.from, i.parent)),
-    };
-    match arbiter::Arbiter::new(setup) {
-        Ok(a) => ExitCode::from(a.run()),
-        Err((e, report)) => startup_failed(report, format!("cannot set up the master: {e}")),
-    }
-}
-
-/// A startup failure after the point where a daemon may have detached: tell the
-/// launcher through the pipe, or the terminal.
-fn startup_failed(report: Option<daemonize::Report>, msg: impl std::fmt::Display) -> ExitCode {
-    match report {
-        Some(r) => {
-            error!("{msg}");
-            r.error(&msg.to_string());
-            ExitCode::from(1)
-        }
-        None => fail(msg),
-    }
-}

@@ -7,12 +7,15 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
 
 static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+/// Set when a delivery found the pipe full and was dropped: the loop then cannot
+/// trust the records to say whether a child exited, and reaps anyway.
+static OVERFLOWED: AtomicBool = AtomicBool::new(false);
 
 /// One delivery as written into the pipe: the signal number, the sender's pid and
 /// its process group. Twelve bytes, well under PIPE_BUF, so each write is atomic.
@@ -39,7 +42,9 @@ extern "C" fn on_signal(signum: libc::c_int, info: *mut libc::siginfo_t, _ctx: *
             rec[8..].copy_from_slice(&group.to_ne_bytes());
             // A full pipe (EAGAIN) drops this delivery: thousands of signals are
             // already queued and the loop is about to read them.
-            libc::write(fd, rec.as_ptr().cast(), RECORD);
+            if libc::write(fd, rec.as_ptr().cast(), RECORD) != RECORD as isize {
+                OVERFLOWED.store(true, Ordering::Relaxed);
+            }
         }
         *libc::__errno_location() = errno;
     }
@@ -124,6 +129,12 @@ impl SignalPipe {
             }
         }
         out
+    }
+
+    /// Whether a delivery was dropped for a full pipe since the last call (and so
+    /// a SIGCHLD may be missing from the records).
+    pub fn take_overflow(&self) -> bool {
+        OVERFLOWED.swap(false, Ordering::Relaxed)
     }
 
     /// The signals routed into this pipe, for a child to reset before exec.

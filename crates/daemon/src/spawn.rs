@@ -9,7 +9,9 @@
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use arbiter_proto::worker as contract;
 
 use nix::unistd::Pid;
 
@@ -69,6 +71,61 @@ pub fn raise_nofile_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
         }
     }
+}
+
+/// The environment of a child of the master, a worker or a new master: the
+/// master's own, less what was meant for the master, plus what the child is
+/// handed. Built once, the same way for both kinds of child.
+#[derive(Clone, Debug)]
+pub struct ChildEnv {
+    /// `KEY=VALUE` entries.
+    pub env: Vec<Vec<u8>>,
+    /// Keys whose value is the child's own pid, filled in after fork.
+    pub pid_keys: Vec<&'static str>,
+}
+
+impl ChildEnv {
+    /// The master's environment less the variables a child must not inherit:
+    /// systemd's (they were meant for the master) and ours (each child gets its own).
+    pub fn inherited() -> ChildEnv {
+        ChildEnv {
+            env: std::env::vars_os()
+                .filter(|(k, _)| !is_reserved_env(k))
+                .map(|(k, v)| {
+                    let mut e = k.into_vec();
+                    e.push(b'=');
+                    e.extend_from_slice(v.as_bytes());
+                    e
+                })
+                .collect(),
+            pid_keys: Vec::new(),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.env.push(format!("{key}={value}").into_bytes());
+    }
+
+    /// Listeners at fds 3, 4, ... named `names`, the way systemd hands them over.
+    pub fn listeners(&mut self, names: &[&str]) {
+        self.set(contract::ENV_LISTEN_FDS, names.len());
+        self.set(contract::ENV_LISTEN_FDNAMES, names.join(":"));
+        self.pid_keys.push(contract::ENV_LISTEN_PID);
+    }
+
+    /// A watchdog to ping every `usec / 2`, as sd_watchdog_enabled(3) advises.
+    pub fn watchdog(&mut self, usec: impl std::fmt::Display) {
+        self.set(contract::ENV_WATCHDOG_USEC, usec);
+        self.pid_keys.push(contract::ENV_WATCHDOG_PID);
+    }
+}
+
+fn is_reserved_env(key: &OsStr) -> bool {
+    let k = key.as_bytes();
+    k.starts_with(b"LISTEN_")
+        || k.starts_with(b"ARBITER_")
+        || k == b"NOTIFY_SOCKET"
+        || k.starts_with(b"WATCHDOG_")
 }
 
 /// A NUL-terminated `KEY=` entry with room for a pid, filled in by the child after
@@ -369,6 +426,14 @@ pub fn read_status(fd: &OwnedFd) -> io::Result<Option<(Option<ChildStep>, i32)>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_env() {
+        assert!(is_reserved_env(OsStr::new("LISTEN_FDS")));
+        assert!(is_reserved_env(OsStr::new("NOTIFY_SOCKET")));
+        assert!(is_reserved_env(OsStr::new("ARBITER_SLOT")));
+        assert!(!is_reserved_env(OsStr::new("PATH")));
+    }
 
     #[test]
     fn decimal() {

@@ -1,0 +1,789 @@
+//! The master: the parts it owns and its loop, meant to be read top to bottom.
+//!
+//! One thread, one epoll set. Each turn: wait for events or the nearest deadline
+//! and dispatch them -> forgive a stall -> reap (after a SIGCHLD) -> check
+//! deadlines -> check limits -> converge the worker table toward the target ->
+//! serve pipelined requests. The wait's timeout is the nearest deadline of any
+//! part, so an idle master with nothing due sleeps.
+//!
+//! The parts each own their state and report what happened as an enum this module
+//! acts on: [`events`] (the epoll set), [`pool`] (workers, target, generation,
+//! slots, backoff, every worker timer), [`reload`] (the reload in flight and how
+//! the last one ended), [`lineage`] (hot upgrade, from either master), [`manager`]
+//! (systemd), [`requests`] (control requests) and [`status`] (the snapshot). The
+//! verbs `reload`, `scale_to`, `begin_shutdown` and `halt` are shared by signals
+//! and control requests, so `kill -HUP` and `arbiterctl reload` cannot differ.
+
+mod events;
+mod lineage;
+mod manager;
+mod pool;
+mod reload;
+mod requests;
+mod status;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use arbiter_proto::control::{ErrorKind, Reply, Response};
+
+use crate::config::{self, Config, Loader, WorkerProgram};
+use crate::control::{ClientId, ControlServer, Restore};
+use crate::daemonize::Report;
+use crate::listeners::{self, Listener};
+use crate::notify::NotifySocket;
+use crate::pidfile::Pidfile;
+use crate::signals::{self, SignalPipe};
+use crate::spawn::ChildEnv;
+use crate::upgrade::StartContext;
+use crate::{debug, error, info, warning};
+
+use events::{Events, Source};
+use lineage::{ChildExit, Lineage, PipeOutcome};
+use manager::Manager;
+use pool::{Death, Exit, Pool, SpawnContext};
+use reload::Reloads;
+
+pub use reload::ReloadOutcome;
+
+/// The signals the master handles; everything else keeps its default.
+pub const HANDLED_SIGNALS: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGCHLD,
+];
+
+/// How long a new master may take to be ready, unless told otherwise.
+const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a quick shutdown (INT, QUIT) waits before KILL, at most.
+const QUICK_GRACE: Duration = Duration::from_secs(2);
+
+/// The most workers one master will run.
+pub const MAX_WORKERS: usize = 65536;
+
+struct Shutdown {
+    graceful: bool,
+    deadline: Instant,
+}
+
+/// Everything `main` prepared for the master.
+pub struct Setup {
+    pub loader: Loader,
+    pub cfg: Config,
+    pub listeners: Vec<Listener>,
+    pub pidfile: Option<Pidfile>,
+    pub control: Option<ControlServer>,
+    /// Who waits to hear that we serve: `-D`'s launcher, or an upgrading old master.
+    pub report: Option<Report>,
+    pub daemonized: bool,
+    pub start: StartContext,
+    /// When we are an upgrade: the old master's pid and the pipe whose EOF says it
+    /// is gone.
+    pub predecessor: Option<(i32, Option<std::os::fd::OwnedFd>)>,
+}
+
+pub struct Arbiter {
+    // The parts.
+    events: Events,
+    pool: Pool,
+    reloads: Reloads,
+    lineage: Lineage,
+    manager: Manager,
+    control: Option<ControlServer>,
+    notify: NotifySocket,
+    signals: SignalPipe,
+
+    // What they share: the configuration, the listeners, the environment children
+    // start from.
+    /// Rebuilds the configuration on reload (command line over file over defaults).
+    loader: Loader,
+    cfg: Config,
+    listeners: Vec<Listener>,
+    child_env: ChildEnv,
+    start: StartContext,
+    master_pid: Pid,
+    pidfile: Option<Pidfile>,
+    /// `-D`: the launcher (or the old master) waiting to hear that we serve.
+    report: Option<Report>,
+    daemonized: bool,
+
+    // The master's own life.
+    shutdown: Option<Shutdown>,
+    exit_status: u8,
+    exit_reason: Option<String>,
+    /// Control clients waiting for the master to exit.
+    stop_waiters: Vec<ClientId>,
+    started: Instant,
+    started_wall: SystemTime,
+}
+
+impl Arbiter {
+    pub fn new(setup: Setup) -> Result<Arbiter, (std::io::Error, Option<Report>)> {
+        let Setup {
+            loader,
+            cfg,
+            listeners,
+            pidfile,
+            control,
+            report,
+            daemonized,
+            start,
+            predecessor,
+        } = setup;
+        let master_pid = nix::unistd::getpid();
+        let parts = Events::new().and_then(|ev| {
+            let signals = SignalPipe::install(HANDLED_SIGNALS)?;
+            let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name)?;
+            Ok((ev, signals, notify))
+        });
+        let (mut events, signals, notify) = match parts {
+            Ok(p) => p,
+            Err(e) => return Err((e, report)),
+        };
+        events.add(signals.fd(), Source::Signals);
+        events.add(notify.fd(), Source::Notify);
+        // Orphans of our workers' own children come back to us, to be reaped silently,
+        // instead of going to init with nobody watching them.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        let lineage = Lineage::new(predecessor, &mut events);
+        Ok(Arbiter {
+            pool: Pool::new(&cfg),
+            reloads: Reloads::default(),
+            lineage,
+            manager: Manager::from_env(),
+            events,
+            control,
+            notify,
+            signals,
+            loader,
+            cfg,
+            listeners,
+            child_env: ChildEnv::inherited(),
+            start,
+            master_pid,
+            pidfile,
+            report,
+            daemonized,
+            shutdown: None,
+            exit_status: 0,
+            exit_reason: None,
+            stop_waiters: Vec::new(),
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+        })
+    }
+
+    /// Run until shut down; returns the exit status.
+    pub fn run(mut self) -> u8 {
+        self.log_start();
+        self.converge(Instant::now());
+        while self.shutdown.is_none() || !self.pool.is_empty() {
+            let due = self.next_deadline(Instant::now());
+            let woke = self.wait_and_dispatch(due);
+            let now = Instant::now();
+            // Before anything is judged on time: time the master did not run.
+            if let Some(lost) = events::stall(due, woke.at, now, self.cfg.timeout) {
+                self.pool.forgive_stall(lost, now, &self.cfg);
+            }
+            if woke.child_exited || self.signals.take_overflow() {
+                self.reap(now);
+            }
+            self.check_deadlines(now);
+            self.pool.check_limits(now, &self.cfg);
+            self.converge(now);
+            self.serve_pipelined(now);
+        }
+        self.finish()
+    }
+
+    fn log_start(&self) {
+        info!("Starting arbiter {}", env!("CARGO_PKG_VERSION"));
+        self.log_listening();
+        let using = match &self.cfg.program {
+            WorkerProgram::Builtin => "builtin (HTTP)".to_string(),
+            WorkerProgram::Command { path, argv } => {
+                // Arguments may carry secrets: only at debug level.
+                debug!("Worker command line: {argv:?}");
+                path.display().to_string()
+            }
+        };
+        info!("Using worker: {using}");
+        if let Some(c) = &self.control {
+            info!("Control socket at {}", c.path().display());
+        }
+    }
+
+    fn log_listening(&self) {
+        let shown: Vec<&str> = self.listeners.iter().map(|l| l.display.as_str()).collect();
+        info!("Listening at: {} ({})", shown.join(", "), self.master_pid);
+    }
+
+    // ---------------------------------------------------------------- the wait
+
+    /// The earliest moment any part has something due; `None`: sleep until an
+    /// event. Each timer is computed by its owner, in one place.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let stopping = self.shutdown.as_ref().map(|s| s.deadline);
+        [
+            stopping,
+            self.control.as_ref().and_then(|c| c.next_deadline()),
+            self.manager.next_deadline(),
+            self.lineage.next_deadline(),
+            self.pool.next_deadline(
+                &self.cfg,
+                self.reloads.is_running(),
+                stopping.is_some(),
+                now,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Sleep until an event or `due`, and handle what woke us.
+    fn wait_and_dispatch(&mut self, due: Option<Instant>) -> Woke {
+        if let Some(c) = &mut self.control {
+            self.events.sync_control(c);
+        }
+        let ready = self.events.wait(events::wait_timeout(due, Instant::now()));
+        let now = Instant::now();
+        let mut woke = Woke {
+            at: now,
+            child_exited: false,
+        };
+        let mut requests = Vec::new();
+        for source in ready {
+            match source {
+                Source::Signals => {
+                    for (sig, sender) in self.signals.drain_with_sender() {
+                        woke.child_exited |= sig == Signal::SIGCHLD;
+                        self.handle_signal(sig, sender);
+                    }
+                }
+                Source::Exec(id) => self.pool.on_exec_status(id, &mut self.events),
+                Source::Relay(id) => self.pool.on_relay(id, now, &mut self.events),
+                Source::Upgrade => self.on_upgrade_pipe(),
+                Source::Predecessor => self.promote(),
+                Source::Notify => {
+                    for (sender, messages) in self.notify.receive() {
+                        self.pool.on_notify(sender, messages, now, &self.cfg);
+                    }
+                }
+                Source::ControlWatch => {
+                    if let Some(c) = &mut self.control {
+                        c.on_watch(now);
+                    }
+                }
+                Source::ControlListener => {
+                    if let Some(c) = &mut self.control {
+                        c.accept(now);
+                    }
+                }
+                Source::ControlClient(id) => {
+                    if let Some(c) = &mut self.control {
+                        c.write(id);
+                        requests.extend(c.read(id, now));
+                    }
+                }
+            }
+        }
+        for (id, peer, req) in requests {
+            self.handle_request(id, peer, req);
+        }
+        self.serve_pipelined(now);
+        woke
+    }
+
+    /// Requests a client pipelined behind one that has just been answered (here or
+    /// by a reload completing): their bytes are already read, so no event will
+    /// report them.
+    fn serve_pipelined(&mut self, now: Instant) {
+        loop {
+            let requests = match &mut self.control {
+                Some(c) => c.pending_requests(now),
+                None => return,
+            };
+            if requests.is_empty() {
+                return;
+            }
+            for (id, peer, req) in requests {
+                self.handle_request(id, peer, req);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- signals
+
+    fn handle_signal(&mut self, sig: Signal, sender: Option<signals::Sender>) {
+        if sig == Signal::SIGCHLD {
+            debug!("Handling signal: chld");
+            return;
+        }
+        info!(
+            "Handling signal: {}",
+            signals::short_name(sig).to_ascii_lowercase()
+        );
+        let lifecycle = matches!(
+            sig,
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT | Signal::SIGHUP
+        );
+        if let Some(sender) = sender.filter(|_| lifecycle)
+            && let Some(worker_pid) = self.pool.owner_of(sender.pid).or_else(|| {
+                // Each worker leads its own group: a sender in one is that worker's.
+                self.pool.leading(sender.group?)
+            })
+        {
+            // Some libraries signal their parent; a worker must not stop or reload
+            // the whole service that way.
+            warning!(
+                "Ignoring SIG{} sent by worker (pid:{worker_pid}) (sender pid:{})",
+                signals::short_name(sig),
+                sender.pid
+            );
+            return;
+        }
+        match sig {
+            Signal::SIGHUP => {
+                info!("Hang up: Master");
+                let _ = self.reload();
+            }
+            Signal::SIGTERM => self.begin_shutdown(true),
+            Signal::SIGINT | Signal::SIGQUIT => self.begin_shutdown(false),
+            Signal::SIGTTIN => self.scale_to(self.pool.target().saturating_add(1)),
+            Signal::SIGTTOU => {
+                if self.pool.target() <= 1 {
+                    info!("SIGTTOU ignored: already at 1 worker");
+                } else {
+                    self.scale_to(self.pool.target() - 1);
+                }
+            }
+            Signal::SIGUSR1 => match crate::log::reopen() {
+                Ok(()) => info!("Reopened the log file"),
+                Err(e) => error!("Cannot reopen the log file: {e}"),
+            },
+            Signal::SIGUSR2 => {
+                if let Err(e) = self.begin_upgrade(None, DEFAULT_UPGRADE_TIMEOUT, false) {
+                    warning!("USR2 signal ignored. {e}");
+                }
+            }
+            Signal::SIGWINCH if self.daemonized => {
+                // The upgrade dance: the old master keeps its listeners and pidfile
+                // but hands all traffic to the new one. HUP or a scale brings
+                // workers back.
+                info!("graceful stop of workers");
+                self.pool.set_target(0);
+            }
+            Signal::SIGWINCH => info!("SIGWINCH ignored. Not daemonized"),
+            _ => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- verbs
+
+    pub fn scale_to(&mut self, n: usize) {
+        if self.shutdown.is_some() {
+            info!("Scale ignored: shutting down");
+            return;
+        }
+        let n = n.max(1);
+        if n != self.pool.target() {
+            info!("workers {} -> {n}", self.pool.target());
+        }
+        self.pool.set_target(n);
+    }
+
+    pub fn begin_shutdown(&mut self, graceful: bool) {
+        let now = Instant::now();
+        match &mut self.shutdown {
+            Some(s) if graceful || !s.graceful => {
+                info!("Already shutting down");
+                return;
+            }
+            Some(s) => {
+                info!("Quick shutdown requested");
+                s.graceful = false;
+                s.deadline = s.deadline.min(now + QUICK_GRACE);
+            }
+            None => {
+                if self.reloads.in_flight.take().is_some() {
+                    self.reply_reload_waiters(Response::err(
+                        ErrorKind::Refused,
+                        "the master is shutting down; the reload was abandoned",
+                    ));
+                }
+                let wait = if graceful {
+                    self.cfg.graceful_timeout
+                } else {
+                    self.cfg.graceful_timeout.min(QUICK_GRACE)
+                };
+                self.shutdown = Some(Shutdown {
+                    graceful,
+                    deadline: now + wait,
+                });
+                self.tell_manager("STOPPING=1");
+                // New connections now wait in the backlog of the workers' copies
+                // until those close; the unix socket path goes away at once, unless
+                // another master serves on it.
+                self.release_listeners();
+            }
+        }
+        let deadline = self.shutdown.as_ref().map_or(now, |s| s.deadline);
+        let sig = if graceful {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGQUIT
+        };
+        self.pool.stop_all(sig, deadline, graceful);
+    }
+
+    fn halt(&mut self, status: u8, reason: &str) {
+        error!("{reason} Halting with status {status}");
+        self.exit_status = status;
+        self.exit_reason = Some(reason.to_string());
+        self.begin_shutdown(true);
+    }
+
+    // ---------------------------------------------------------------- each turn
+
+    /// Collect every exited child: one SIGCHLD may stand for many exits.
+    fn reap(&mut self, now: Instant) {
+        loop {
+            let (pid, death) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, Death::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Death::Signal(sig)),
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid failed: {e}");
+                    break;
+                }
+            };
+            self.on_exit(pid, death, now);
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, death: Death, now: Instant) {
+        match self.lineage.on_child_exit(pid, death) {
+            ChildExit::NotOurs => {}
+            ChildExit::Abandoned => return,
+            ChildExit::CheckPassed => return self.start_new_master(),
+            ChildExit::Failed(reason) => return self.upgrade_failed(reason),
+            ChildExit::SuccessorGone {
+                reason,
+                renamed_pidfile,
+                waiters,
+            } => return self.successor_gone(reason, renamed_pidfile, waiters),
+        }
+        let reloading = self.reloads.is_running();
+        let stopping = self.shutdown.is_some();
+        match self
+            .pool
+            .on_exit(pid, death, now, reloading, stopping, &mut self.events)
+        {
+            // An orphan that came to us as subreaper, or a child of something else.
+            Exit::NotAWorker => debug!("Reaped unknown child process (pid:{pid})"),
+            Exit::Handled => {}
+            Exit::Halt { status, reason } => self.halt(status, reason),
+            Exit::NewGenerationFailed(reason) => self.abandon_reload(reason),
+        }
+    }
+
+    /// Timeouts of every part but the pool's limits (see `check_limits`).
+    fn check_deadlines(&mut self, now: Instant) {
+        if let Some(c) = &mut self.control {
+            c.expire(now);
+            match c.restore(now) {
+                Some(Restore::Rebound) => warning!(
+                    "Control socket {} was removed; bound a new one",
+                    c.path().display()
+                ),
+                Some(Restore::Failed(e, retry)) => error!(
+                    "Control socket was removed and cannot be recreated: {e}; retrying in {:.0}s",
+                    retry.as_secs_f64()
+                ),
+                None => {}
+            }
+        }
+        if let Some(reason) = self.lineage.check_deadlines(now) {
+            self.upgrade_failed(reason);
+        }
+        self.manager.check(now, self.lineage.is_main_process());
+        self.pool.check_deadlines(now, &self.cfg);
+        if self.shutdown.as_ref().is_some_and(|s| now >= s.deadline) {
+            self.pool.kill_all();
+        }
+    }
+
+    /// Move the pool toward its target and act on where it stands.
+    fn converge(&mut self, now: Instant) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let ctx = SpawnContext {
+            cfg: &self.cfg,
+            listeners: &self.listeners,
+            env: &self.child_env,
+            notify_address: &self.notify.address,
+            master_pid: self.master_pid,
+        };
+        let progress = self.pool.converge(now, &ctx, &mut self.events);
+        if let Some(ready) = progress.first_served {
+            info!("Serving: {ready} worker(s) ready");
+            if self.lineage.is_unpromoted() {
+                // Take over as systemd's main process before the old master exits,
+                // so a Type=notify unit stays active through the handover.
+                self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
+            } else {
+                self.tell_manager("READY=1");
+            }
+            if let Some(r) = self.report.take() {
+                r.ready();
+            }
+        }
+        if progress.settled && self.reloads.is_running() {
+            self.complete_reload();
+        }
+        self.tell_manager("");
+    }
+
+    /// Send `extra` (if any) with the current `STATUS=` to systemd.
+    fn tell_manager(&mut self, extra: &str) {
+        let status = format!(
+            "{}/{} workers ready, generation {}{}",
+            self.pool.ready_in_generation(),
+            self.pool.target(),
+            self.pool.generation(),
+            if self.reloads.is_running() {
+                ", reloading"
+            } else {
+                ""
+            }
+        );
+        self.manager
+            .tell(extra, status, self.lineage.is_main_process());
+    }
+
+    // ---------------------------------------------------------------- upgrade
+
+    fn begin_upgrade(
+        &mut self,
+        binary: Option<PathBuf>,
+        timeout: Duration,
+        handover: bool,
+    ) -> Result<(), String> {
+        if self.shutdown.is_some() {
+            return Err("The master is shutting down.".into());
+        }
+        self.lineage.begin(
+            &mut self.events,
+            &self.start,
+            &self.child_env,
+            binary,
+            timeout,
+            handover,
+        )
+    }
+
+    fn start_new_master(&mut self) {
+        let started = self.lineage.start_new_master(
+            &mut self.events,
+            &self.start,
+            &self.listeners,
+            &self.child_env,
+            self.manager.service_manager(),
+            self.pidfile.as_mut(),
+        );
+        if let Err(e) = started {
+            self.upgrade_failed(e);
+        }
+    }
+
+    fn on_upgrade_pipe(&mut self) {
+        match self.lineage.on_pipe(&mut self.events) {
+            None | Some(PipeOutcome::Ready { handover: false }) => {}
+            Some(PipeOutcome::Ready { handover: true }) => self.begin_shutdown(true),
+            Some(PipeOutcome::Failed(reason)) => self.upgrade_failed(reason),
+        }
+    }
+
+    /// Give up on the new master: it is asked to quit (KILL follows), our pidfile
+    /// gets its name back, and this master carries on serving.
+    fn upgrade_failed(&mut self, reason: String) {
+        let Some(failure) = self.lineage.fail(&mut self.events) else {
+            return;
+        };
+        error!(
+            "Upgrade failed: {reason}; this master (pid:{}) carries on",
+            self.master_pid
+        );
+        if failure.renamed_pidfile {
+            self.restore_pidfile();
+        }
+        let resp = Response::err(ErrorKind::Failed, format!("upgrade failed: {reason}"));
+        for id in failure.waiters {
+            self.reply(id, &resp);
+        }
+    }
+
+    /// The new master that had taken over (or served beside us) is gone: a
+    /// rollback. We are the only master, and systemd's main process, again.
+    fn successor_gone(&mut self, reason: String, renamed_pidfile: bool, waiters: Vec<ClientId>) {
+        error!("{reason}; this master (pid:{}) carries on", self.master_pid);
+        if renamed_pidfile {
+            self.restore_pidfile();
+        }
+        let resp = Response::err(ErrorKind::Failed, format!("upgrade failed: {reason}"));
+        for id in waiters {
+            self.reply(id, &resp);
+        }
+        if self.shutdown.is_none() {
+            self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
+        }
+    }
+
+    fn restore_pidfile(&mut self) {
+        if let (Some(p), Some(base)) = (&mut self.pidfile, &self.cfg.pidfile)
+            && let Err(e) = p.rename_to(base)
+        {
+            error!(
+                "Cannot give the pidfile its name back ({}): {e}",
+                base.display()
+            );
+        }
+    }
+
+    /// The old master is gone: take the pidfile and control socket names, and own
+    /// the unix socket files from now on.
+    fn promote(&mut self) {
+        let Some(old) = self.lineage.promote(&mut self.events) else {
+            return;
+        };
+        if let (Some(p), Some(base)) = (&mut self.pidfile, &self.cfg.pidfile)
+            && let Err(e) = p.rename_to(base)
+        {
+            error!(
+                "Promotion: cannot rename the pidfile to {}: {e}",
+                base.display()
+            );
+        }
+        if let Some(c) = &mut self.control
+            && let Err(e) = c.rename_to(&self.cfg.control)
+        {
+            error!(
+                "Promotion: cannot move the control socket to {}: {e}",
+                self.cfg.control.display()
+            );
+        }
+        for l in &mut self.listeners {
+            if let Some(config::BindSpec::Unix(path)) = &l.spec {
+                l.owned_path = Some(path.clone());
+            }
+        }
+        info!("Master has been promoted (the old master, pid {old}, is gone).");
+    }
+
+    /// Close our listeners; unix socket files go too unless another master uses
+    /// them.
+    fn release_listeners(&mut self) {
+        let mut ls = std::mem::take(&mut self.listeners);
+        if self.lineage.shares_paths() {
+            for l in &mut ls {
+                l.owned_path = None;
+            }
+        }
+        listeners::close_all(ls);
+    }
+
+    // ---------------------------------------------------------------- exit
+
+    fn finish(mut self) -> u8 {
+        self.pool.drain_relays(Instant::now());
+        let bye = Response::ok(Reply::Stopped {
+            pid: self.master_pid.as_raw(),
+        });
+        for id in std::mem::take(&mut self.stop_waiters) {
+            self.reply(id, &bye);
+        }
+        if let Some(new_pid) = self.lineage.successor() {
+            let done = Response::ok(Reply::Upgraded {
+                old_pid: self.master_pid.as_raw(),
+                new_pid: new_pid.as_raw(),
+            });
+            for id in self.lineage.take_handover_waiters() {
+                self.reply(id, &done);
+            }
+        }
+        if let Some(c) = self.control.take() {
+            // The new master renames its socket over the path: leave ours there
+            // until then, so the path never goes missing.
+            c.shutdown(self.lineage.successor().is_none());
+        }
+        self.release_listeners();
+        if let Some(p) = self.pidfile.take() {
+            p.remove();
+        }
+        if self.exit_status == 0 {
+            info!("Shutting down: Master");
+        } else {
+            error!("Shutting down: Master");
+        }
+        if let Some(reason) = &self.exit_reason {
+            error!("Reason: {reason}");
+        }
+        if let Some(r) = self.report.take() {
+            r.error(
+                self.exit_reason
+                    .as_deref()
+                    .unwrap_or("the master stopped before it served"),
+            );
+        }
+        self.exit_status
+    }
+}
+
+/// What one wait brought.
+struct Woke {
+    /// When the wait returned.
+    at: Instant,
+    /// A SIGCHLD was among the signals: reap.
+    child_exited: bool,
+}
+
+/// `TERM`, `SIGTERM`, `term`, `15`.
+pub fn parse_signal(s: &str) -> Option<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let upper = s.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(parse_signal("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("sigusr1"), Some(Signal::SIGUSR1));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("NOPE"), None);
+    }
+}

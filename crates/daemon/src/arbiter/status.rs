@@ -1,0 +1,145 @@
+//! The status snapshot, measured now on the master's clocks.
+
+use std::time::{Instant, SystemTime};
+
+use arbiter_proto::status as snapshot;
+
+use super::Arbiter;
+use super::pool::CRASH_LOOP_AFTER;
+use super::reload::ReloadOutcome;
+use crate::workers::Worker;
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Arbiter {
+    pub(super) fn snapshot(&self) -> snapshot::Status {
+        let now = Instant::now();
+        let generation = self.pool.generation();
+        let slots = self.pool.slots();
+        let workers = self
+            .pool
+            .workers()
+            .iter()
+            .map(|w| {
+                let failures = slots
+                    .get(&w.slot)
+                    .filter(|_| w.generation == generation)
+                    .map_or(0, |h| h.failures);
+                worker_status(w, now, failures)
+            })
+            .collect();
+        let mut backoff: Vec<snapshot::SlotBackoff> = slots
+            .iter()
+            .filter(|(_, h)| h.failures > 0)
+            .map(|(&slot, h)| snapshot::SlotBackoff {
+                slot: slot as u64,
+                failures: u64::from(h.failures),
+                next_start_secs: h
+                    .not_before
+                    .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64()),
+            })
+            .collect();
+        backoff.sort_by_key(|x| x.slot);
+        let (lines_dropped, failing) = crate::log::health();
+        snapshot::Status {
+            master: snapshot::MasterStatus {
+                pid: self.master_pid.as_raw(),
+                name: self.cfg.name.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started_at: rfc3339(self.started_wall),
+                uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
+                state: if self.shutdown.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                }
+                .to_string(),
+                generation,
+                target: self.pool.target() as u64,
+                ready: self.pool.ready_in_generation() as u64,
+                total: self.pool.workers().len() as u64,
+                listeners: self
+                    .listeners
+                    .iter()
+                    .map(|l| snapshot::ListenerStatus {
+                        address: l.display.clone(),
+                        name: l.name.clone(),
+                    })
+                    .collect(),
+                reload: self
+                    .reloads
+                    .in_flight
+                    .as_ref()
+                    .map(|r| snapshot::ReloadInFlight {
+                        from_generation: r.from,
+                        to_generation: r.to,
+                        elapsed_secs: now.saturating_duration_since(r.started).as_secs_f64(),
+                    }),
+                last_reload: self.reloads.last.as_ref().map(reload_outcome),
+                upgrade: self.lineage.describe(),
+                reloads: self.reloads.count,
+                upgrades: self.lineage.upgrades,
+                worker_failures: self.pool.worker_failures,
+                workers_spawned: self.pool.workers_spawned,
+                log: snapshot::LogStatus {
+                    lines_dropped,
+                    failing,
+                },
+                timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
+                backoff,
+            },
+            workers,
+        }
+    }
+}
+
+fn worker_status(w: &Worker, now: Instant, failures: u32) -> snapshot::WorkerStatus {
+    snapshot::WorkerStatus {
+        id: w.id,
+        slot: w.slot as u64,
+        pid: w.pid.as_raw(),
+        generation: w.generation,
+        state: if w.recycle && w.state.is_active() {
+            "recycling".to_string()
+        } else {
+            w.state.name().to_string()
+        },
+        started_at: rfc3339(w.started_wall),
+        uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),
+        last_beat_secs: w
+            .heartbeat
+            .last_beat
+            .map(|b| now.saturating_duration_since(b).as_secs_f64()),
+        status_text: w.status_text.clone(),
+        restarts: u64::from(failures),
+        crash_looping: failures >= CRASH_LOOP_AFTER,
+        rss_bytes: w.rss_bytes(),
+    }
+}
+
+fn reload_outcome(r: &ReloadOutcome) -> snapshot::ReloadOutcome {
+    match r {
+        ReloadOutcome::Succeeded {
+            generation,
+            took,
+            at,
+        } => snapshot::ReloadOutcome {
+            generation: *generation,
+            ok: true,
+            message: format!("succeeded in {:.2}s", took.as_secs_f64()),
+            at: rfc3339(*at),
+        },
+        ReloadOutcome::Failed {
+            generation,
+            reason,
+            at,
+        } => snapshot::ReloadOutcome {
+            generation: *generation,
+            ok: false,
+            message: reason.clone(),
+            at: rfc3339(*at),
+        },
+    }
+}
