@@ -961,6 +961,90 @@ fn second_usr2_is_refused_and_quitting_the_new_master_rolls_back() {
     }
 }
 
+/// The rollback `docs/signals.md` documents (USR2, then QUIT the new master)
+/// leaves the old master as it was before: the only master, with nothing said
+/// about an upgrade, ready for another USR2, and owning its paths again, so a TERM
+/// removes the control socket and the unix socket file.
+#[test]
+fn after_a_usr2_rollback_the_old_master_is_the_only_master_again() {
+    let b = Daemon::builder();
+    let pidfile = b.path("app.pid");
+    let sock = b.path("app.sock");
+    let d = b
+        .args(["-w", "1", "-b", "127.0.0.1:0", "-b"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("-p")
+        .arg(&pidfile)
+        .start();
+    let ws: Vec<i32> = d.wait_workers(1).iter().map(|w| w.pid).collect();
+    let upgrade_in_status = || {
+        let out = d.ctl(["status", "--json"]);
+        let v: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| d.fail(&format!("status --json: {e}: {out:?}")));
+        v["master"]["upgrade"].clone()
+    };
+
+    for round in 1..=2 {
+        d.signal(Signal::SIGUSR2);
+        let new = d.wait_until(LONG, "PIDFILE.2 to name the new master", || {
+            read_pid(&second(&pidfile)).ok_or_else(|| "no PIDFILE.2 yet".to_string())
+        });
+        d.register_pid(new);
+        d.wait_until(
+            LONG,
+            &format!("both masters serving (round {round})"),
+            || {
+                let n = d.log_lines_with("both masters serve now").len();
+                if n == round {
+                    Ok(())
+                } else {
+                    Err(format!("{n} 'both masters serve now' lines"))
+                }
+            },
+        );
+        wait_own_workers(&d, new, 1);
+        let said = upgrade_in_status();
+        assert!(
+            said.as_str().is_some_and(|s| s.contains("beside")),
+            "round {round}: status during the upgrade: {said}"
+        );
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGQUIT).unwrap();
+        d.wait_until(LONG, "the new master to exit", || {
+            if is_alive(new) {
+                Err(format!("{new} still runs"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_unchanged(&d, &pidfile, &ws);
+        assert_eq!(
+            upgrade_in_status(),
+            Value::Null,
+            "round {round}: status after the rollback must say no upgrade"
+        );
+    }
+    assert!(
+        d.log_lines_with("USR2 signal ignored").is_empty(),
+        "the second USR2 must be taken: {:?}",
+        d.log_lines_with("USR2 signal ignored")
+    );
+
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LONG);
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(
+        !d.control_path().exists(),
+        "the control socket {} was left behind",
+        d.control_path().display()
+    );
+    assert!(
+        !sock.exists(),
+        "the unix socket {} was left behind",
+        sock.display()
+    );
+}
+
 // ------------------------------------------------------------------ under systemd
 
 /// Start `-w 1 -p PIDFILE` with `NOTIFY_SOCKET` (and `extra_env`), wait for its

@@ -15,6 +15,7 @@
 //! and control requests, so `kill -HUP` and `arbiterctl reload` cannot differ.
 
 mod events;
+mod handover;
 mod lineage;
 mod manager;
 mod pool;
@@ -22,7 +23,6 @@ mod reload;
 mod requests;
 mod status;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
@@ -31,7 +31,7 @@ use nix::unistd::Pid;
 
 use arbiter_proto::control::{ErrorKind, Reply, Response};
 
-use crate::config::{self, Config, Loader, WorkerProgram};
+use crate::config::{Config, Loader, WorkerProgram};
 use crate::control::{ClientId, ControlServer, Restore};
 use crate::daemonize::Report;
 use crate::listeners::{self, Listener};
@@ -43,7 +43,7 @@ use crate::upgrade::StartContext;
 use crate::{debug, error, info, warning};
 
 use events::{Events, Source};
-use lineage::{ChildExit, Lineage, PipeOutcome};
+use lineage::{ChildExit, Lineage};
 use manager::Manager;
 use pool::{Death, Exit, Pool, SpawnContext};
 use reload::Reloads;
@@ -573,125 +573,6 @@ impl Arbiter {
         );
         self.manager
             .tell(extra, status, self.lineage.is_main_process());
-    }
-
-    // ---------------------------------------------------------------- upgrade
-
-    fn begin_upgrade(
-        &mut self,
-        binary: Option<PathBuf>,
-        timeout: Duration,
-        handover: bool,
-    ) -> Result<(), String> {
-        if self.shutdown.is_some() {
-            return Err("The master is shutting down.".into());
-        }
-        self.lineage.begin(
-            &mut self.events,
-            &self.start,
-            &self.child_env,
-            binary,
-            timeout,
-            handover,
-        )
-    }
-
-    fn start_new_master(&mut self) {
-        let started = self.lineage.start_new_master(
-            &mut self.events,
-            &self.start,
-            &self.listeners,
-            &self.child_env,
-            self.manager.service_manager(),
-            self.pidfile.as_mut(),
-        );
-        if let Err(e) = started {
-            self.upgrade_failed(e);
-        }
-    }
-
-    fn on_upgrade_pipe(&mut self) {
-        match self.lineage.on_pipe(&mut self.events) {
-            None | Some(PipeOutcome::Ready { handover: false }) => {}
-            Some(PipeOutcome::Ready { handover: true }) => self.begin_shutdown(true),
-            Some(PipeOutcome::Failed(reason)) => self.upgrade_failed(reason),
-        }
-    }
-
-    /// Give up on the new master: it is asked to quit (KILL follows), our pidfile
-    /// gets its name back, and this master carries on serving.
-    fn upgrade_failed(&mut self, reason: String) {
-        let Some(failure) = self.lineage.fail(&mut self.events) else {
-            return;
-        };
-        error!(
-            "Upgrade failed: {reason}; this master (pid:{}) carries on",
-            self.master_pid
-        );
-        if failure.renamed_pidfile {
-            self.restore_pidfile();
-        }
-        let resp = Response::err(ErrorKind::Failed, format!("upgrade failed: {reason}"));
-        for id in failure.waiters {
-            self.reply(id, &resp);
-        }
-    }
-
-    /// The new master that had taken over (or served beside us) is gone: a
-    /// rollback. We are the only master, and systemd's main process, again.
-    fn successor_gone(&mut self, reason: String, renamed_pidfile: bool, waiters: Vec<ClientId>) {
-        error!("{reason}; this master (pid:{}) carries on", self.master_pid);
-        if renamed_pidfile {
-            self.restore_pidfile();
-        }
-        let resp = Response::err(ErrorKind::Failed, format!("upgrade failed: {reason}"));
-        for id in waiters {
-            self.reply(id, &resp);
-        }
-        if self.shutdown.is_none() {
-            self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
-        }
-    }
-
-    fn restore_pidfile(&mut self) {
-        if let (Some(p), Some(base)) = (&mut self.pidfile, &self.cfg.pidfile)
-            && let Err(e) = p.rename_to(base)
-        {
-            error!(
-                "Cannot give the pidfile its name back ({}): {e}",
-                base.display()
-            );
-        }
-    }
-
-    /// The old master is gone: take the pidfile and control socket names, and own
-    /// the unix socket files from now on.
-    fn promote(&mut self) {
-        let Some(old) = self.lineage.promote(&mut self.events) else {
-            return;
-        };
-        if let (Some(p), Some(base)) = (&mut self.pidfile, &self.cfg.pidfile)
-            && let Err(e) = p.rename_to(base)
-        {
-            error!(
-                "Promotion: cannot rename the pidfile to {}: {e}",
-                base.display()
-            );
-        }
-        if let Some(c) = &mut self.control
-            && let Err(e) = c.rename_to(&self.cfg.control)
-        {
-            error!(
-                "Promotion: cannot move the control socket to {}: {e}",
-                self.cfg.control.display()
-            );
-        }
-        for l in &mut self.listeners {
-            if let Some(config::BindSpec::Unix(path)) = &l.spec {
-                l.owned_path = Some(path.clone());
-            }
-        }
-        info!("Master has been promoted (the old master, pid {old}, is gone).");
     }
 
     /// Close our listeners; unix socket files go too unless another master uses

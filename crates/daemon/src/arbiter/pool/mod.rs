@@ -5,23 +5,26 @@
 //! the same functions. What the master must act on comes back as an [`Exit`] or
 //! a [`Progress`].
 
+mod spawn;
+mod timers;
+
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use arbiter_proto::worker as contract;
 
-use super::events::{Events, Source};
+use super::events::Events;
 use crate::config::{Config, ReadyMode, WorkerProgram};
 use crate::listeners::Listener;
 use crate::notify::Message;
-use crate::relay::{self, Relay};
-use crate::spawn::{self, ChildEnv, Plan, Prepared};
-use crate::workers::{self, Heartbeat, State, Worker};
+use crate::relay::Relay;
+use crate::spawn::ChildEnv;
+use crate::workers::{self, State, Worker};
 use crate::{critical, debug, error, info, warning};
 
 /// In `exec` readiness there is no word from the worker, so a worker counts as
@@ -208,202 +211,6 @@ impl Pool {
         self.slots.clear();
     }
 
-    // ---------------------------------------------------------------- timers
-
-    /// The earliest moment a worker timer is due. `reloading`: the settle time of
-    /// new workers matters (it decides when old ones retire); `stopping`: nothing
-    /// is spawned any more, so spawn timers do not count.
-    pub fn next_deadline(
-        &self,
-        cfg: &Config,
-        reloading: bool,
-        stopping: bool,
-        now: Instant,
-    ) -> Option<Instant> {
-        if self.spawn_pending && !stopping {
-            return Some(now);
-        }
-        let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if cfg.max_worker_rss.is_some() {
-            at(self.next_rss_check.unwrap_or(now));
-        }
-        for w in &self.workers {
-            if let Some(t) = recycle_at(w, cfg) {
-                at(t);
-            }
-            match w.state {
-                State::Stopping { deadline } | State::Aborted { deadline } => at(deadline),
-                State::Booting => {
-                    at(boot_deadline(w, cfg.boot_timeout));
-                    if let Some(t) = self.heartbeat_due(w, cfg) {
-                        at(t);
-                    }
-                }
-                State::Ready { .. } => {
-                    if let Some(t) = self.heartbeat_due(w, cfg) {
-                        at(t);
-                    }
-                    if let Some(t) = self.settles_at(w, reloading)
-                        && t > now
-                    {
-                        at(t);
-                    }
-                }
-                State::Killed => {}
-            }
-        }
-        if !stopping && self.active_in_generation() < self.target {
-            for h in self.slots.values() {
-                if let Some(t) = h.not_before {
-                    at(t);
-                }
-            }
-            if let Some(t) = self.fork_not_before {
-                at(t);
-            }
-        }
-        next
-    }
-
-    /// When the worker's heartbeat must next be looked at: when its silence
-    /// reaches the timeout (not before an `EXTEND_TIMEOUT_USEC` ends), or, for a
-    /// worker that never beat, now and then to notice its first beat.
-    fn heartbeat_due(&self, w: &Worker, cfg: &Config) -> Option<Instant> {
-        let timeout = cfg.timeout?;
-        Some(match silent_since(w, self.silence_counted_from) {
-            Some(beat) => (beat + timeout).max(w.extended_until.unwrap_or(beat)),
-            None => w.heartbeat.last_check() + probe_interval(timeout),
-        })
-    }
-
-    /// When a ready worker of the current generation counts as booted, while that
-    /// matters (the first boot, a reload) and in `exec` readiness.
-    fn settles_at(&self, w: &Worker, reloading: bool) -> Option<Instant> {
-        let State::Ready { since } = w.state else {
-            return None;
-        };
-        (self.ready_mode == ReadyMode::Exec
-            && (!self.served || reloading)
-            && w.generation == self.generation)
-            .then_some(since + EXEC_SETTLE)
-    }
-
-    /// The master ran `late` (stopped, or the machine stalled): heartbeat silence
-    /// is counted again from now, so a stall of the whole machine does not time
-    /// out every worker at once (gunicorn's master does exactly that after a VM
-    /// pause). A worker really hung is still timed out, one `--timeout` later.
-    pub fn forgive_stall(&mut self, late: Duration, now: Instant, cfg: &Config) {
-        let Some(timeout) = cfg.timeout else {
-            return;
-        };
-        let silent = self
-            .workers
-            .iter()
-            .filter(|w| {
-                w.heartbeat
-                    .last_beat
-                    .is_some_and(|b| b + timeout / 2 <= now)
-            })
-            .count();
-        warning!(
-            "The master ran {:.1}s late (stopped, or the machine stalled); heartbeat silence \
-             is counted from now ({silent} worker(s) had been silent for over half the timeout)",
-            late.as_secs_f64()
-        );
-        self.silence_counted_from = now;
-    }
-
-    /// Timeouts: boot, heartbeat, graceful stop, abort grace.
-    pub fn check_deadlines(&mut self, now: Instant, cfg: &Config) {
-        for i in 0..self.workers.len() {
-            let heartbeat_due = self.heartbeat_due(&self.workers[i], cfg);
-            let counted_from = self.silence_counted_from;
-            let w = &mut self.workers[i];
-            match w.state {
-                State::Stopping { deadline } | State::Aborted { deadline } if now >= deadline => {
-                    warning!(
-                        "Worker (pid:{}) still running after its {}; sending SIGKILL",
-                        w.pid,
-                        if matches!(w.state, State::Aborted { .. }) {
-                            "abort grace"
-                        } else {
-                            "graceful timeout"
-                        }
-                    );
-                    let _ = w.signal(Signal::SIGKILL);
-                    w.state = State::Killed;
-                }
-                State::Booting if now >= boot_deadline(w, cfg.boot_timeout) => {
-                    error!(
-                        "Worker (pid:{}) not ready after {:.1}s (--boot-timeout); killing it",
-                        w.pid,
-                        cfg.boot_timeout.as_secs_f64()
-                    );
-                    let _ = w.signal(Signal::SIGKILL);
-                    w.state = State::Killed;
-                }
-                State::Booting | State::Ready { .. } => {
-                    let (Some(timeout), Some(due)) = (cfg.timeout, heartbeat_due) else {
-                        continue;
-                    };
-                    // Look early at files that are nearly due: one wakeup then serves
-                    // many workers instead of one wakeup each. Killing still needs
-                    // the full timeout of silence, and no extension in force.
-                    if now + timeout / 4 < due {
-                        continue;
-                    }
-                    w.heartbeat.check(now);
-                    let extended = w.extended_until.is_some_and(|t| now < t);
-                    if let Some(beat) = silent_since(w, counted_from)
-                        && now >= beat + timeout
-                        && !extended
-                    {
-                        critical!("WORKER TIMEOUT (pid:{})", w.pid);
-                        let _ = w.signal(Signal::SIGABRT);
-                        w.state = State::Aborted {
-                            deadline: now + ABORT_GRACE,
-                        };
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Mark workers past `--max-worker-age` or `--max-worker-rss` for recycling.
-    pub fn check_limits(&mut self, now: Instant, cfg: &Config) {
-        if cfg.max_worker_age.is_none() && cfg.max_worker_rss.is_none() {
-            return;
-        }
-        let check_rss =
-            cfg.max_worker_rss.is_some() && self.next_rss_check.is_none_or(|t| now >= t);
-        if check_rss {
-            self.next_rss_check = Some(now + RSS_CHECK_INTERVAL);
-        }
-        for w in &mut self.workers {
-            if recycle_at(w, cfg).is_some_and(|t| now >= t) {
-                info!(
-                    "Recycling worker (pid:{}): older than --max-worker-age",
-                    w.pid
-                );
-                w.recycle = true;
-            } else if check_rss
-                && !w.recycle
-                && w.is_ready()
-                && let (Some(limit), Some(rss)) = (cfg.max_worker_rss, w.rss_bytes())
-                && rss > limit
-            {
-                info!(
-                    "Recycling worker (pid:{}): RSS {} MiB over --max-worker-rss",
-                    w.pid,
-                    rss / (1024 * 1024)
-                );
-                w.recycle = true;
-            }
-        }
-    }
-
     // ---------------------------------------------------------------- events
 
     /// The worker whose process (or process group) `pid` belongs to, if any.
@@ -477,7 +284,7 @@ impl Pool {
         };
         let Some(fd) = &w.exec_status else { return };
         let pid = w.pid;
-        match spawn::read_status(fd) {
+        match crate::spawn::read_status(fd) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Ok(None) | Err(_) => {
                 if ready_mode == ReadyMode::Exec && w.state == State::Booting {
@@ -753,215 +560,6 @@ impl Pool {
                 && self.workers.iter().all(|w| w.generation == current_gen),
         }
     }
-
-    fn spawn_missing(&mut self, now: Instant, ctx: &SpawnContext<'_>, ev: &mut Events) {
-        let current_gen = self.generation;
-        let mut used = vec![false; self.target + self.workers.len()];
-        for w in &self.workers {
-            if w.generation == current_gen
-                && w.state.is_active()
-                && !w.recycle
-                && w.slot < used.len()
-            {
-                used[w.slot] = true;
-            }
-        }
-        let active = used.iter().filter(|&&u| u).count();
-        let mut missing = self.target.saturating_sub(active);
-        let mut spawned = 0;
-        let mut slot = 0;
-        while missing > 0 {
-            while used.get(slot) == Some(&true) {
-                slot += 1;
-            }
-            if spawned == SPAWNS_PER_TURN {
-                // The rest next turn, right after signals and control clients
-                // have had their say.
-                self.spawn_pending = true;
-                break;
-            }
-            let waiting = self
-                .slots
-                .get(&slot)
-                .and_then(|h| h.not_before)
-                .is_some_and(|t| now < t);
-            if !waiting {
-                if self.fork_not_before.is_some_and(|t| now < t) {
-                    break;
-                }
-                if !self.spawn(slot, now, ctx, ev) {
-                    break;
-                }
-                spawned += 1;
-            }
-            if let Some(u) = used.get_mut(slot) {
-                *u = true;
-            }
-            slot += 1;
-            missing -= 1;
-        }
-    }
-
-    /// Fork and exec one worker into `slot`. False if it could not be started now
-    /// (the caller stops spawning for this turn; a backoff deadline is set).
-    fn spawn(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        ctx: &SpawnContext<'_>,
-        ev: &mut Events,
-    ) -> bool {
-        let credentials = ctx.cfg.worker_credentials();
-        let heartbeat = match Heartbeat::create(&self.heartbeat_dir, credentials) {
-            Ok(h) => h,
-            Err(e) => {
-                let dir = self.heartbeat_dir.display().to_string();
-                self.spawn_failed(
-                    &format!("cannot create a heartbeat file in {dir}: {e}"),
-                    now,
-                );
-                return false;
-            }
-        };
-        let id = self.next_worker_id;
-        let (relay_read, relay_write) = match relay::pipe() {
-            Ok(p) => p,
-            Err(e) => {
-                self.spawn_failed(&format!("cannot create the output pipe: {e}"), now);
-                return false;
-            }
-        };
-        let prepared = prepare(
-            ctx,
-            id,
-            slot,
-            self.generation,
-            &heartbeat,
-            relay_write.as_raw_fd(),
-        );
-        let mut prepared = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                self.spawn_failed(&format!("cannot prepare the worker: {e}"), now);
-                return false;
-            }
-        };
-        let spawned = prepared.spawn();
-        // Only the worker writes into its pipe: EOF then means it (and any child
-        // that inherited its stdout) is gone.
-        drop(relay_write);
-        let (pid, exec_status) = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                self.spawn_failed(&format!("fork failed: {e}"), now);
-                return false;
-            }
-        };
-        ev.add(relay_read.as_fd(), Source::Relay(id));
-        ev.add(exec_status.as_fd(), Source::Exec(id));
-        self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
-        self.next_worker_id += 1;
-        self.workers_spawned += 1;
-        self.fork_failures = 0;
-        self.fork_not_before = None;
-        info!(
-            "Booting worker with pid: {pid} (id:{id} slot:{slot} gen:{})",
-            self.generation
-        );
-        self.workers.push(Worker {
-            id,
-            slot,
-            pid,
-            generation: self.generation,
-            state: State::Booting,
-            started: now,
-            started_wall: SystemTime::now(),
-            exec_status: Some(exec_status),
-            heartbeat,
-            sent: None,
-            status_text: None,
-            ready_at: None,
-            retiring: false,
-            extended_until: None,
-            recycle: false,
-            // Opened now, read after the exec: it shows the new image.
-            statm: std::fs::File::open(format!("/proc/{pid}/statm")).ok(),
-        });
-        true
-    }
-
-    fn spawn_failed(&mut self, what: &str, now: Instant) {
-        self.fork_failures += 1;
-        let delay = backoff(self.fork_failures + 1);
-        self.fork_not_before = Some(now + delay);
-        error!(
-            "Cannot start a worker: {what}; retrying in {:.1}s",
-            delay.as_secs_f64()
-        );
-    }
-}
-
-/// Everything the child needs, built before fork.
-fn prepare(
-    ctx: &SpawnContext<'_>,
-    id: u64,
-    slot: usize,
-    generation: u64,
-    heartbeat: &Heartbeat,
-    stdio: i32,
-) -> std::io::Result<Prepared> {
-    let cfg = ctx.cfg;
-    let mut fds: Vec<i32> = ctx
-        .listeners
-        .iter()
-        .map(|l| l.as_fd().as_raw_fd())
-        .collect();
-    let heartbeat_target = contract::LISTEN_FDS_START + fds.len() as i32;
-    fds.push(heartbeat.fd());
-    let names: Vec<&str> = ctx.listeners.iter().map(|l| l.name.as_str()).collect();
-    let mut env = ctx.env.clone();
-    env.listeners(&names);
-    env.set(contract::ENV_WORKER_ID, id);
-    env.set(contract::ENV_SLOT, slot);
-    env.set(contract::ENV_GENERATION, generation);
-    env.set(contract::ENV_MASTER_PID, ctx.master_pid);
-    env.set(contract::ENV_HEARTBEAT_FD, heartbeat_target);
-    env.set(
-        contract::ENV_TIMEOUT,
-        cfg.timeout.map_or(0.0, |t| t.as_secs_f64()),
-    );
-    env.set(contract::ENV_NOTIFY_SOCKET, ctx.notify_address);
-    if let Some(t) = cfg.timeout {
-        // Libraries that already ping systemd's watchdog ping ours.
-        env.watchdog(t.as_micros());
-    }
-    let builtin_title;
-    let (path, argv): (&std::ffi::OsStr, Vec<&std::ffi::OsStr>) = match &cfg.program {
-        WorkerProgram::Builtin => {
-            builtin_title = std::ffi::OsString::from(format!("arbiter: worker [{}]", cfg.name));
-            (
-                std::ffi::OsStr::new("/proc/self/exe"),
-                vec![
-                    builtin_title.as_os_str(),
-                    std::ffi::OsStr::new(crate::BUILTIN_WORKER_ARG),
-                ],
-            )
-        }
-        WorkerProgram::Command { path, argv } => (
-            path.as_os_str(),
-            argv.iter().map(|a| a.as_os_str()).collect(),
-        ),
-    };
-    Prepared::new(Plan {
-        path,
-        argv: &argv,
-        env: env.env,
-        pid_keys: &env.pid_keys,
-        fds,
-        stdio: Some(stdio),
-        credentials: cfg.worker_credentials(),
-        contained: true,
-    })
 }
 
 fn log_death(w: &Worker, death: Death) {
@@ -997,37 +595,6 @@ fn backoff(failures: u32) -> Duration {
     }
     let exp = (failures - 2).min(16);
     (BACKOFF_FIRST * 2u32.pow(exp)).min(BACKOFF_MAX)
-}
-
-/// Since when `w` counts as silent: its last beat, or `counted_from` (the end of
-/// the master's last stall) if later. None: it never beat.
-fn silent_since(w: &Worker, counted_from: Instant) -> Option<Instant> {
-    w.heartbeat.last_beat.map(|beat| beat.max(counted_from))
-}
-
-/// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).
-fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
-    let base = w.started + boot_timeout;
-    w.extended_until.map_or(base, |t| t.max(base))
-}
-
-/// When a ready worker is due for recycling by `--max-worker-age`, if it is not
-/// already being recycled.
-fn recycle_at(w: &Worker, cfg: &Config) -> Option<Instant> {
-    let age = cfg.max_worker_age?;
-    (w.is_ready() && !w.recycle).then(|| w.started + age + age_jitter(w.id, age))
-}
-
-/// Up to 10% of `age`, fixed per worker, so workers started together (a boot, a
-/// reload) are not all recycled at once.
-fn age_jitter(id: u64, age: Duration) -> Duration {
-    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1023
-    age / 10 * spread / 1024
-}
-
-/// How often a worker that has not beaten yet is looked at.
-fn probe_interval(timeout: Duration) -> Duration {
-    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
 #[cfg(test)]

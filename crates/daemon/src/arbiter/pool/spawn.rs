@@ -1,0 +1,227 @@
+//! Spawning the missing workers: everything prepared before fork (see
+//! `crate::spawn`), registered with the event set at once, and backed off when
+//! fork or its preparations fail.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Instant, SystemTime};
+
+use arbiter_proto::worker as contract;
+
+use super::{Pool, SPAWNS_PER_TURN, SpawnContext, backoff};
+use crate::arbiter::events::{Events, Source};
+use crate::config::WorkerProgram;
+use crate::relay::{self, Relay};
+use crate::spawn::{Plan, Prepared};
+use crate::workers::{Heartbeat, State, Worker};
+use crate::{error, info};
+
+impl Pool {
+    pub(super) fn spawn_missing(&mut self, now: Instant, ctx: &SpawnContext<'_>, ev: &mut Events) {
+        let current_gen = self.generation;
+        let mut used = vec![false; self.target + self.workers.len()];
+        for w in &self.workers {
+            if w.generation == current_gen
+                && w.state.is_active()
+                && !w.recycle
+                && w.slot < used.len()
+            {
+                used[w.slot] = true;
+            }
+        }
+        let active = used.iter().filter(|&&u| u).count();
+        let mut missing = self.target.saturating_sub(active);
+        let mut spawned = 0;
+        let mut slot = 0;
+        while missing > 0 {
+            while used.get(slot) == Some(&true) {
+                slot += 1;
+            }
+            if spawned == SPAWNS_PER_TURN {
+                // The rest next turn, right after signals and control clients
+                // have had their say.
+                self.spawn_pending = true;
+                break;
+            }
+            let waiting = self
+                .slots
+                .get(&slot)
+                .and_then(|h| h.not_before)
+                .is_some_and(|t| now < t);
+            if !waiting {
+                if self.fork_not_before.is_some_and(|t| now < t) {
+                    break;
+                }
+                if !self.spawn(slot, now, ctx, ev) {
+                    break;
+                }
+                spawned += 1;
+            }
+            if let Some(u) = used.get_mut(slot) {
+                *u = true;
+            }
+            slot += 1;
+            missing -= 1;
+        }
+    }
+
+    /// Fork and exec one worker into `slot`. False if it could not be started now
+    /// (the caller stops spawning for this turn; a backoff deadline is set).
+    fn spawn(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        ctx: &SpawnContext<'_>,
+        ev: &mut Events,
+    ) -> bool {
+        let credentials = ctx.cfg.worker_credentials();
+        let heartbeat = match Heartbeat::create(&self.heartbeat_dir, credentials) {
+            Ok(h) => h,
+            Err(e) => {
+                let dir = self.heartbeat_dir.display().to_string();
+                self.spawn_failed(
+                    &format!("cannot create a heartbeat file in {dir}: {e}"),
+                    now,
+                );
+                return false;
+            }
+        };
+        let id = self.next_worker_id;
+        let (relay_read, relay_write) = match relay::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                self.spawn_failed(&format!("cannot create the output pipe: {e}"), now);
+                return false;
+            }
+        };
+        let prepared = prepare(
+            ctx,
+            id,
+            slot,
+            self.generation,
+            &heartbeat,
+            relay_write.as_raw_fd(),
+        );
+        let mut prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.spawn_failed(&format!("cannot prepare the worker: {e}"), now);
+                return false;
+            }
+        };
+        let spawned = prepared.spawn();
+        // Only the worker writes into its pipe: EOF then means it (and any child
+        // that inherited its stdout) is gone.
+        drop(relay_write);
+        let (pid, exec_status) = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                self.spawn_failed(&format!("fork failed: {e}"), now);
+                return false;
+            }
+        };
+        ev.add(relay_read.as_fd(), Source::Relay(id));
+        ev.add(exec_status.as_fd(), Source::Exec(id));
+        self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
+        self.next_worker_id += 1;
+        self.workers_spawned += 1;
+        self.fork_failures = 0;
+        self.fork_not_before = None;
+        info!(
+            "Booting worker with pid: {pid} (id:{id} slot:{slot} gen:{})",
+            self.generation
+        );
+        self.workers.push(Worker {
+            id,
+            slot,
+            pid,
+            generation: self.generation,
+            state: State::Booting,
+            started: now,
+            started_wall: SystemTime::now(),
+            exec_status: Some(exec_status),
+            heartbeat,
+            sent: None,
+            status_text: None,
+            ready_at: None,
+            retiring: false,
+            extended_until: None,
+            recycle: false,
+            // Opened now, read after the exec: it shows the new image.
+            statm: std::fs::File::open(format!("/proc/{pid}/statm")).ok(),
+        });
+        true
+    }
+
+    fn spawn_failed(&mut self, what: &str, now: Instant) {
+        self.fork_failures += 1;
+        let delay = backoff(self.fork_failures + 1);
+        self.fork_not_before = Some(now + delay);
+        error!(
+            "Cannot start a worker: {what}; retrying in {:.1}s",
+            delay.as_secs_f64()
+        );
+    }
+}
+
+/// Everything the child needs, built before fork.
+fn prepare(
+    ctx: &SpawnContext<'_>,
+    id: u64,
+    slot: usize,
+    generation: u64,
+    heartbeat: &Heartbeat,
+    stdio: i32,
+) -> std::io::Result<Prepared> {
+    let cfg = ctx.cfg;
+    let mut fds: Vec<i32> = ctx
+        .listeners
+        .iter()
+        .map(|l| l.as_fd().as_raw_fd())
+        .collect();
+    let heartbeat_target = contract::LISTEN_FDS_START + fds.len() as i32;
+    fds.push(heartbeat.fd());
+    let names: Vec<&str> = ctx.listeners.iter().map(|l| l.name.as_str()).collect();
+    let mut env = ctx.env.clone();
+    env.listeners(&names);
+    env.set(contract::ENV_WORKER_ID, id);
+    env.set(contract::ENV_SLOT, slot);
+    env.set(contract::ENV_GENERATION, generation);
+    env.set(contract::ENV_MASTER_PID, ctx.master_pid);
+    env.set(contract::ENV_HEARTBEAT_FD, heartbeat_target);
+    env.set(
+        contract::ENV_TIMEOUT,
+        cfg.timeout.map_or(0.0, |t| t.as_secs_f64()),
+    );
+    env.set(contract::ENV_NOTIFY_SOCKET, ctx.notify_address);
+    if let Some(t) = cfg.timeout {
+        // Libraries that already ping systemd's watchdog ping ours.
+        env.watchdog(t.as_micros());
+    }
+    let builtin_title;
+    let (path, argv): (&std::ffi::OsStr, Vec<&std::ffi::OsStr>) = match &cfg.program {
+        WorkerProgram::Builtin => {
+            builtin_title = std::ffi::OsString::from(format!("arbiter: worker [{}]", cfg.name));
+            (
+                std::ffi::OsStr::new("/proc/self/exe"),
+                vec![
+                    builtin_title.as_os_str(),
+                    std::ffi::OsStr::new(crate::BUILTIN_WORKER_ARG),
+                ],
+            )
+        }
+        WorkerProgram::Command { path, argv } => (
+            path.as_os_str(),
+            argv.iter().map(|a| a.as_os_str()).collect(),
+        ),
+    };
+    Prepared::new(Plan {
+        path,
+        argv: &argv,
+        env: env.env,
+        pid_keys: &env.pid_keys,
+        fds,
+        stdio: Some(stdio),
+        credentials: cfg.worker_credentials(),
+        contained: true,
+    })
+}

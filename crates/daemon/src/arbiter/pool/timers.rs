@@ -1,0 +1,240 @@
+//! The pool's timers, each computed in one function that both the wait's
+//! timeout ([`Pool::next_deadline`]) and the checks ([`Pool::check_deadlines`],
+//! [`Pool::check_limits`]) use, so the master never wakes for a deadline it then
+//! does not act on, nor sleeps past one.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::{ABORT_GRACE, EXEC_SETTLE, Pool, RSS_CHECK_INTERVAL};
+use crate::config::{Config, ReadyMode};
+use crate::workers::{State, Worker};
+use crate::{critical, error, info, warning};
+
+impl Pool {
+    /// The earliest moment a worker timer is due. `reloading`: the settle time of
+    /// new workers matters (it decides when old ones retire); `stopping`: nothing
+    /// is spawned any more, so spawn timers do not count.
+    pub fn next_deadline(
+        &self,
+        cfg: &Config,
+        reloading: bool,
+        stopping: bool,
+        now: Instant,
+    ) -> Option<Instant> {
+        if self.spawn_pending && !stopping {
+            return Some(now);
+        }
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if cfg.max_worker_rss.is_some() {
+            at(self.next_rss_check.unwrap_or(now));
+        }
+        for w in &self.workers {
+            if let Some(t) = recycle_at(w, cfg) {
+                at(t);
+            }
+            match w.state {
+                State::Stopping { deadline } | State::Aborted { deadline } => at(deadline),
+                State::Booting => {
+                    at(boot_deadline(w, cfg.boot_timeout));
+                    if let Some(t) = self.heartbeat_due(w, cfg) {
+                        at(t);
+                    }
+                }
+                State::Ready { .. } => {
+                    if let Some(t) = self.heartbeat_due(w, cfg) {
+                        at(t);
+                    }
+                    if let Some(t) = self.settles_at(w, reloading)
+                        && t > now
+                    {
+                        at(t);
+                    }
+                }
+                State::Killed => {}
+            }
+        }
+        if !stopping && self.active_in_generation() < self.target {
+            for h in self.slots.values() {
+                if let Some(t) = h.not_before {
+                    at(t);
+                }
+            }
+            if let Some(t) = self.fork_not_before {
+                at(t);
+            }
+        }
+        next
+    }
+
+    /// When the worker's heartbeat must next be looked at: when its silence
+    /// reaches the timeout (not before an `EXTEND_TIMEOUT_USEC` ends), or, for a
+    /// worker that never beat, now and then to notice its first beat.
+    fn heartbeat_due(&self, w: &Worker, cfg: &Config) -> Option<Instant> {
+        let timeout = cfg.timeout?;
+        Some(match silent_since(w, self.silence_counted_from) {
+            Some(beat) => (beat + timeout).max(w.extended_until.unwrap_or(beat)),
+            None => w.heartbeat.last_check() + probe_interval(timeout),
+        })
+    }
+
+    /// When a ready worker of the current generation counts as booted, while that
+    /// matters (the first boot, a reload) and in `exec` readiness.
+    fn settles_at(&self, w: &Worker, reloading: bool) -> Option<Instant> {
+        let State::Ready { since } = w.state else {
+            return None;
+        };
+        (self.ready_mode == ReadyMode::Exec
+            && (!self.served || reloading)
+            && w.generation == self.generation)
+            .then_some(since + EXEC_SETTLE)
+    }
+
+    /// The master ran `late` (stopped, or the machine stalled): heartbeat silence
+    /// is counted again from now, so a stall of the whole machine does not time
+    /// out every worker at once (gunicorn's master does exactly that after a VM
+    /// pause). A worker really hung is still timed out, one `--timeout` later.
+    pub fn forgive_stall(&mut self, late: Duration, now: Instant, cfg: &Config) {
+        let Some(timeout) = cfg.timeout else {
+            return;
+        };
+        let silent = self
+            .workers
+            .iter()
+            .filter(|w| {
+                w.heartbeat
+                    .last_beat
+                    .is_some_and(|b| b + timeout / 2 <= now)
+            })
+            .count();
+        warning!(
+            "The master ran {:.1}s late (stopped, or the machine stalled); heartbeat silence \
+             is counted from now ({silent} worker(s) had been silent for over half the timeout)",
+            late.as_secs_f64()
+        );
+        self.silence_counted_from = now;
+    }
+
+    /// Timeouts: boot, heartbeat, graceful stop, abort grace.
+    pub fn check_deadlines(&mut self, now: Instant, cfg: &Config) {
+        for i in 0..self.workers.len() {
+            let heartbeat_due = self.heartbeat_due(&self.workers[i], cfg);
+            let counted_from = self.silence_counted_from;
+            let w = &mut self.workers[i];
+            match w.state {
+                State::Stopping { deadline } | State::Aborted { deadline } if now >= deadline => {
+                    warning!(
+                        "Worker (pid:{}) still running after its {}; sending SIGKILL",
+                        w.pid,
+                        if matches!(w.state, State::Aborted { .. }) {
+                            "abort grace"
+                        } else {
+                            "graceful timeout"
+                        }
+                    );
+                    let _ = w.signal(Signal::SIGKILL);
+                    w.state = State::Killed;
+                }
+                State::Booting if now >= boot_deadline(w, cfg.boot_timeout) => {
+                    error!(
+                        "Worker (pid:{}) not ready after {:.1}s (--boot-timeout); killing it",
+                        w.pid,
+                        cfg.boot_timeout.as_secs_f64()
+                    );
+                    let _ = w.signal(Signal::SIGKILL);
+                    w.state = State::Killed;
+                }
+                State::Booting | State::Ready { .. } => {
+                    let (Some(timeout), Some(due)) = (cfg.timeout, heartbeat_due) else {
+                        continue;
+                    };
+                    // Look early at files that are nearly due: one wakeup then serves
+                    // many workers instead of one wakeup each. Killing still needs
+                    // the full timeout of silence, and no extension in force.
+                    if now + timeout / 4 < due {
+                        continue;
+                    }
+                    w.heartbeat.check(now);
+                    let extended = w.extended_until.is_some_and(|t| now < t);
+                    if let Some(beat) = silent_since(w, counted_from)
+                        && now >= beat + timeout
+                        && !extended
+                    {
+                        critical!("WORKER TIMEOUT (pid:{})", w.pid);
+                        let _ = w.signal(Signal::SIGABRT);
+                        w.state = State::Aborted {
+                            deadline: now + ABORT_GRACE,
+                        };
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Mark workers past `--max-worker-age` or `--max-worker-rss` for recycling.
+    pub fn check_limits(&mut self, now: Instant, cfg: &Config) {
+        if cfg.max_worker_age.is_none() && cfg.max_worker_rss.is_none() {
+            return;
+        }
+        let check_rss =
+            cfg.max_worker_rss.is_some() && self.next_rss_check.is_none_or(|t| now >= t);
+        if check_rss {
+            self.next_rss_check = Some(now + RSS_CHECK_INTERVAL);
+        }
+        for w in &mut self.workers {
+            if recycle_at(w, cfg).is_some_and(|t| now >= t) {
+                info!(
+                    "Recycling worker (pid:{}): older than --max-worker-age",
+                    w.pid
+                );
+                w.recycle = true;
+            } else if check_rss
+                && !w.recycle
+                && w.is_ready()
+                && let (Some(limit), Some(rss)) = (cfg.max_worker_rss, w.rss_bytes())
+                && rss > limit
+            {
+                info!(
+                    "Recycling worker (pid:{}): RSS {} MiB over --max-worker-rss",
+                    w.pid,
+                    rss / (1024 * 1024)
+                );
+                w.recycle = true;
+            }
+        }
+    }
+}
+
+/// Since when `w` counts as silent: its last beat, or `counted_from` (the end of
+/// the master's last stall) if later. None: it never beat.
+fn silent_since(w: &Worker, counted_from: Instant) -> Option<Instant> {
+    w.heartbeat.last_beat.map(|beat| beat.max(counted_from))
+}
+
+/// When a booting worker must be ready by (`EXTEND_TIMEOUT_USEC` may push it out).
+fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
+    let base = w.started + boot_timeout;
+    w.extended_until.map_or(base, |t| t.max(base))
+}
+
+/// When a ready worker is due for recycling by `--max-worker-age`, if it is not
+/// already being recycled.
+fn recycle_at(w: &Worker, cfg: &Config) -> Option<Instant> {
+    let age = cfg.max_worker_age?;
+    (w.is_ready() && !w.recycle).then(|| w.started + age + age_jitter(w.id, age))
+}
+
+/// Up to 10% of `age`, fixed per worker, so workers started together (a boot, a
+/// reload) are not all recycled at once.
+fn age_jitter(id: u64, age: Duration) -> Duration {
+    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1023
+    age / 10 * spread / 1024
+}
+
+/// How often a worker that has not beaten yet is looked at.
+fn probe_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
