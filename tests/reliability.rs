@@ -62,6 +62,19 @@ fn fd_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// The lowest fd number `pid` has free: with the open-files limit set to it, the
+/// process can open nothing more (the master keeps its per-worker fds at high
+/// numbers, so its fd count says nothing about where the free numbers are).
+fn first_free_fd(pid: i32) -> u64 {
+    let used: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    (0..).find(|n| !used.contains(n)).unwrap_or(0)
+}
+
 fn rss_kib(pid: i32) -> u64 {
     status_field(pid, "VmRSS")
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -839,8 +852,8 @@ fn emfile_in_the_master_is_logged_survived_and_recovered() {
     d.wait_workers(2);
     let pid = d.pid();
     let soft = nofile_soft(pid);
-    let used = fd_count(pid);
-    prlimit_nofile(pid, used as u64);
+    let used = first_free_fd(pid);
+    prlimit_nofile(pid, used);
     // Every fd is in use: spawning needs pipes, the control socket needs accept().
     d.signal_delivered(Signal::SIGTTIN);
     d.signal_delivered(Signal::SIGTTIN);

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use arbiter_proto::control::{ErrorKind, MAX_LINE, Request, Response, parse_request};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
+use crate::ratelimit::{Repeated, suppressed_note};
 use crate::warning;
 
 /// Connections served at once; one more is told "busy" and closed (as many again
@@ -28,6 +29,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// a person; gunicorn's own server allows 300 s.
 pub const GUNICORN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const BUSY: &str = "too many control connections; try again";
+/// A repeating accept error is logged at most this often.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long the listener is left alone when the master is out of fds.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 /// How long a refused client has to send its first bytes before it is closed.
 const REFUSED_GRACE: Duration = Duration::from_secs(1);
 /// After the socket file disappears, wait this long before binding a new one: an
@@ -100,6 +105,9 @@ pub struct ControlServer {
     /// still registered would leave a registration behind in any child that holds a
     /// copy of it.
     retired: Vec<OwnedFd>,
+    /// Out of fds: the listener is not watched until then.
+    accept_paused_until: Option<Instant>,
+    accept_errors: Repeated,
 }
 
 /// What the poll loop should watch for one fd of the control server.
@@ -145,6 +153,8 @@ impl ControlServer {
             restore_at: None,
             restore_backoff: RESTORE_DELAY,
             retired: Vec::new(),
+            accept_paused_until: None,
+            accept_errors: Repeated::new(ACCEPT_ERROR_LOG_EVERY),
         };
         match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
             Ok(i) => server.watch = Some(i),
@@ -260,7 +270,8 @@ impl ControlServer {
 
     /// The fds to poll and what for: (fd, want read, want write, whose).
     pub fn interests(&self) -> Vec<(BorrowedFd<'_>, bool, bool, Interest)> {
-        let mut out = vec![(self.listener.as_fd(), true, false, Interest::Listener)];
+        let accepting = self.accept_paused_until.is_none();
+        let mut out = vec![(self.listener.as_fd(), accepting, false, Interest::Listener)];
         if let Some(w) = &self.watch {
             out.push((w.as_fd(), true, false, Interest::Watch));
         }
@@ -279,6 +290,7 @@ impl ControlServer {
             .filter(|c| !c.waiting)
             .map(|c| c.deadline)
             .chain(self.restore_at)
+            .chain(self.accept_paused_until)
             .min()
     }
 
@@ -290,11 +302,16 @@ impl ControlServer {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: the connection stays in the backlog; say so
-                    // once per turn and carry on with the rest of the loop.
-                    warning!("Control socket: accept failed: {e}");
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.out_of_fds(e, now);
                     return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and the like concern that one connection.
+                    if let Some(n) = self.accept_errors.note(now) {
+                        warning!("Control socket: accept failed: {e}{}", suppressed_note(n));
+                    }
+                    continue;
                 }
             };
             if stream.set_nonblocking(true).is_err() {
@@ -358,6 +375,20 @@ impl ControlServer {
                 continue;
             }
             self.clients.push(client);
+        }
+    }
+
+    /// Out of fds: the connection stays in the backlog, and the listener is left
+    /// alone for a moment, so the loop does not spin on a listener it cannot
+    /// accept from; the waiting client is served once fds are free again.
+    fn out_of_fds(&mut self, e: io::Error, now: Instant) {
+        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+        if let Some(n) = self.accept_errors.note(now) {
+            warning!(
+                "Control socket: accept failed: {e}; trying again every {} ms{}",
+                ACCEPT_PAUSE.as_millis(),
+                suppressed_note(n)
+            );
         }
     }
 
@@ -506,8 +537,11 @@ impl ControlServer {
         ids.into_iter().flat_map(|id| self.read(id, now)).collect()
     }
 
-    /// Close clients past their idle deadline.
+    /// Close clients past their idle deadline; accept again after a pause.
     pub fn expire(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+        }
         for c in &mut self.clients {
             if !c.waiting && now >= c.deadline && !c.closing {
                 c.closing = true;

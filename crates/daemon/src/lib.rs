@@ -15,6 +15,7 @@ pub mod listeners;
 pub mod log;
 pub mod notify;
 pub mod pidfile;
+pub mod ratelimit;
 pub mod relay;
 pub mod signals;
 pub mod spawn;

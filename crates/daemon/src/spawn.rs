@@ -128,6 +128,22 @@ fn is_reserved_env(key: &OsStr) -> bool {
         || k.starts_with(b"WATCHDOG_")
 }
 
+/// The master keeps the fds it holds per worker (output pipes, heartbeat files,
+/// /proc files) at or above this number, and a child takes only the fds below it
+/// (plus whatever it is handed) into its own table.
+pub const HIGH_FDS: RawFd = 1024;
+
+/// Move a long-lived per-worker fd of the master out of the range children copy
+/// (see [`HIGH_FDS`]). Where the open-files limit leaves no room up there, it
+/// stays where it is: correct, only each spawn costs more.
+pub fn keep_from_children(fd: OwnedFd) -> OwnedFd {
+    match nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(HIGH_FDS)) {
+        // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+        Ok(high) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(high) },
+        Err(_) => fd,
+    }
+}
+
 /// A NUL-terminated `KEY=` entry with room for a pid, filled in by the child after
 /// fork (LISTEN_PID and WATCHDOG_PID must name the worker itself).
 const PID_ROOM: usize = 12;
@@ -239,13 +255,41 @@ impl Prepared {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
         // A scratch copy of the fd plan the child may rearrange without allocating.
         let mut scratch = self.fds.clone();
+        // What the child keeps of the master's fd table: everything it is handed
+        // and the master's few low fds, never the per-worker ones kept above
+        // HIGH_FDS (see `keep_from_children`).
+        let keep_below = self
+            .fds
+            .iter()
+            .chain(self.stdio.as_ref())
+            .chain(std::iter::once(&status_w.as_raw_fd()))
+            .map(|&fd| fd + 1)
+            .max()
+            .unwrap_or(0)
+            .max(HIGH_FDS);
         let old_mask = crate::signals::block_all()?;
-        // SAFETY: the master is single-threaded, and the child branch below only
-        // makes async-signal-safe calls before execve/_exit.
-        let forked = unsafe { libc::fork() };
+        // Like fork, but sharing the fd table until the child's first step takes
+        // a copy of its low part only: a fork copies the whole table, and the
+        // exec then closes every fd the master holds, which at thousands of
+        // workers made each spawn cost as much as all the workers before it.
+        // CLONE_VFORK holds the master until the child has exec'd or exited, so
+        // nothing changes the shared table meanwhile.
+        // SAFETY: the master is single-threaded; without CLONE_VM the child runs
+        // on a copy of the master's memory, as after fork, and the child branch
+        // below only makes async-signal-safe calls before execve/_exit.
+        let forked = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_FILES | libc::CLONE_VFORK | libc::SIGCHLD,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        } as libc::pid_t;
         if forked == 0 {
             // SAFETY: we are the child; see child() for its contract.
-            unsafe { self.child(status_w.as_raw_fd(), &mut scratch) }
+            unsafe { self.child(status_w.as_raw_fd(), keep_below, &mut scratch) }
         }
         let fork_err = io::Error::last_os_error();
         crate::signals::restore(&old_mask);
@@ -266,7 +310,7 @@ impl Prepared {
     ///
     /// # Safety
     /// Must only be called in the child right after fork.
-    unsafe fn child(&mut self, status_fd: RawFd, fds: &mut [RawFd]) -> ! {
+    unsafe fn child(&mut self, status_fd: RawFd, keep_below: RawFd, fds: &mut [RawFd]) -> ! {
         unsafe fn fail(status_fd: RawFd, step: ChildStep) -> ! {
             // SAFETY: errno read, write(2) from the stack and _exit are async-signal-safe.
             unsafe {
@@ -280,6 +324,21 @@ impl Prepared {
         }
         // SAFETY: only async-signal-safe libc calls on memory prepared before fork.
         unsafe {
+            // First, before any fd is touched: a table of our own, holding the fds
+            // below `keep_below` only. Until then the table is the master's.
+            let unshared = libc::syscall(
+                libc::SYS_close_range,
+                keep_below as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_UNSHARE,
+            ) == 0
+                // A kernel before 5.9: a copy of the whole table, as fork makes.
+                || libc::unshare(libc::CLONE_FILES) == 0;
+            if !unshared {
+                // The table is still shared: writing into status_fd is safe, but
+                // nothing else may be done with it.
+                fail(status_fd, ChildStep::Fds);
+            }
             // Default dispositions for everything, SIGPIPE included (Rust ignores it,
             // and an ignored disposition would survive exec).
             for sig in 1..libc::SIGRTMIN() {

@@ -76,6 +76,16 @@ impl Heartbeat {
         self.file.as_raw_fd()
     }
 
+    /// Once the worker has its copy: keep ours out of the range later children
+    /// copy (see `spawn::HIGH_FDS`).
+    pub fn keep_from_children(&mut self) {
+        if let Ok(copy) = self.file.try_clone() {
+            let copy = OwnedFd::from(copy);
+            let high = crate::spawn::keep_from_children(copy);
+            self.file = File::from(high);
+        }
+    }
+
     /// Look at the file; if it changed since the last look, record the beat.
     /// Returns true when a new beat was seen.
     pub fn check(&mut self, now: Instant) -> bool {

@@ -66,8 +66,11 @@ impl Events {
         })
     }
 
-    /// Watch `fd` for reading.
+    /// Watch `fd`, new to the loop, for reading. Anything registered under the
+    /// same number is forgotten first: an fd closed without [`Events::remove`]
+    /// must not make its successor look registered already.
     pub fn add(&mut self, fd: BorrowedFd<'_>, source: Source) {
+        self.remove(fd);
         self.set(fd, source, true, false);
     }
 
@@ -221,5 +224,19 @@ mod tests {
         assert_eq!(ev.wait(PollTimeout::ZERO), vec![Source::Relay(2)]);
         ev.remove(r.as_fd());
         assert!(ev.wait(PollTimeout::ZERO).is_empty());
+    }
+
+    #[test]
+    fn an_fd_closed_without_remove_does_not_hide_its_successor() {
+        let mut ev = Events::new().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let number = r.as_raw_fd();
+        ev.add(r.as_fd(), Source::Upgrade);
+        drop((r, w));
+        let (r2, w2) = nix::unistd::pipe().unwrap();
+        assert_eq!(r2.as_raw_fd(), number, "the number is reused");
+        ev.add(r2.as_fd(), Source::Upgrade);
+        nix::unistd::write(&w2, b"x").unwrap();
+        assert_eq!(ev.wait(PollTimeout::ZERO), vec![Source::Upgrade]);
     }
 }

@@ -392,6 +392,9 @@ impl Lineage {
         }
         let text = String::from_utf8_lossy(&self.said).to_string();
         if text.starts_with("ready") && text.contains('\n') {
+            if let Some(fd) = u.step.pipe().take() {
+                ev.remove(fd.as_fd());
+            }
             Some(self.ready())
         } else if let Some(msg) = text.strip_prefix("error: ") {
             Some(PipeOutcome::Failed(format!(

@@ -119,6 +119,10 @@ impl Pool {
                 return false;
             }
         };
+        // Ours to keep for the worker's life: out of the range children copy.
+        let relay_read = crate::spawn::keep_from_children(relay_read);
+        let mut heartbeat = heartbeat;
+        heartbeat.keep_from_children();
         ev.add(relay_read.as_fd(), Source::Relay(id));
         ev.add(exec_status.as_fd(), Source::Exec(id));
         self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
@@ -147,7 +151,9 @@ impl Pool {
             extended_until: None,
             recycle: false,
             // Opened now, read after the exec: it shows the new image.
-            statm: std::fs::File::open(format!("/proc/{pid}/statm")).ok(),
+            statm: std::fs::File::open(format!("/proc/{pid}/statm"))
+                .ok()
+                .map(|f| std::fs::File::from(crate::spawn::keep_from_children(f.into()))),
         });
         true
     }

@@ -152,8 +152,15 @@ impl Pool {
                     };
                     // Look early at files that are nearly due: one wakeup then serves
                     // many workers instead of one wakeup each. Killing still needs
-                    // the full timeout of silence, and no extension in force.
-                    if now + timeout / 4 < due {
+                    // the full timeout of silence, and no extension in force. Not
+                    // early for a worker that never beat: its probe interval is
+                    // shorter than that slack, so it would be looked at every turn.
+                    let early = if w.heartbeat.last_beat.is_some() {
+                        timeout / 4
+                    } else {
+                        Duration::ZERO
+                    };
+                    if now + early < due {
                         continue;
                     }
                     w.heartbeat.check(now);
