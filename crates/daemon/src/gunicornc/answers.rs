@@ -74,8 +74,8 @@ fn show_workers(s: &Status) -> J {
             obj([
                 ("pid", J::Int(i128::from(w.pid))),
                 ("age", J::uint(w.id)),
-                ("booted", J::Bool(booted(w))),
-                ("aborted", J::Bool(w.state == "aborted")),
+                ("booted", J::Bool(flags(w).booted)),
+                ("aborted", J::Bool(flags(w).aborted)),
                 ("last_heartbeat", heartbeat(w)),
             ])
         })
@@ -92,7 +92,7 @@ fn show_all(s: &Status) -> J {
                 ("pid", J::Int(i128::from(w.pid))),
                 ("type", J::str("web")),
                 ("age", J::uint(w.id)),
-                ("booted", J::Bool(booted(w))),
+                ("booted", J::Bool(flags(w).booted)),
                 ("last_heartbeat", heartbeat(w)),
             ])
         })
@@ -187,9 +187,30 @@ fn by_age(s: &Status) -> Vec<&WorkerStatus> {
     v
 }
 
-/// Ready, or ready and being recycled (only ready workers are recycled).
-fn booted(w: &WorkerStatus) -> bool {
-    w.state == "ready" || w.state == "recycling"
+/// gunicorn's two flags for a worker's state.
+struct Flags {
+    /// Ready, or ready and being recycled (only ready workers are recycled).
+    booted: bool,
+    aborted: bool,
+}
+
+/// Every comparison with a state name is here, so that a typed state changes one
+/// function.
+fn flags(w: &WorkerStatus) -> Flags {
+    match w.state.as_str() {
+        "ready" | "recycling" => Flags {
+            booted: true,
+            aborted: false,
+        },
+        "aborted" => Flags {
+            booted: false,
+            aborted: true,
+        },
+        _ => Flags {
+            booted: false,
+            aborted: false,
+        },
+    }
 }
 
 fn heartbeat(w: &WorkerStatus) -> J {

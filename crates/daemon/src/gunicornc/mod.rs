@@ -81,7 +81,8 @@
 //!   wraps any answer's JSON in gunicorn's `{"id", "status", ...}` frame.
 //! * `answers.rs`: what the master's reply becomes: a `Kind` and our
 //!   [`Response`](arbiter_proto::control::Response) turned into gunicorn's `data`
-//!   objects, with its field names and order. It knows our status snapshot.
+//!   objects, with its field names and order. It knows our status snapshot, and
+//!   is the only part that reads a worker's state.
 //! * `repr.rs`: how Python writes values: `json.dumps`, `repr()` of a string and
 //!   of a float, `str()` of an argument. It knows nothing of gunicorn.
 //!
