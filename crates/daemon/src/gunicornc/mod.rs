@@ -83,8 +83,9 @@
 //!   [`Response`](arbiter_proto::control::Response) turned into gunicorn's `data`
 //!   objects, with its field names and order. It knows our status snapshot, and
 //!   is the only part that reads a worker's state.
-//! * `repr.rs`: how Python writes values: `json.dumps`, `repr()` of a string and
-//!   of a float, `str()` of an argument. It knows nothing of gunicorn.
+//! * `repr.rs`: how Python writes values: `json.dumps` (a `serde_json` formatter
+//!   over a JSON value that keeps its key order), `repr()` of a string and of a
+//!   float, `str()` of an argument. It knows nothing of gunicorn.
 //!
 //! The tests are a `tests` module of their own (shared fixtures, then one file for
 //! requests, one for answers, one for the fuzz-style checks): most of them drive

@@ -366,7 +366,7 @@ fn framed(message: &J) -> Vec<u8> {
 
 pub(super) fn ok_frame(id: &Value, data: J) -> Vec<u8> {
     framed(&obj([
-        ("id", J::from_value(id)),
+        ("id", J::Echo(id.clone())),
         ("status", J::str("ok")),
         ("data", data),
     ]))
@@ -380,7 +380,7 @@ pub fn refusal(message: &str) -> Vec<u8> {
 
 pub(super) fn error_frame(id: &Value, error: &str) -> Vec<u8> {
     framed(&obj([
-        ("id", J::from_value(id)),
+        ("id", J::Echo(id.clone())),
         ("status", J::str("error")),
         ("error", J::str(error)),
     ]))

@@ -1,7 +1,10 @@
 //! How Python writes values: what gunicorn's answers and error texts look like
 //! byte for byte.
 
+use serde::{Serialize, Serializer};
 use serde_json::Value;
+use serde_json::ser::Formatter;
+use std::io;
 
 /// Python's `str()` of a JSON value (what gunicorn does to each of `args`).
 pub(super) fn py_str(v: &Value) -> String {
@@ -50,16 +53,24 @@ pub(super) fn py_repr(s: &str) -> String {
     out
 }
 
-/// A JSON value that keeps its keys in order, written as Python's `json.dumps`.
+/// A JSON value whose object keys stay in the order given: gunicorn's answers list
+/// their fields in a fixed order, and `serde_json::Value` sorts keys unless its
+/// `preserve_order` feature is on, which would reorder every other crate's JSON
+/// too.
 #[derive(Clone, Debug)]
 pub(super) enum J {
     Null,
     Bool(bool),
     Int(i128),
+    /// Not finite: written `null`, where Python would write `NaN`, which is not
+    /// JSON.
     Float(f64),
     Str(String),
     Arr(Vec<J>),
     Obj(Vec<(String, J)>),
+    /// A value from the request (its `id`), echoed as it came, its object keys
+    /// sorted.
+    Echo(Value),
 }
 
 impl J {
@@ -71,57 +82,28 @@ impl J {
         J::Int(i128::from(n))
     }
 
-    pub(super) fn from_value(v: &Value) -> J {
-        match v {
-            Value::Null => J::Null,
-            Value::Bool(b) => J::Bool(*b),
-            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                (Some(i), _, _) => J::Int(i128::from(i)),
-                (_, Some(u), _) => J::Int(i128::from(u)),
-                (_, _, Some(f)) => J::Float(f),
-                _ => J::Null,
-            },
-            Value::String(s) => J::Str(s.clone()),
-            Value::Array(a) => J::Arr(a.iter().map(J::from_value).collect()),
-            Value::Object(o) => J::Obj(
-                o.iter()
-                    .map(|(k, v)| (k.clone(), J::from_value(v)))
-                    .collect(),
-            ),
+    /// Written as Python's `json.dumps` with its defaults writes it.
+    pub(super) fn write(&self, out: &mut String) {
+        let mut bytes = Vec::new();
+        let mut ser = serde_json::Serializer::with_formatter(&mut bytes, PyJson);
+        // Neither can fail: the writer is a Vec and every key is a string.
+        if self.serialize(&mut ser).is_ok() {
+            out.push_str(&String::from_utf8_lossy(&bytes));
         }
     }
+}
 
-    pub(super) fn write(&self, out: &mut String) {
+impl Serialize for J {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
-            J::Null => out.push_str("null"),
-            J::Bool(true) => out.push_str("true"),
-            J::Bool(false) => out.push_str("false"),
-            J::Int(i) => out.push_str(&i.to_string()),
-            J::Float(f) if f.is_finite() => out.push_str(&py_float(*f)),
-            J::Float(_) => out.push_str("null"),
-            J::Str(s) => write_str(s, out),
-            J::Arr(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    item.write(out);
-                }
-                out.push(']');
-            }
-            J::Obj(fields) => {
-                out.push('{');
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    write_str(k, out);
-                    out.push_str(": ");
-                    v.write(out);
-                }
-                out.push('}');
-            }
+            J::Null => s.serialize_unit(),
+            J::Bool(b) => s.serialize_bool(*b),
+            J::Int(i) => s.serialize_i128(*i),
+            J::Float(f) => s.serialize_f64(*f),
+            J::Str(t) => s.serialize_str(t),
+            J::Arr(items) => s.collect_seq(items),
+            J::Obj(fields) => s.collect_map(fields.iter().map(|(k, v)| (k, v))),
+            J::Echo(v) => v.serialize(s),
         }
     }
 }
@@ -135,28 +117,56 @@ pub(super) fn obj<const N: usize>(fields: [(&str, J); N]) -> J {
     )
 }
 
-/// A string as `json.dumps` writes it (`ensure_ascii`).
-fn write_str(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\x08' => out.push_str("\\b"),
-            '\x0c' => out.push_str("\\f"),
-            c if c.is_ascii() && c >= ' ' => out.push(c),
-            c => {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{u:04x}"));
+/// The layout of Python's `json.dumps` with its defaults, which gunicorn uses:
+/// `", "` and `": "` between items, floats as Python's `repr`, and
+/// `ensure_ascii`: what is not ASCII as `\uXXXX` escapes (a surrogate pair
+/// beyond the BMP). serde_json already escapes quotes, backslashes and control
+/// characters as Python does (short forms for `\b\f\n\r\t`, lowercase hex for
+/// the rest); like serde_json, and unlike Python, DEL (0x7f) is left as it is.
+struct PyJson;
+
+impl Formatter for PyJson {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(b": ")
+    }
+
+    fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f64) -> io::Result<()> {
+        w.write_all(py_float(value).as_bytes())
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut ascii_from = 0;
+        for (i, c) in fragment.char_indices() {
+            if !c.is_ascii() {
+                w.write_all(&fragment.as_bytes()[ascii_from..i])?;
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(w, "\\u{unit:04x}")?;
                 }
+                ascii_from = i + c.len_utf8();
             }
         }
+        w.write_all(&fragment.as_bytes()[ascii_from..])
     }
-    out.push('"');
 }
 
 /// Python's `repr(float)`, near enough: `30.0`, `0.01`, `1e-07`.
