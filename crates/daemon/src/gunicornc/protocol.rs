@@ -244,6 +244,15 @@ fn help() -> J {
 }
 
 /// Python's `shlex.split(s)` (POSIX mode, no comments). The error is shlex's.
+///
+/// Not the `shlex` crate (1.3 and 2.0 split alike): it splits as a POSIX shell,
+/// not as Python, so gunicorn's words and errors would change. Its only error is
+/// `None`, where gunicorn tells `No closing quotation` from `No escaped
+/// character`; a `#` starting a word drops the rest of the line (`worker kill #5`
+/// would be "Missing PID" instead of an `int()` error); `\r` is not a separator;
+/// inside double quotes it unescapes `\$` and `` \` `` and drops a
+/// backslash-newline, which Python keeps, as it keeps an escaped newline outside
+/// quotes.
 pub(super) fn shlex_split(s: &str) -> Result<Vec<String>, &'static str> {
     let mut out = Vec::new();
     let mut word = String::new();

@@ -390,3 +390,18 @@ fn shlex_and_ints() {
     assert_eq!(py_str(&serde_json::json!(2.0)), "2.0");
     assert_eq!(py_str(&serde_json::json!(true)), "True");
 }
+
+/// Where a POSIX shell's splitting (the `shlex` crate's) and Python's differ,
+/// gunicorn's words are Python's.
+#[test]
+fn shlex_is_pythons_not_a_shells() {
+    assert_eq!(shlex_split("a#b #c\rd").unwrap(), ["a#b", "#c", "d"]);
+    assert_eq!(
+        shlex_split("\"\\$\\`\\\n\" a\\\nb").unwrap(),
+        ["\\$\\`\\\n", "a\nb"]
+    );
+    assert_eq!(
+        error_of("worker kill #5"),
+        "Invalid argument: invalid literal for int() with base 10: '#5'"
+    );
+}
