@@ -395,6 +395,57 @@ fn in_notify_mode_a_worker_is_ready_only_after_ready_1() {
     });
 }
 
+/// utime + stime of `pid`, in clock ticks (100 a second).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// `EXTEND_TIMEOUT_USEC` during boot and while ready pushes the timeouts out and
+/// nothing else: the master sleeps through the extension (it used to spin at
+/// 100% CPU, logging "ran late" hundreds of thousands of times a second).
+#[test]
+fn an_extended_timeout_keeps_the_worker_and_the_master_sleeps() {
+    let mut args: Vec<String> = ["--ready", "notify", "--boot-timeout", "2", "-t", "2"]
+        .map(String::from)
+        .to_vec();
+    args.extend(py_worker("health_extend.py"));
+    let d = Daemon::builder().args(&args).start();
+    let c0 = cpu_ticks(d.pid());
+    let w = wait_exec_children(&d, 1)[0].pid;
+    d.wait_until(LONG, "the worker ready and extended again", || {
+        let st = status(&d);
+        match worker_entry(&st, w) {
+            Some(e) if e["state"] == "ready" && e["status_text"] == "extended while ready" => {
+                Ok(())
+            }
+            _ => Err(st["workers"].to_string()),
+        }
+    });
+    // Through the second extension (2 s): the never-beating worker is not killed.
+    let until = Instant::now() + secs(2);
+    while Instant::now() < until {
+        assert!(is_alive(w), "the extended worker {w} was killed: {}", d.log());
+        std::thread::sleep(ms(100));
+    }
+    let cpu = cpu_ticks(d.pid()) - c0;
+    assert!(
+        d.log_lines_with("ran").iter().all(|l| !l.contains("late")),
+        "the master thought it stalled: {:?}",
+        d.log_lines_with("late").len()
+    );
+    assert!(
+        d.log_lines_with("not ready after").is_empty(),
+        "boot timeout despite the extension: {}",
+        d.log()
+    );
+    // About 5 s of wall time; a busy loop would use all of it.
+    assert!(cpu < 50, "the master used {cpu} ticks through the extensions");
+}
+
 // ------------------------------------------------------------------ reloads
 
 fn control_reload(d: &Daemon) -> Value {
