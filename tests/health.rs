@@ -428,7 +428,11 @@ fn an_extended_timeout_keeps_the_worker_and_the_master_sleeps() {
     // Through the second extension (2 s): the never-beating worker is not killed.
     let until = Instant::now() + secs(2);
     while Instant::now() < until {
-        assert!(is_alive(w), "the extended worker {w} was killed: {}", d.log());
+        assert!(
+            is_alive(w),
+            "the extended worker {w} was killed: {}",
+            d.log()
+        );
         std::thread::sleep(ms(100));
     }
     let cpu = cpu_ticks(d.pid()) - c0;
@@ -443,7 +447,10 @@ fn an_extended_timeout_keeps_the_worker_and_the_master_sleeps() {
         d.log()
     );
     // About 5 s of wall time; a busy loop would use all of it.
-    assert!(cpu < 50, "the master used {cpu} ticks through the extensions");
+    assert!(
+        cpu < 50,
+        "the master used {cpu} ticks through the extensions"
+    );
 }
 
 // ------------------------------------------------------------------ reloads

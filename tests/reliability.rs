@@ -644,6 +644,99 @@ fn fork_failing_under_rlimit_nproc_is_logged_and_recovers() {
     );
 }
 
+/// Another uid of its own, for the same reason as [`NPROC_UID`].
+const RELOAD_NPROC_UID: u32 = 54322;
+
+/// A reload whose workers cannot be forked (the uid at its process limit) fails
+/// at --boot-timeout with the reason, the control socket answering throughout and
+/// the old workers serving; it used to stay "in flight" for ever.
+#[test]
+fn a_reload_that_cannot_fork_fails_at_the_boot_timeout() {
+    const LIMIT: usize = 24;
+    let b = Daemon::builder();
+    fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o777)).unwrap();
+    let d = b
+        .program("prlimit")
+        .args([
+            format!("--nproc={LIMIT}:{LIMIT}"),
+            "setpriv".into(),
+            format!("--reuid={RELOAD_NPROC_UID}"),
+            format!("--regid={RELOAD_NPROC_UID}"),
+            "--clear-groups".into(),
+            ARBITERD.into(),
+            "-w".into(),
+            "2".into(),
+            "--boot-timeout".into(),
+            "3".into(),
+        ])
+        .start();
+    let old: Vec<i32> = d.wait_workers(2).iter().map(|w| w.pid).collect();
+    let used = tasks_of_uid(RELOAD_NPROC_UID);
+    assert!(used < LIMIT, "the uid already runs {used} tasks");
+    let mut sleepers: Vec<Child> = (used..LIMIT)
+        .map(|_| {
+            let c = Command::new("setpriv")
+                .args([
+                    &format!("--reuid={RELOAD_NPROC_UID}"),
+                    &format!("--regid={RELOAD_NPROC_UID}"),
+                    "--clear-groups",
+                    "sleep",
+                    "60",
+                ])
+                .env(TAG_VAR, d.tag())
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn a sleeper");
+            d.register_pid(c.id() as i32);
+            c
+        })
+        .collect();
+    d.wait_until(SHORT, "the uid to be at its process limit", || {
+        let n = tasks_of_uid(RELOAD_NPROC_UID);
+        if n >= LIMIT {
+            Ok(())
+        } else {
+            Err(format!("{n} tasks"))
+        }
+    });
+    let reload = std::thread::spawn({
+        let ctl = d.control_path();
+        move || {
+            Run::new(ARBITERCTL)
+                .arg("--control")
+                .arg(ctl)
+                .arg("reload")
+                .run()
+        }
+    });
+    // While forks fail, the master answers and the old generation serves.
+    d.wait_log("a fork failure", |l| l.contains("process limit"));
+    assert!(status_at(&d.control_path()).is_ok());
+    assert_eq!(d.get("/").status, 200);
+    let out = reload.join().expect("the arbiterctl thread");
+    for c in &mut sleepers {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("could not be started") && out.stderr.contains("process limit"),
+        "{out:?}"
+    );
+    assert!(
+        out.elapsed < secs(15),
+        "the reload should fail about --boot-timeout after it began: {out:?}"
+    );
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    assert_eq!(st["master"]["reload"], Value::Null, "{st}");
+    assert_eq!(st["master"]["last_reload"]["ok"], false, "{st}");
+    let mut serving: Vec<i32> = d.workers();
+    serving.sort_unstable();
+    let mut want = old.clone();
+    want.sort_unstable();
+    assert_eq!(serving, want, "the old workers serve on");
+}
+
 #[test]
 fn log_file_on_a_full_disk_does_not_stop_the_master() {
     // `--log-file=/dev/full` (the `=` form: the harness would try to read a

@@ -240,6 +240,7 @@ impl Arbiter {
             self.control.as_ref().and_then(|c| c.next_deadline()),
             self.manager.next_deadline(),
             self.lineage.next_deadline(),
+            self.reload_gives_up_at(),
             self.pool.next_deadline(
                 &self.cfg,
                 self.reloads.is_running(),
@@ -519,6 +520,7 @@ impl Arbiter {
         if let Some(reason) = self.lineage.check_deadlines(now) {
             self.upgrade_failed(reason);
         }
+        self.check_reload(now);
         self.manager.check(now, self.lineage.is_main_process());
         self.pool.check_deadlines(now, &self.cfg);
         if self.shutdown.as_ref().is_some_and(|s| now >= s.deadline) {

@@ -294,6 +294,28 @@ impl Arbiter {
         self.tell_manager("READY=1");
     }
 
+    /// When a reload whose workers cannot even be started gives up: after
+    /// `--boot-timeout` of failing, as one whose workers do not become ready.
+    pub(super) fn reload_gives_up_at(&self) -> Option<Instant> {
+        let r = self.reloads.in_flight.as_ref()?;
+        let trouble = self.pool.spawn_trouble()?;
+        Some(r.started.max(trouble.since) + self.cfg.boot_timeout)
+    }
+
+    /// Give up on a reload whose workers cannot be started, when it is time.
+    pub(super) fn check_reload(&mut self, now: Instant) {
+        if self.reload_gives_up_at().is_some_and(|t| now >= t)
+            && let Some(trouble) = self.pool.spawn_trouble()
+        {
+            let reason = format!(
+                "its workers could not be started within --boot-timeout ({:.0}s): {}",
+                self.cfg.boot_timeout.as_secs_f64(),
+                trouble.error
+            );
+            self.abandon_reload(reason);
+        }
+    }
+
     /// Tell everyone waiting on the reload how it ended.
     pub(super) fn reply_reload_waiters(&mut self, resp: Response) {
         for id in self.reloads.take_waiters() {

@@ -90,6 +90,14 @@ pub struct Progress {
     pub settled: bool,
 }
 
+/// Starting workers fails, again and again.
+pub struct SpawnTrouble {
+    pub failures: u32,
+    pub not_before: Instant,
+    pub since: Instant,
+    pub error: String,
+}
+
 /// What a spawn needs from the master.
 pub struct SpawnContext<'a> {
     pub cfg: &'a Config,
@@ -114,8 +122,9 @@ pub struct Pool {
     slots: HashMap<usize, SlotHealth>,
     /// A worker of this generation exited with EX_CONFIG: spawn none until it changes.
     config_failed: Option<u64>,
-    fork_failures: u32,
-    fork_not_before: Option<Instant>,
+    /// Workers cannot be started (fork, pipes, heartbeat files fail): since when,
+    /// why, and when to try again.
+    spawn_trouble: Option<SpawnTrouble>,
     /// `--max-worker-rss`: when to read the workers' RSS next.
     next_rss_check: Option<Instant>,
     /// More workers to start than one turn starts: come back at once.
@@ -142,8 +151,7 @@ impl Pool {
             next_worker_id: 1,
             slots: HashMap::new(),
             config_failed: None,
-            fork_failures: 0,
-            fork_not_before: None,
+            spawn_trouble: None,
             next_rss_check: None,
             spawn_pending: false,
             served: false,
@@ -165,6 +173,11 @@ impl Pool {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Why workers cannot be started right now, if they cannot.
+    pub fn spawn_trouble(&self) -> Option<&SpawnTrouble> {
+        self.spawn_trouble.as_ref()
     }
 
     pub fn slots(&self) -> &HashMap<usize, SlotHealth> {

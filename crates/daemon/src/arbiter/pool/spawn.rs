@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use arbiter_proto::worker as contract;
 
-use super::{Pool, SPAWNS_PER_TURN, SpawnContext, backoff};
+use super::{Pool, SPAWNS_PER_TURN, SpawnContext, SpawnTrouble, backoff};
 use crate::arbiter::events::{Events, Source};
 use crate::config::WorkerProgram;
 use crate::relay::{self, Relay};
@@ -48,7 +48,11 @@ impl Pool {
                 .and_then(|h| h.not_before)
                 .is_some_and(|t| now < t);
             if !waiting {
-                if self.fork_not_before.is_some_and(|t| now < t) {
+                if self
+                    .spawn_trouble
+                    .as_ref()
+                    .is_some_and(|t| now < t.not_before)
+                {
                     break;
                 }
                 if !self.spawn(slot, now, ctx, ev) {
@@ -78,10 +82,7 @@ impl Pool {
             Ok(h) => h,
             Err(e) => {
                 let dir = self.heartbeat_dir.display().to_string();
-                self.spawn_failed(
-                    &format!("cannot create a heartbeat file in {dir}: {e}"),
-                    now,
-                );
+                self.spawn_failed(format!("cannot create a heartbeat file in {dir}: {e}"), now);
                 return false;
             }
         };
@@ -89,7 +90,7 @@ impl Pool {
         let (relay_read, relay_write) = match relay::pipe() {
             Ok(p) => p,
             Err(e) => {
-                self.spawn_failed(&format!("cannot create the output pipe: {e}"), now);
+                self.spawn_failed(format!("cannot create the output pipe: {e}"), now);
                 return false;
             }
         };
@@ -104,7 +105,7 @@ impl Pool {
         let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
-                self.spawn_failed(&format!("cannot prepare the worker: {e}"), now);
+                self.spawn_failed(format!("cannot prepare the worker: {e}"), now);
                 return false;
             }
         };
@@ -115,7 +116,12 @@ impl Pool {
         let (pid, exec_status) = match spawned {
             Ok(s) => s,
             Err(e) => {
-                self.spawn_failed(&format!("fork failed: {e}"), now);
+                let why = if e.raw_os_error() == Some(libc::EAGAIN) {
+                    format!("fork: {} (process limit)", nix::errno::Errno::EAGAIN.desc())
+                } else {
+                    format!("fork failed: {e}")
+                };
+                self.spawn_failed(why, now);
                 return false;
             }
         };
@@ -128,8 +134,7 @@ impl Pool {
         self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
         self.next_worker_id += 1;
         self.workers_spawned += 1;
-        self.fork_failures = 0;
-        self.fork_not_before = None;
+        self.spawn_trouble = None;
         info!(
             "Booting worker with pid: {pid} (id:{id} slot:{slot} gen:{})",
             self.generation
@@ -158,14 +163,20 @@ impl Pool {
         true
     }
 
-    fn spawn_failed(&mut self, what: &str, now: Instant) {
-        self.fork_failures += 1;
-        let delay = backoff(self.fork_failures + 1);
-        self.fork_not_before = Some(now + delay);
+    fn spawn_failed(&mut self, what: String, now: Instant) {
+        let failures = self.spawn_trouble.as_ref().map_or(0, |t| t.failures) + 1;
+        let delay = backoff(failures + 1);
         error!(
             "Cannot start a worker: {what}; retrying in {:.1}s",
             delay.as_secs_f64()
         );
+        let since = self.spawn_trouble.as_ref().map_or(now, |t| t.since);
+        self.spawn_trouble = Some(SpawnTrouble {
+            failures,
+            not_before: now + delay,
+            since,
+            error: what,
+        });
     }
 }
 

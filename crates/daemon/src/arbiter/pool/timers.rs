@@ -62,8 +62,8 @@ impl Pool {
                     at(t);
                 }
             }
-            if let Some(t) = self.fork_not_before {
-                at(t);
+            if let Some(t) = &self.spawn_trouble {
+                at(t.not_before);
             }
         }
         next
