@@ -453,6 +453,52 @@ fn an_extended_timeout_keeps_the_worker_and_the_master_sleeps() {
     );
 }
 
+/// A worker killed for its boot timeout is replaced only once it is reaped, so
+/// its death sets the slot's backoff before the replacement starts (the log used
+/// to say "next start in Xs" after the replacement had already booted).
+#[test]
+fn a_worker_killed_at_its_boot_timeout_is_replaced_after_its_death_is_counted() {
+    let d = Daemon::builder()
+        .args([
+            "--ready",
+            "notify",
+            "--boot-timeout",
+            "1",
+            "-w",
+            "1",
+            "--",
+            "sleep",
+            "600",
+        ])
+        .start();
+    d.wait_until(LONG, "three boot timeouts", || {
+        let n = d.log_lines_with("not ready after").len();
+        if n >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} so far"))
+        }
+    });
+    let log = d.log();
+    let mut killed_unreaped: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.contains("not ready after")
+            && let Some(pid) = line.split("(pid:").nth(1).and_then(|r| r.split(')').next())
+        {
+            killed_unreaped.push(pid.to_string());
+        } else if line.contains("was sent SIGKILL") || line.contains("was killed") {
+            killed_unreaped.retain(|p| !line.contains(&format!("(pid:{p})")));
+        } else if line.contains("Booting worker") {
+            assert!(
+                killed_unreaped.is_empty(),
+                "a replacement booted before the killed worker(s) {killed_unreaped:?} were reaped:\n{log}"
+            );
+        }
+    }
+    let looping = d.log_lines_with("is crash-looping");
+    assert!(!looping.is_empty(), "{log}");
+}
+
 // ------------------------------------------------------------------ reloads
 
 fn control_reload(d: &Daemon) -> Value {

@@ -20,8 +20,12 @@ impl Pool {
         let current_gen = self.generation;
         let mut used = vec![false; self.target + self.workers.len()];
         for w in &self.workers {
+            // A worker killed because it never booted holds its slot until it is
+            // reaped: its death decides the slot's backoff, which its replacement
+            // must wait out.
+            let failing = w.state == State::Killed && !w.retiring && w.ready_at.is_none();
             if w.generation == current_gen
-                && w.state.is_active()
+                && (w.state.is_active() || failing)
                 && !w.recycle
                 && w.slot < used.len()
             {
