@@ -499,6 +499,48 @@ fn a_worker_killed_at_its_boot_timeout_is_replaced_after_its_death_is_counted() 
     assert!(!looping.is_empty(), "{log}");
 }
 
+/// A worker that beats by writing into its heartbeat fd does not grow the file
+/// (in memory, on tmpfs) without bound: the master empties it as it looks.
+#[test]
+fn a_heartbeat_file_written_to_stays_small() {
+    let b = Daemon::builder();
+    let flag = b.path("fast-part-done");
+    let mut args: Vec<String> = ["-w", "1", "-t", "1"].map(String::from).to_vec();
+    args.extend(py_worker("health_write_beats.py"));
+    args.push(flag.to_string_lossy().into_owned());
+    let d = b.args(&args).start();
+    let w = wait_exec_children(&d, 1)[0].pid;
+    let fd = proc_environ(w)
+        .and_then(|e| e.get("ARBITER_HEARTBEAT_FD").cloned())
+        .unwrap_or_else(|| d.fail("no ARBITER_HEARTBEAT_FD"));
+    let size = || {
+        std::fs::metadata(format!("/proc/{w}/fd/{fd}"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let mut largest = 0;
+    while !flag.exists() {
+        assert!(is_alive(w), "the worker died: {}", d.log());
+        largest = largest.max(size());
+        std::thread::sleep(ms(20));
+    }
+    // It wrote about 12 MiB; the master looks at least every timeout.
+    assert!(
+        largest < 8 << 20,
+        "the heartbeat file reached {largest} bytes"
+    );
+    d.wait_until(SHORT, "the file emptied after the fast part", || {
+        let n = size();
+        if n < 64 * 1024 {
+            Ok(())
+        } else {
+            Err(format!("{n} bytes"))
+        }
+    });
+    assert!(is_alive(w), "the beating worker was killed: {}", d.log());
+    assert!(d.log_lines_with("WORKER TIMEOUT").is_empty(), "{}", d.log());
+}
+
 // ------------------------------------------------------------------ reloads
 
 fn control_reload(d: &Daemon) -> Value {

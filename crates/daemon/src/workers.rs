@@ -98,6 +98,9 @@ impl Heartbeat {
             return false;
         }
         self.fingerprint = fp;
+        if fp[3] > MAX_HEARTBEAT_FILE {
+            self.shrink();
+        }
         let ctime = SystemTime::UNIX_EPOCH
             + Duration::new(fp[0].max(0) as u64, fp[1].clamp(0, 999_999_999) as u32);
         let age = SystemTime::now()
@@ -106,6 +109,18 @@ impl Heartbeat {
             .min(since_check);
         self.record(now.checked_sub(age).unwrap_or(now));
         true
+    }
+
+    /// A worker that beats by writing into the file would grow it for ever, in
+    /// memory (tmpfs): empty it, offset included (the worker shares it), and take
+    /// the result as the new fingerprint so our own change is not a beat.
+    fn shrink(&mut self) {
+        if self.file.set_len(0).is_ok() {
+            let _ = nix::unistd::lseek(&self.file, 0, nix::unistd::Whence::SeekSet);
+            if let Ok(fp) = fingerprint(&self.file) {
+                self.fingerprint = fp;
+            }
+        }
     }
 
     /// A beat that arrived another way (`WATCHDOG=1`).
@@ -119,6 +134,9 @@ impl Heartbeat {
         self.last_check
     }
 }
+
+/// Past this size, a heartbeat file is emptied at the next look.
+const MAX_HEARTBEAT_FILE: i64 = 64 * 1024;
 
 fn fingerprint(file: &File) -> io::Result<[i64; 4]> {
     let st = nix::sys::stat::fstat(file.as_fd())?;
