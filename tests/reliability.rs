@@ -737,6 +737,70 @@ fn a_reload_that_cannot_fork_fails_at_the_boot_timeout() {
     assert_eq!(serving, want, "the old workers serve on");
 }
 
+/// A uid no other test uses, for the notify flood.
+const FLOOD_UID: u32 = 54323;
+
+/// The notify socket is abstract, so any uid can send to it: datagrams from a uid
+/// no worker runs as are dropped before they are parsed, and counted.
+#[test]
+fn notify_datagrams_from_another_uid_are_dropped_and_counted() {
+    let d = Daemon::start(["-w", "2"]);
+    let ws = d.wait_workers(2);
+    let address = proc_environ(ws[0].pid)
+        .and_then(|e| e.get("NOTIFY_SOCKET").cloned())
+        .unwrap_or_else(|| d.fail("no NOTIFY_SOCKET in the worker's environment"));
+    let flood = r#"
+import socket, sys, time
+addr = "\0" + sys.argv[1][1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sent = 0
+until = time.monotonic() + 1.5
+while time.monotonic() < until:
+    try:
+        s.sendto(b"READY=1\nSTATUS=flood\nWATCHDOG=trigger", addr)
+        sent += 1
+    except BlockingIOError:
+        pass
+    except OSError:
+        time.sleep(0.001)
+print(sent)
+"#;
+    let c0 = cpu_ticks(d.pid());
+    let out = Run::new("setpriv")
+        .args([
+            format!("--reuid={FLOOD_UID}"),
+            format!("--regid={FLOOD_UID}"),
+            "--clear-groups".into(),
+        ])
+        .arg(python3())
+        .args(["-c", flood, &address])
+        .run();
+    let cpu = cpu_ticks(d.pid()) - c0;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let sent: u64 = out.stdout.trim().parse().unwrap_or(0);
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let dropped = st["master"]["notify_dropped"].as_u64().unwrap_or(0);
+    assert!(
+        dropped > 0 && dropped <= sent,
+        "dropped {dropped} of {sent}: {st}"
+    );
+    for w in st["workers"].as_array().unwrap() {
+        assert_eq!(
+            w["state"], "ready",
+            "a foreign datagram reached a worker: {w}"
+        );
+        assert_ne!(w["status_text"], "flood", "{w}");
+    }
+    assert_eq!(d.workers().len(), 2);
+    assert!(
+        d.log_lines_with("Dropped notify datagrams from uid").len() <= 2,
+        "the drop is logged at most every 10 s"
+    );
+    eprintln!(
+        "RELIABILITY notify-flood-foreign-uid: {sent} datagrams in 1.5 s, {dropped} dropped, master CPU {cpu} ticks"
+    );
+}
+
 #[test]
 fn log_file_on_a_full_disk_does_not_stop_the_master() {
     // `--log-file=/dev/full` (the `=` form: the harness would try to read a

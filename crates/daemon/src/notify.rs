@@ -15,6 +15,9 @@ use nix::sys::socket::{
     UnixCredentials, sockopt,
 };
 
+use crate::ratelimit::{Repeated, suppressed_note};
+use crate::warning;
+
 /// Datagrams handled per loop turn: a flood waits for later turns instead of
 /// starving signals and other clients.
 const MAX_PER_TURN: usize = 256;
@@ -22,11 +25,19 @@ const MAX_PER_TURN: usize = 256;
 const MAX_DATAGRAM: usize = 4096;
 /// `STATUS=` text kept per worker.
 const MAX_STATUS: usize = 256;
+/// Datagrams from another uid are logged at most this often.
+const FOREIGN_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct NotifySocket {
     fd: OwnedFd,
     /// The value for `NOTIFY_SOCKET`: `@` and the abstract name.
     pub address: String,
+    /// The uids our workers run as: datagrams from any other uid are dropped
+    /// before they are parsed (an abstract socket is open to every uid).
+    uids: Vec<u32>,
+    /// Datagrams dropped for coming from another uid, since the start.
+    pub foreign_dropped: u64,
+    foreign_log: Repeated,
 }
 
 /// One thing a worker said.
@@ -43,7 +54,12 @@ pub enum Message {
 }
 
 impl NotifySocket {
-    pub fn bind(master_pid: i32, name: &str) -> std::io::Result<NotifySocket> {
+    /// `worker_uid`: the uid workers run as when not the master's (`--user`).
+    pub fn bind(
+        master_pid: i32,
+        name: &str,
+        worker_uid: Option<u32>,
+    ) -> std::io::Result<NotifySocket> {
         let fd = socket::socket(
             AddressFamily::Unix,
             SockType::Datagram,
@@ -54,9 +70,14 @@ impl NotifySocket {
         let abstract_name = format!("arbiter/{name}/{master_pid}/notify");
         let addr = UnixAddr::new_abstract(abstract_name.as_bytes())?;
         socket::bind(fd.as_raw_fd(), &addr)?;
+        let mut uids = vec![nix::unistd::geteuid().as_raw()];
+        uids.extend(worker_uid);
         Ok(NotifySocket {
             fd,
             address: format!("@{abstract_name}"),
+            uids,
+            foreign_dropped: 0,
+            foreign_log: Repeated::new(FOREIGN_LOG_EVERY),
         })
     }
 
@@ -65,8 +86,9 @@ impl NotifySocket {
     }
 
     /// Read what is waiting (bounded): (sender pid, messages) per datagram.
-    pub fn receive(&self) -> Vec<(i32, Vec<Message>)> {
+    pub fn receive(&mut self) -> Vec<(i32, Vec<Message>)> {
         let mut out = Vec::new();
+        let mut foreign = None;
         let mut buf = [0u8; MAX_DATAGRAM];
         for _ in 0..MAX_PER_TURN {
             let mut cmsg = nix::cmsg_space!(UnixCredentials);
@@ -89,14 +111,28 @@ impl NotifySocket {
                     // Any fds a sender attached arrive close-on-exec and are closed
                     // when the owned message drops.
                     if let ControlMessageOwned::ScmCredentials(cred) = c {
-                        sender = Some(cred.pid());
+                        sender = Some((cred.pid(), cred.uid()));
                     }
                 }
             }
-            let (Some(pid), false) = (sender, truncated) else {
+            let (Some((pid, uid)), false) = (sender, truncated) else {
                 continue;
             };
+            if !self.uids.contains(&uid) {
+                self.foreign_dropped += 1;
+                foreign = Some((pid, uid));
+                continue;
+            }
             out.push((pid, parse(&buf[..len])));
+        }
+        if let Some((pid, uid)) = foreign
+            && let Some(n) = self.foreign_log.note(std::time::Instant::now())
+        {
+            warning!(
+                "Dropped notify datagrams from uid {uid} (pid {pid}): not a worker's uid ({} dropped so far){}",
+                self.foreign_dropped,
+                suppressed_note(n)
+            );
         }
         out
     }

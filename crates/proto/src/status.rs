@@ -49,6 +49,10 @@ pub struct MasterStatus {
     /// The master's own log (`--log-file`, or stderr).
     #[serde(default)]
     pub log: LogStatus,
+    /// Datagrams dropped at the notify socket for coming from a uid no worker
+    /// runs as, since the master started.
+    #[serde(default)]
+    pub notify_dropped: u64,
 }
 
 /// Whether the master's log is taking its lines: a full disk or a log reader that

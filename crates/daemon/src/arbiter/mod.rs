@@ -144,7 +144,8 @@ impl Arbiter {
         let master_pid = nix::unistd::getpid();
         let parts = Events::new().and_then(|ev| {
             let signals = SignalPipe::install(HANDLED_SIGNALS)?;
-            let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name)?;
+            let worker_uid = cfg.worker_credentials().map(|(uid, _)| uid);
+            let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name, worker_uid)?;
             Ok((ev, signals, notify))
         });
         let (mut events, signals, notify) = match parts {

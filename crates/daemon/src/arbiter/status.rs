@@ -88,6 +88,7 @@ impl Arbiter {
                     failing,
                 },
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
+                notify_dropped: self.notify.foreign_dropped,
                 backoff,
             },
             workers,
