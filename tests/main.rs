@@ -12,4 +12,5 @@ mod manpages;
 mod master;
 mod ops;
 mod reliability;
+mod trees;
 mod upgrade;

@@ -4,6 +4,9 @@ complete -c arbiterd -s t -l timeout -d 'Heartbeat timeout in seconds; 0 disable
 complete -c arbiterd -l graceful-timeout -d 'How long TERMed workers may drain before KILL, in seconds' -r
 complete -c arbiterd -l ready -d 'When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1). Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)' -r
 complete -c arbiterd -l boot-timeout -d 'A worker not ready by then is killed and counts as a boot failure, in seconds' -r
+complete -c arbiterd -l kill-mode -d 'Who gets a worker\'s graceful signals: `mixed` (its main process; the rest of its tree TERM then KILL once it exited), `group` (its whole tree at once), `process` (its main process only; the rest is left alone)' -r -f -a "mixed\t'Graceful signals to the main process; once it exited (or at the graceful deadline), TERM then KILL to whatever is left of its tree'
+group\t'Every signal to the whole tree at once'
+process\t'Signals to the main process only; the rest of the tree is left running'"
 complete -c arbiterd -s n -l name -d 'Instance name: process titles, default paths, logs' -r
 complete -c arbiterd -s p -l pid -d 'Pidfile' -r -F
 complete -c arbiterd -l control -d 'Control socket path' -r -F

@@ -231,6 +231,7 @@ pub(crate) mod tests {
             restarts: 0,
             crash_looping: false,
             rss_bytes: Some(12_900_000),
+            cpu_secs: None,
         }
     }
 
@@ -284,6 +285,8 @@ pub(crate) mod tests {
                 timeout_secs: Some(30.0),
                 backoff: Vec::new(),
                 log: Default::default(),
+                notify_dropped: 0,
+                containment: "process groups".into(),
             },
             workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
         }

@@ -63,6 +63,7 @@ const LONG_WITH_VALUE: &[&str] = &[
     "graceful-timeout",
     "ready",
     "boot-timeout",
+    "kill-mode",
     "name",
     "pid",
     "control",

@@ -38,6 +38,11 @@ pub struct Cli {
     /// A worker not ready by then is killed and counts as a boot failure, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub boot_timeout: f64,
+    /// Who gets a worker's graceful signals: `mixed` (its main process; the rest of
+    /// its tree TERM then KILL once it exited), `group` (its whole tree at once),
+    /// `process` (its main process only; the rest is left alone)
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = KillMode::Mixed)]
+    pub kill_mode: KillMode,
     /// Instance name: process titles, default paths, logs
     #[arg(short, long, value_name = "NAME", default_value = "arbiter")]
     pub name: String,
@@ -136,6 +141,8 @@ struct FileConfig {
     ready: Option<String>,
     #[serde(alias = "boot_timeout")]
     boot_timeout: Option<Number>,
+    #[serde(alias = "kill_mode")]
+    kill_mode: Option<KillMode>,
     name: Option<String>,
     pid: Option<PathBuf>,
     control: Option<PathBuf>,
@@ -268,6 +275,7 @@ impl Loader {
         take!(graceful_timeout, "graceful_timeout", |v: Number| v.get());
         take!(ready, "ready", Some);
         take!(boot_timeout, "boot_timeout", |v: Number| v.get());
+        take!(kill_mode, "kill_mode", |v| v);
         take!(name, "name", |v| v);
         take!(pid, "pid", Some);
         take!(control, "control", Some);
@@ -314,6 +322,19 @@ impl std::fmt::Display for BindSpec {
     }
 }
 
+/// Who gets a worker's signals, as systemd's `KillMode=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KillMode {
+    /// Graceful signals to the main process; once it exited (or at the graceful
+    /// deadline), TERM then KILL to whatever is left of its tree.
+    Mixed,
+    /// Every signal to the whole tree at once.
+    Group,
+    /// Signals to the main process only; the rest of the tree is left running.
+    Process,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadyMode {
     Exec,
@@ -340,6 +361,7 @@ pub struct Config {
     /// `None`: the program's default (exec for a COMMAND, notify for the built-in).
     pub ready: Option<ReadyMode>,
     pub boot_timeout: Duration,
+    pub kill_mode: KillMode,
     pub name: String,
     pub pidfile: Option<PathBuf>,
     pub control: PathBuf,
@@ -620,6 +642,7 @@ impl Config {
             graceful_timeout: seconds("--graceful-timeout", cli.graceful_timeout)?,
             ready,
             boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
+            kill_mode: cli.kill_mode,
             name: cli.name,
             pidfile,
             control,
@@ -659,6 +682,7 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     diff!("timeout", timeout);
     diff!("graceful-timeout", graceful_timeout);
     diff!("boot-timeout", boot_timeout);
+    diff!("kill-mode", kill_mode);
     diff!("ready", ready);
     diff!("log-file", log_file);
     diff!("log-level", log_level);

@@ -10,6 +10,7 @@ pub mod builtin;
 pub mod config;
 pub mod control;
 pub mod daemonize;
+pub mod guardian;
 pub mod gunicornc;
 pub mod listeners;
 pub mod log;
@@ -20,6 +21,7 @@ pub mod relay;
 pub mod signals;
 pub mod spawn;
 mod startup;
+pub mod trees;
 pub mod upgrade;
 pub mod workers;
 

@@ -23,6 +23,7 @@ pub enum ChildStep {
     Fds = 3,
     Credentials = 4,
     Exec = 5,
+    Cgroup = 6,
 }
 
 impl ChildStep {
@@ -33,6 +34,7 @@ impl ChildStep {
             3 => ChildStep::Fds,
             4 => ChildStep::Credentials,
             5 => ChildStep::Exec,
+            6 => ChildStep::Cgroup,
             _ => return None,
         })
     }
@@ -44,6 +46,7 @@ impl ChildStep {
             ChildStep::Fds => "placing the listeners at fds 3..",
             ChildStep::Credentials => "dropping privileges",
             ChildStep::Exec => "execve",
+            ChildStep::Cgroup => "joining the worker's cgroup",
         }
     }
 }
@@ -167,6 +170,8 @@ pub struct Prepared {
     /// workers, and a worker gets back what it would have had (some programs still
     /// use select(2) and break above 1024).
     nofile: Option<libc::rlimit>,
+    /// `cgroup.procs` of the cgroup the child joins first, held open by the master.
+    cgroup: Option<RawFd>,
 }
 
 /// What the caller must supply.
@@ -245,7 +250,15 @@ impl Prepared {
             contained: plan.contained,
             master_pid: std::process::id() as libc::pid_t,
             nofile: ORIGINAL_NOFILE.get().copied(),
+            cgroup: None,
         })
+    }
+
+    /// The child joins the cgroup whose `cgroup.procs` is open at `procs` before
+    /// anything else, so all it ever starts is in it. The caller keeps `procs` open
+    /// until the spawn.
+    pub fn join_cgroup(&mut self, procs: RawFd) {
+        self.cgroup = Some(procs);
     }
 
     /// fork, and exec in the child. Returns the child's pid and the read end of its
@@ -262,6 +275,7 @@ impl Prepared {
             .fds
             .iter()
             .chain(self.stdio.as_ref())
+            .chain(self.cgroup.as_ref())
             .chain(std::iter::once(&status_w.as_raw_fd()))
             .map(|&fd| fd + 1)
             .max()
@@ -338,6 +352,11 @@ impl Prepared {
                 // The table is still shared: writing into status_fd is safe, but
                 // nothing else may be done with it.
                 fail(status_fd, ChildStep::Fds);
+            }
+            if let Some(procs) = self.cgroup
+                && libc::write(procs, b"0\n".as_ptr().cast(), 2) != 2
+            {
+                fail(status_fd, ChildStep::Cgroup);
             }
             // Default dispositions for everything, SIGPIPE included (Rust ignores it,
             // and an ignored disposition would survive exec).

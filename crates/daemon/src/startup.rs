@@ -22,6 +22,12 @@ pub fn main() -> ExitCode {
     {
         return builtin::run();
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == crate::guardian::GUARDIAN_ARG)
+    {
+        return crate::guardian::run();
+    }
     let mut loader = match config::Loader::from_args() {
         Ok(l) => l,
         Err(e) => {

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use crate::config::KillMode;
+use crate::trees::Tree;
+
 /// Where a worker is in its life. Transitions only go down this list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -223,6 +226,10 @@ pub struct Worker {
     /// `/proc/PID/statm`, held open: `status` at 1024 workers would otherwise spend
     /// most of its time walking /proc paths (one pread each instead of five calls).
     pub statm: Option<std::fs::File>,
+    /// Its process tree (group, and cgroup where there is one).
+    pub tree: Tree,
+    /// Who gets its signals.
+    pub kill_mode: KillMode,
 }
 
 impl Worker {
@@ -249,15 +256,13 @@ impl Worker {
         Some(pages * page.max(0) as u64)
     }
 
-    /// Signal the worker's whole process group (it leads one), so a worker's own
-    /// children go with it.
+    /// Signal the worker as `--kill-mode` says: its main process only (`mixed`,
+    /// `process`), or its whole tree (`group`, and KILL in `mixed`).
     pub fn signal(&mut self, sig: Signal) -> nix::Result<()> {
         self.sent = Some(sig);
-        match nix::sys::signal::killpg(self.pid, sig) {
-            // The group may not exist yet if the child has not run setpgid; the
-            // parent sets it too, so this is only a dead worker not yet reaped.
-            Err(nix::errno::Errno::ESRCH) => nix::sys::signal::kill(self.pid, sig).or(Ok(())),
-            other => other,
+        match (self.kill_mode, sig) {
+            (KillMode::Group, _) | (KillMode::Mixed, Signal::SIGKILL) => self.tree.signal_all(sig),
+            _ => self.tree.signal_main(sig),
         }
     }
 

@@ -53,6 +53,9 @@ pub struct MasterStatus {
     /// runs as, since the master started.
     #[serde(default)]
     pub notify_dropped: u64,
+    /// How workers' process trees are held: `cgroup v2 (PATH)` or `process groups`.
+    #[serde(default)]
+    pub containment: String,
 }
 
 /// Whether the master's log is taking its lines: a full disk or a log reader that
@@ -120,6 +123,9 @@ pub struct WorkerStatus {
     pub crash_looping: bool,
     /// Resident set size in bytes, from /proc.
     pub rss_bytes: Option<u64>,
+    /// CPU seconds used by the worker's whole tree so far, where it has a cgroup.
+    #[serde(default)]
+    pub cpu_secs: Option<f64>,
 }
 
 impl Status {

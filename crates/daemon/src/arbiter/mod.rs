@@ -45,7 +45,7 @@ use crate::{debug, error, info, warning};
 use events::{Events, Source};
 use lineage::{ChildExit, Lineage};
 use manager::Manager;
-use pool::{Death, Exit, Pool, SpawnContext};
+use pool::{Death, Exit, Phase, Pool, SpawnContext};
 use reload::Reloads;
 
 pub use reload::ReloadOutcome;
@@ -154,12 +154,15 @@ impl Arbiter {
         };
         events.add(signals.fd(), Source::Signals);
         events.add(notify.fd(), Source::Notify);
-        // Orphans of our workers' own children come back to us, to be reaped silently,
-        // instead of going to init with nobody watching them.
-        let _ = nix::sys::prctl::set_child_subreaper(true);
         let lineage = Lineage::new(predecessor, &mut events);
+        let child_env = ChildEnv::inherited();
+        let pool = Pool::new(&cfg, master_pid, &child_env);
+        // Orphans of our workers' own children come back to us, to be reaped silently,
+        // instead of going to init with nobody watching them. After the pool
+        // started the guardian, which must not be one of them.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
         Ok(Arbiter {
-            pool: Pool::new(&cfg),
+            pool,
             reloads: Reloads::default(),
             lineage,
             manager: Manager::from_env(),
@@ -170,7 +173,7 @@ impl Arbiter {
             loader,
             cfg,
             listeners,
-            child_env: ChildEnv::inherited(),
+            child_env,
             start,
             master_pid,
             pidfile,
@@ -488,11 +491,13 @@ impl Arbiter {
                 waiters,
             } => return self.successor_gone(reason, renamed_pidfile, waiters),
         }
-        let reloading = self.reloads.is_running();
-        let stopping = self.shutdown.is_some();
+        let phase = Phase {
+            reloading: self.reloads.is_running(),
+            stopping: self.shutdown.is_some(),
+        };
         match self
             .pool
-            .on_exit(pid, death, now, reloading, stopping, &mut self.events)
+            .on_exit(pid, death, now, phase, &self.cfg, &mut self.events)
         {
             // An orphan that came to us as subreaper, or a child of something else.
             Exit::NotAWorker => debug!("Reaped unknown child process (pid:{pid})"),
@@ -615,6 +620,7 @@ impl Arbiter {
             c.shutdown(self.lineage.successor().is_none());
         }
         self.release_listeners();
+        self.pool.tear_down();
         if let Some(p) = self.pidfile.take() {
             p.remove();
         }

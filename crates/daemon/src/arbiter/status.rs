@@ -89,6 +89,7 @@ impl Arbiter {
                 },
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
                 notify_dropped: self.notify.foreign_dropped,
+                containment: self.pool.containment().describe(),
                 backoff,
             },
             workers,
@@ -117,6 +118,7 @@ fn worker_status(w: &Worker, now: Instant, failures: u32) -> snapshot::WorkerSta
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
         rss_bytes: w.rss_bytes(),
+        cpu_secs: w.tree.cpu_secs(),
     }
 }
 

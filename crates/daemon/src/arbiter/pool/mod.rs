@@ -19,11 +19,13 @@ use nix::unistd::Pid;
 use arbiter_proto::worker as contract;
 
 use super::events::Events;
-use crate::config::{Config, ReadyMode, WorkerProgram};
+use crate::config::{Config, KillMode, ReadyMode, WorkerProgram};
+use crate::guardian::Guardian;
 use crate::listeners::Listener;
 use crate::notify::Message;
 use crate::relay::Relay;
 use crate::spawn::ChildEnv;
+use crate::trees::{Containment, Tree};
 use crate::workers::{self, State, Worker};
 use crate::{critical, debug, error, info, warning};
 
@@ -82,6 +84,15 @@ pub enum Exit {
     NewGenerationFailed(String),
 }
 
+/// What the master is doing, as a worker's death is judged.
+#[derive(Clone, Copy)]
+pub struct Phase {
+    /// A reload to the current generation is in flight.
+    pub reloading: bool,
+    /// The master is shutting down.
+    pub stopping: bool,
+}
+
 /// Where the pool stands after converging.
 pub struct Progress {
     /// The first generation is fully ready, for the first time: announce it.
@@ -89,6 +100,12 @@ pub struct Progress {
     /// Only the current generation is left, and it is fully ready.
     pub settled: bool,
 }
+
+/// How long what is left of an exited worker's tree has between TERM and KILL
+/// (or `--graceful-timeout`, if shorter).
+const TREE_GRACE: Duration = Duration::from_secs(2);
+/// How often a KILLed tree is looked at until it is empty.
+const TREE_RECHECK: Duration = Duration::from_millis(20);
 
 /// Starting workers fails, again and again.
 pub struct SpawnTrouble {
@@ -136,12 +153,46 @@ pub struct Pool {
     /// How a worker proves it is ready (`--ready`, or the program's default).
     ready_mode: ReadyMode,
     heartbeat_dir: PathBuf,
+    /// How workers' trees are held: a cgroup each, or process groups.
+    containment: Containment,
+    /// Kills the workers' trees if the master is killed.
+    guardian: Option<Guardian>,
+    /// Trees of workers that exited while some of their processes still ran:
+    /// TERMed, KILLed at their deadline, forgotten once empty.
+    remains: Vec<Remains>,
     pub worker_failures: u64,
     pub workers_spawned: u64,
 }
 
+/// What is left of an exited worker's tree.
+struct Remains {
+    tree: Tree,
+    /// When to KILL it (after the TERM), or, once killed, look again.
+    next: Instant,
+    killed: bool,
+}
+
 impl Pool {
-    pub fn new(cfg: &Config) -> Pool {
+    pub fn new(cfg: &Config, master_pid: Pid, env: &ChildEnv) -> Pool {
+        let containment = Containment::set_up(&cfg.name, master_pid);
+        let guardian = match Guardian::start(&cfg.name, containment.cgroup_root(), env) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                error!(
+                    "Cannot start the guardian: {e}; if the master is killed, workers' children may outlive it"
+                );
+                None
+            }
+        };
+        info!(
+            "Worker trees: {}{}",
+            containment.describe(),
+            if guardian.is_some() {
+                ", with a guardian"
+            } else {
+                ""
+            }
+        );
         Pool {
             workers: Vec::new(),
             relays: Vec::new(),
@@ -158,6 +209,9 @@ impl Pool {
             silence_counted_from: Instant::now(),
             ready_mode: ready_mode(cfg),
             heartbeat_dir: workers::heartbeat_dir(),
+            containment,
+            guardian,
+            remains: Vec::new(),
             worker_failures: 0,
             workers_spawned: 0,
         }
@@ -184,8 +238,80 @@ impl Pool {
         &self.slots
     }
 
+    /// No worker, and nothing left of any worker's tree.
     pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
+        self.workers.is_empty() && self.remains.is_empty()
+    }
+
+    pub fn containment(&self) -> &Containment {
+        &self.containment
+    }
+
+    /// The guardian was found gone: start another and tell it of every tree.
+    pub(super) fn revive_guardian(&mut self, cfg: &Config, env: &ChildEnv) {
+        if !self.guardian.as_ref().is_some_and(|g| g.is_lost()) {
+            return;
+        }
+        error!("The guardian is gone; starting another");
+        // Off while it starts, so that it is not adopted back by us.
+        let _ = nix::sys::prctl::set_child_subreaper(false);
+        self.guardian = Guardian::start(&cfg.name, self.containment.cgroup_root(), env)
+            .inspect_err(|e| error!("Cannot start the guardian: {e}"))
+            .ok();
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        if let Some(g) = &mut self.guardian {
+            for w in &self.workers {
+                g.watch(w.pid);
+            }
+            for r in &self.remains {
+                g.watch(r.tree.pid);
+            }
+        }
+    }
+
+    /// The master exits on its own: the guardian has nothing to do, our cgroups go.
+    pub fn tear_down(&mut self) {
+        if let Some(g) = self.guardian.take() {
+            g.dismiss();
+        }
+        self.containment.tear_down();
+    }
+
+    /// An exited worker's tree: gone, or TERMed with KILL to follow.
+    fn bury(&mut self, w: &Worker, now: Instant, cfg: &Config) {
+        let left = w.tree.remaining();
+        if left.is_empty() {
+            self.forget_tree(&w.tree);
+            return;
+        }
+        let shown: Vec<String> = left.iter().map(|(p, c)| format!("{p} ({c})")).collect();
+        if w.kill_mode == KillMode::Process {
+            info!(
+                "Worker (pid:{}) exited; --kill-mode process leaves its processes running: {}",
+                w.pid,
+                shown.join(", ")
+            );
+            return;
+        }
+        warning!(
+            "Worker (pid:{}) exited but left processes running: {}; sending SIGTERM",
+            w.pid,
+            shown.join(", ")
+        );
+        let tree = Tree::new(w.pid, w.tree.cgroup.clone());
+        let _ = tree.signal_all(Signal::SIGTERM);
+        self.remains.push(Remains {
+            tree,
+            next: now + cfg.graceful_timeout.min(TREE_GRACE),
+            killed: false,
+        });
+    }
+
+    fn forget_tree(&mut self, tree: &Tree) {
+        tree.remove();
+        if let Some(g) = &mut self.guardian {
+            g.forget(tree.pid);
+        }
     }
 
     /// Ready workers of the current generation.
@@ -345,17 +471,20 @@ impl Pool {
         }
     }
 
-    /// A child exited. `reloading`: a reload to the current generation is in
-    /// flight; `stopping`: the master is shutting down.
+    /// A child exited.
     pub fn on_exit(
         &mut self,
         pid: Pid,
         death: Death,
         now: Instant,
-        reloading: bool,
-        stopping: bool,
+        phase: Phase,
+        cfg: &Config,
         ev: &mut Events,
     ) -> Exit {
+        let Phase {
+            reloading,
+            stopping,
+        } = phase;
         let Some(idx) = self.workers.iter().position(|w| w.pid == pid) else {
             return Exit::NotAWorker;
         };
@@ -365,6 +494,7 @@ impl Pool {
         }
         let was_ready = self.booted(&w, now);
         log_death(&w, death);
+        self.bury(&w, now, cfg);
         if w.retiring {
             // Asked to stop (or said STOPPING=1): not a failure. A clean exit after
             // serving also proves the slot healthy again.
@@ -448,6 +578,10 @@ impl Pool {
 
     /// The shutdown deadline passed: KILL whatever is left.
     pub fn kill_all(&mut self) {
+        for r in &mut self.remains {
+            let _ = r.tree.signal_all(Signal::SIGKILL);
+            r.killed = true;
+        }
         for w in &mut self.workers {
             if w.state != State::Killed {
                 warning!(

@@ -12,11 +12,13 @@ use crate::arbiter::events::{Events, Source};
 use crate::config::WorkerProgram;
 use crate::relay::{self, Relay};
 use crate::spawn::{Plan, Prepared};
+use crate::trees::Tree;
 use crate::workers::{Heartbeat, State, Worker};
 use crate::{error, info};
 
 impl Pool {
     pub(super) fn spawn_missing(&mut self, now: Instant, ctx: &SpawnContext<'_>, ev: &mut Events) {
+        self.revive_guardian(ctx.cfg, ctx.env);
         let current_gen = self.generation;
         let mut used = vec![false; self.target + self.workers.len()];
         for w in &self.workers {
@@ -98,6 +100,13 @@ impl Pool {
                 return false;
             }
         };
+        let cgroup = match self.containment.prepare(id) {
+            Ok(c) => c,
+            Err(e) => {
+                self.spawn_failed(format!("cannot make the worker's cgroup: {e}"), now);
+                return false;
+            }
+        };
         let prepared = prepare(
             ctx,
             id,
@@ -113,6 +122,9 @@ impl Pool {
                 return false;
             }
         };
+        if let Some(c) = &cgroup {
+            prepared.join_cgroup(c.procs.as_raw_fd());
+        }
         let spawned = prepared.spawn();
         // Only the worker writes into its pipe: EOF then means it (and any child
         // that inherited its stdout) is gone.
@@ -121,7 +133,7 @@ impl Pool {
             Ok(s) => s,
             Err(e) => {
                 let why = if e.raw_os_error() == Some(libc::EAGAIN) {
-                    format!("fork: {} (process limit)", nix::errno::Errno::EAGAIN.desc())
+                    format!("fork failed: {e} (process limit)")
                 } else {
                     format!("fork failed: {e}")
                 };
@@ -143,7 +155,12 @@ impl Pool {
             "Booting worker with pid: {pid} (id:{id} slot:{slot} gen:{})",
             self.generation
         );
+        if let Some(g) = &mut self.guardian {
+            g.watch(pid);
+        }
         self.workers.push(Worker {
+            tree: Tree::new(pid, cgroup.map(|c| c.dir)),
+            kill_mode: ctx.cfg.kill_mode,
             id,
             slot,
             pid,

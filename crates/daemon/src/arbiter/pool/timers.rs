@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::{ABORT_GRACE, EXEC_SETTLE, Pool, RSS_CHECK_INTERVAL};
+use super::{ABORT_GRACE, EXEC_SETTLE, Pool, RSS_CHECK_INTERVAL, TREE_RECHECK};
 use crate::config::{Config, ReadyMode};
 use crate::workers::{State, Worker};
 use crate::{critical, error, info, warning};
@@ -55,6 +55,9 @@ impl Pool {
                 }
                 State::Killed => {}
             }
+        }
+        for r in &self.remains {
+            at(r.next);
         }
         if !stopping && self.active_in_generation() < self.target {
             for h in self.slots.values() {
@@ -117,8 +120,43 @@ impl Pool {
         self.silence_counted_from = now;
     }
 
-    /// Timeouts: boot, heartbeat, graceful stop, abort grace.
+    /// What is left of exited workers' trees: gone (forget it), or due for KILL.
+    fn check_remains(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        for (i, r) in self.remains.iter_mut().enumerate() {
+            if now < r.next {
+                continue;
+            }
+            if !r.tree.is_populated() {
+                gone.push(i);
+                continue;
+            }
+            if !r.killed {
+                let left: Vec<String> = r
+                    .tree
+                    .remaining()
+                    .iter()
+                    .map(|(p, c)| format!("{p} ({c})"))
+                    .collect();
+                warning!(
+                    "What worker (pid:{}) left still runs after SIGTERM: {}; sending SIGKILL",
+                    r.tree.pid,
+                    left.join(", ")
+                );
+                let _ = r.tree.signal_all(Signal::SIGKILL);
+                r.killed = true;
+            }
+            r.next = now + TREE_RECHECK;
+        }
+        for i in gone.into_iter().rev() {
+            let r = self.remains.swap_remove(i);
+            self.forget_tree(&r.tree);
+        }
+    }
+
+    /// Timeouts: boot, heartbeat, graceful stop, abort grace, trees left behind.
     pub fn check_deadlines(&mut self, now: Instant, cfg: &Config) {
+        self.check_remains(now);
         for i in 0..self.workers.len() {
             let heartbeat_due = self.heartbeat_due(&self.workers[i], cfg);
             let counted_from = self.silence_counted_from;

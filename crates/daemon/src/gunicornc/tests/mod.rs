@@ -78,6 +78,7 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         restarts: 0,
         crash_looping: false,
         rss_bytes: None,
+        cpu_secs: None,
     }
 }
 
@@ -118,6 +119,8 @@ fn status() -> Status {
             timeout_secs: Some(30.0),
             backoff: Vec::new(),
             log: Default::default(),
+            notify_dropped: 0,
+            containment: "process groups".into(),
         },
         workers: vec![
             worker(5, 205, "booting", None),

@@ -1,0 +1,362 @@
+//! Worker process trees: what belongs to a worker, signalling it, and making sure
+//! nothing of it outlives the worker or the master.
+//!
+//! Where a cgroup v2 hierarchy is writable (as root on most machines, under
+//! systemd with `Delegate=yes`, in a container with its own cgroup namespace),
+//! each worker gets a cgroup of its own under `arbiter.NAME.PID` beside the
+//! master, joined by the child before it execs: then everything the worker ever
+//! starts is in it, setsid'd and double-forked daemons included, the tree is
+//! killed at once with `cgroup.kill`, and its CPU time is the tree's (`cpu.stat`).
+//! Elsewhere a worker's tree is its process group, which a process can leave.
+//!
+//! The [`crate::guardian`] kills what is left if the master itself is killed.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::{info, warning};
+
+/// How workers' trees are contained.
+pub enum Containment {
+    /// Each worker in a cgroup of its own under `root`.
+    Cgroup { root: PathBuf },
+    /// Each worker leads a process group; descendants that leave it escape.
+    ProcessGroups,
+}
+
+/// One worker's tree.
+pub struct Tree {
+    /// The worker's main process, which leads the group.
+    pub pid: Pid,
+    /// Its cgroup, when there is one.
+    pub cgroup: Option<PathBuf>,
+    /// `cpu.stat` of the cgroup, held open (a status at thousands of workers
+    /// would otherwise open a file per worker).
+    cpu_stat: Option<File>,
+}
+
+/// A worker's cgroup made ready before its spawn: the child writes itself into
+/// `procs`.
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub procs: OwnedFd,
+}
+
+impl Containment {
+    /// A cgroup of our own for the workers if the v2 hierarchy lets us, else
+    /// process groups. Leftovers of a master of the same name that was killed
+    /// (its cgroup still there, its pid gone) are killed and removed first.
+    pub fn set_up(name: &str, master_pid: Pid) -> Containment {
+        let Some(parent) = own_cgroup_dir() else {
+            return Containment::ProcessGroups;
+        };
+        clean_predecessors(&parent, name);
+        let root = parent.join(format!("arbiter.{}.{master_pid}", sanitize(name)));
+        match std::fs::create_dir(&root) {
+            Ok(()) if root.join("cgroup.kill").exists() => Containment::Cgroup { root },
+            Ok(()) => {
+                // A kernel before 5.14: no cgroup.kill, so no kill of a whole tree
+                // at once; process groups it is.
+                let _ = std::fs::remove_dir(&root);
+                Containment::ProcessGroups
+            }
+            Err(_) => Containment::ProcessGroups,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Containment::Cgroup { root } => format!("cgroup v2 ({})", root.display()),
+            Containment::ProcessGroups => "process groups".to_string(),
+        }
+    }
+
+    pub fn cgroup_root(&self) -> Option<&Path> {
+        match self {
+            Containment::Cgroup { root } => Some(root),
+            Containment::ProcessGroups => None,
+        }
+    }
+
+    /// Make the cgroup of worker `id`, if cgroups are in use.
+    pub fn prepare(&self, id: u64) -> io::Result<Option<Prepared>> {
+        let Containment::Cgroup { root } = self else {
+            return Ok(None);
+        };
+        let dir = root.join(format!("w{id}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        Ok(Some(Prepared {
+            dir,
+            procs: procs.into(),
+        }))
+    }
+
+    /// The master exits: remove our cgroups (empty by now, or killed).
+    pub fn tear_down(&self) {
+        if let Containment::Cgroup { root } = self {
+            kill_cgroup(root);
+            remove_tree(root);
+        }
+    }
+}
+
+impl Tree {
+    pub fn new(pid: Pid, cgroup: Option<PathBuf>) -> Tree {
+        let cpu_stat = cgroup.as_ref().and_then(|d| {
+            File::open(d.join("cpu.stat"))
+                .ok()
+                .map(|f| File::from(crate::spawn::keep_from_children(f.into())))
+        });
+        Tree {
+            pid,
+            cgroup,
+            cpu_stat,
+        }
+    }
+
+    /// Signal the main process only.
+    pub fn signal_main(&self, sig: Signal) -> nix::Result<()> {
+        nix::sys::signal::kill(self.pid, sig)
+    }
+
+    /// Signal the whole tree: its cgroup (KILL at once through `cgroup.kill`),
+    /// and its process group.
+    pub fn signal_all(&self, sig: Signal) -> nix::Result<()> {
+        if let Some(dir) = &self.cgroup {
+            if sig == Signal::SIGKILL {
+                kill_cgroup(dir);
+            } else {
+                for pid in cgroup_pids(dir) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+                }
+            }
+        }
+        match nix::sys::signal::killpg(self.pid, sig) {
+            // The group may not exist yet if the child has not run setpgid; the
+            // parent sets it too, so this is only a dead worker not yet reaped.
+            Err(nix::errno::Errno::ESRCH) => nix::sys::signal::kill(self.pid, sig).or(Ok(())),
+            other => other,
+        }
+    }
+
+    /// What is left of the tree (its main process aside, once reaped): pids with
+    /// their command names, for the log.
+    pub fn remaining(&self) -> Vec<(i32, String)> {
+        let pids = match &self.cgroup {
+            Some(dir) => cgroup_pids(dir),
+            None if nix::sys::signal::killpg(self.pid, None).is_ok() => group_pids(self.pid),
+            None => Vec::new(),
+        };
+        pids.into_iter()
+            .filter(|&p| p != self.pid.as_raw())
+            .map(|p| (p, comm(p)))
+            .collect()
+    }
+
+    /// Whether anything of the tree still runs (cheap: no /proc walk).
+    pub fn is_populated(&self) -> bool {
+        match &self.cgroup {
+            Some(dir) => std::fs::read_to_string(dir.join("cgroup.events"))
+                .map(|s| s.lines().any(|l| l == "populated 1"))
+                .unwrap_or(false),
+            None => nix::sys::signal::killpg(self.pid, None).is_ok(),
+        }
+    }
+
+    /// CPU time of the whole tree so far (cgroup only), in seconds.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let f = self.cpu_stat.as_ref()?;
+        let mut buf = [0u8; 512];
+        let n = nix::sys::uio::pread(f, &mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let usec: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(usec as f64 / 1e6)
+    }
+
+    /// The tree is gone: remove its cgroup.
+    pub fn remove(&self) {
+        if let Some(dir) = &self.cgroup {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Our own cgroup v2 directory, if the hierarchy is mounted and writable.
+fn own_cgroup_dir() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER`
+    let mount = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split(' ').nth(4))?
+    })?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = Path::new(mount).join(path.trim_start_matches('/'));
+    nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK)
+        .ok()
+        .map(|()| dir)
+}
+
+/// Cgroups `arbiter.NAME.PID` beside ours whose master is gone: a master of this
+/// name was killed with its guardian. Whatever still runs in them goes.
+fn clean_predecessors(parent: &Path, name: &str) {
+    let prefix = format!("arbiter.{}.", sanitize(name));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() && is_arbiterd(pid) {
+            continue;
+        }
+        let dir = e.path();
+        let left: Vec<String> = walk_pids(&dir)
+            .into_iter()
+            .map(|p| format!("{p} ({})", comm(p)))
+            .collect();
+        if left.is_empty() {
+            info!(
+                "Removing the cgroup of a master of this name that is gone: {}",
+                dir.display()
+            );
+        } else {
+            warning!(
+                "A master of this name (pid {pid}) was killed and left processes running: {}; killing them",
+                left.join(", ")
+            );
+        }
+        kill_cgroup(&dir);
+        remove_tree(&dir);
+    }
+}
+
+fn is_arbiterd(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.windows(8).any(|w| w == b"arbiterd"))
+        .unwrap_or(false)
+}
+
+/// Write `1` to `cgroup.kill`: every process in the cgroup and below gets KILL.
+pub fn kill_cgroup(dir: &Path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+    {
+        let _ = f.write_all(b"1");
+    }
+}
+
+/// Remove `dir` and the cgroups below it, waiting (briefly) for killed processes
+/// to leave them.
+pub fn remove_tree(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => {
+                warning!("Cannot remove the cgroup {}: {e}", dir.display());
+                return;
+            }
+        }
+    }
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    let mut s = String::new();
+    if File::open(dir.join("cgroup.procs"))
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    s.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+fn walk_pids(dir: &Path) -> Vec<i32> {
+    let mut out = cgroup_pids(dir);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(walk_pids(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Members of process group `pgid`, from /proc (only when the group is known to
+/// be non-empty: this walks every process).
+fn group_pids(pgid: Pid) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1;
+                    after.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid.as_raw())
+        })
+        .collect()
+}
+
+/// A process's command name, for the log.
+pub fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Instance names may hold anything a file name cannot.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,298 @@
+//! Workers with process trees of their own: graceful signals reach the main
+//! process only (`--kill-mode mixed`), what a worker leaves behind is TERMed then
+//! KILLed, a setsid'd daemon goes with its worker (cgroup), and nothing of any
+//! tree outlives a master killed with SIGKILL (the guardian).
+//!
+//! The workers are `tests/workers/trees_*.py`.
+
+use std::net::TcpListener;
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::harness::*;
+use crate::health::status_at;
+use crate::upgrade::Load;
+
+fn py(script: &str) -> Vec<String> {
+    vec![
+        "--".into(),
+        python3().to_string_lossy().into_owned(),
+        test_file(&format!("workers/{script}"))
+            .to_string_lossy()
+            .into_owned(),
+    ]
+}
+
+/// Every live descendant of `pid`.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for c in children_of(p) {
+            if !c.is_zombie() {
+                out.push(c.pid);
+            }
+            todo.push(c.pid);
+        }
+    }
+    out
+}
+
+/// The master's `n` workers, ready, from its status (the harness's own wait
+/// counts the master's children and asks a worker over HTTP; here a worker's
+/// adopted daemon is a child of the master too, and not every worker serves).
+fn wait_ready(d: &Daemon, n: usize) -> Vec<i32> {
+    d.wait_until(LONG, &format!("{n} ready workers"), || {
+        if let Some(st) = d.try_status() {
+            d.fail(&format!("the master exited ({st})"));
+        }
+        let st = status_at(&d.control_path())?;
+        let ws = st["workers"].as_array().cloned().unwrap_or_default();
+        if ws.len() == n && ws.iter().all(|w| w["state"] == "ready") {
+            Ok(ws
+                .iter()
+                .filter_map(|w| w["pid"].as_i64())
+                .map(|p| p as i32)
+                .collect())
+        } else {
+            Err(st["workers"].to_string())
+        }
+    })
+}
+
+fn pids_in(file: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn wait_gone(d: &Daemon, pids: &[i32], within: std::time::Duration, what: &str) {
+    d.wait_until(within, what, || {
+        let alive: Vec<i32> = pids.iter().copied().filter(|p| is_alive(*p)).collect();
+        if alive.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still alive: {alive:?}"))
+        }
+    });
+}
+
+/// Whether this master put its workers in cgroups (else the test that needs it
+/// says so and passes, or fails under CI, where the hierarchy is writable).
+fn has_cgroups(d: &Daemon) -> bool {
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let yes = st["master"]["containment"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("cgroup v2"));
+    if !yes {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root where cgroup v2 is writable, but the master says {}",
+            st["master"]["containment"]
+        );
+        eprintln!("SKIPPED: no writable cgroup v2 hierarchy here");
+    }
+    yes
+}
+
+#[test]
+fn a_worker_serving_from_its_child_reloads_5_times_under_load_without_a_failed_request() {
+    let mut args: Vec<String> = ["-w", "2"].map(String::from).to_vec();
+    args.extend(py("trees_child_server.py"));
+    let d = Daemon::builder().args(&args).start();
+    wait_ready(&d, 2);
+    let load = Load::start(d.listener().clone());
+    load.wait_more(&d, 50);
+    for generation in 2..=6 {
+        d.signal_delivered(Signal::SIGHUP);
+        d.wait_until(LONG, &format!("generation {generation} alone"), || {
+            let ws = d.worker_infos();
+            if ws.len() == 2 && ws.iter().all(|w| w.generation == Some(generation)) {
+                Ok(())
+            } else {
+                Err(format!("{ws:?}"))
+            }
+        });
+        load.wait_more(&d, 20);
+    }
+    let stats = load.finish();
+    assert_eq!(
+        stats.failed,
+        0,
+        "{} of {} requests failed across 5 reloads: {:#?}",
+        stats.failed,
+        stats.ok + stats.failed,
+        stats.failures
+    );
+    assert!(
+        d.log_lines_with("left processes running").is_empty(),
+        "the children stopped with their parents: {}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_term_ignoring_grandchild_is_gone_after_reload_and_after_stop() {
+    let b = Daemon::builder();
+    let kids = b.path("grandchildren");
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let bind = format!("127.0.0.1:{port}");
+    let mut args: Vec<String> = ["-w", "1", "-b", &bind, "--graceful-timeout", "5"]
+        .map(String::from)
+        .to_vec();
+    args.extend(py("trees_stubborn_grandchild.py"));
+    args.push(kids.to_string_lossy().into_owned());
+    let d = b.args(&args).start();
+    wait_ready(&d, 1);
+    let first = d.wait_until(SHORT, "the first grandchild", || {
+        pids_in(&kids)
+            .first()
+            .copied()
+            .ok_or("none yet".to_string())
+    });
+    d.register_pid(first);
+
+    d.signal_delivered(Signal::SIGHUP);
+    wait_gone(&d, &[first], LONG, "the old worker's TERM-ignoring child");
+    d.wait_log("what it left, TERMed then KILLed", |l| {
+        l.contains("still runs after SIGTERM") && l.contains(&first.to_string())
+    });
+    let second = d.wait_until(SHORT, "the second grandchild", || {
+        pids_in(&kids).get(1).copied().ok_or("none yet".to_string())
+    });
+    d.register_pid(second);
+
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).code(), Some(0), "{}", d.log());
+    assert!(
+        !is_alive(second),
+        "the grandchild {second} outlived the master"
+    );
+    // The port is free: a new master binds it at once.
+    let again = Daemon::builder().args(["-w", "1", "-b", &bind]).start();
+    wait_ready(&again, 1);
+}
+
+#[test]
+fn a_setsid_daemon_started_by_a_worker_is_gone_when_the_worker_is_retired() {
+    let b = Daemon::builder();
+    let file = b.path("daemons");
+    let mut args: Vec<String> = ["-w", "1"].map(String::from).to_vec();
+    args.extend(py("trees_daemonizer.py"));
+    args.push(file.to_string_lossy().into_owned());
+    let d = b.args(&args).start();
+    wait_ready(&d, 1);
+    let daemon = d.wait_until(SHORT, "the worker's daemon", || {
+        pids_in(&file)
+            .first()
+            .copied()
+            .ok_or("none yet".to_string())
+    });
+    d.register_pid(daemon);
+    if !has_cgroups(&d) {
+        return;
+    }
+    d.signal_delivered(Signal::SIGHUP);
+    wait_gone(&d, &[daemon], LONG, "the retired worker's setsid'd daemon");
+}
+
+#[test]
+fn a_killed_worker_takes_its_whole_cgroup_and_status_has_the_tree_cpu() {
+    let b = Daemon::builder();
+    let file = b.path("daemons");
+    let mut args: Vec<String> = ["-w", "1"].map(String::from).to_vec();
+    args.extend(py("trees_daemonizer.py"));
+    args.push(file.to_string_lossy().into_owned());
+    let d = b.args(&args).start();
+    let w = wait_ready(&d, 1)[0];
+    let daemon = d.wait_until(SHORT, "the worker's daemon", || {
+        pids_in(&file)
+            .first()
+            .copied()
+            .ok_or("none yet".to_string())
+    });
+    d.register_pid(daemon);
+    if !has_cgroups(&d) {
+        return;
+    }
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let cpu = &st["workers"][0]["cpu_secs"];
+    assert!(cpu.as_f64().is_some_and(|c| c > 0.0), "tree CPU: {st}");
+    let out = d.ctl(["kill", &w.to_string(), "--signal", "KILL"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    wait_gone(
+        &d,
+        &[w, daemon],
+        SHORT,
+        "the worker and its setsid'd daemon",
+    );
+}
+
+/// kill -9 of the master: its guardian kills the workers' trees, grandchildren
+/// included, within a second.
+fn sigkill_leaves_nothing(command: &[&str]) {
+    let mut args: Vec<String> = ["-w", "2", "--"].map(String::from).to_vec();
+    args.extend(command.iter().map(|s| s.to_string()));
+    let d = Daemon::builder().args(&args).start();
+    wait_ready(&d, 2);
+    let tree = d.wait_until(SHORT, "the workers' children", || {
+        let all = descendants(d.pid());
+        // Two workers with at least one child each.
+        if all.len() >= 4 {
+            Ok(all)
+        } else {
+            Err(format!("{all:?}"))
+        }
+    });
+    for p in &tree {
+        d.register_pid(*p);
+    }
+    nix::sys::signal::kill(Pid::from_raw(d.pid()), Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    wait_gone(&d, &tree, secs(1), "every process of the workers' trees");
+    eprintln!(
+        "RELIABILITY kill-9 {command:?}: trees gone {:.0?} after SIGKILL",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn sigkill_of_the_master_leaves_no_process_of_a_sh_wrapper_worker() {
+    let script = format!(
+        "{} -c 'import time; time.sleep(1000)'; true",
+        python3().to_string_lossy()
+    );
+    sigkill_leaves_nothing(&["sh", "-c", &script]);
+}
+
+#[test]
+fn sigkill_of_the_master_leaves_no_process_of_a_worker_with_serving_children() {
+    let py3 = python3().to_string_lossy().into_owned();
+    let script = test_file("workers/trees_busy_forker.py")
+        .to_string_lossy()
+        .into_owned();
+    sigkill_leaves_nothing(&[&py3, &script]);
+}
+
+/// `--kill-mode` is a flag and a config key; a bad value is a one-line error.
+#[test]
+fn kill_mode_is_a_flag_and_a_config_key() {
+    let b = Daemon::builder();
+    let cfg = b.path("arbiter.toml");
+    std::fs::write(&cfg, "kill-mode = \"group\"\n").unwrap();
+    let d = b.args(["-w", "1", "-c"]).arg(&cfg).start();
+    wait_ready(&d, 1);
+    let bad = Run::new(ARBITERD)
+        .args(["--check-config", "--kill-mode", "everything"])
+        .run();
+    assert_eq!(bad.code(), Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("kill-mode"), "{bad:?}");
+    assert_eq!(bad.stderr.trim().lines().count(), 1, "{bad:?}");
+}
