@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn receives_with_credentials() {
-        let sock = NotifySocket::bind(std::process::id() as i32, "unit-test").unwrap();
+        let mut sock = NotifySocket::bind(std::process::id() as i32, "unit-test", None).unwrap();
         assert!(arbiter_proto::worker::notify_to(
             &sock.address,
             "READY=1\nSTATUS=hi"

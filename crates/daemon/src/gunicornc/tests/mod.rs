@@ -118,6 +118,7 @@ fn status() -> Status {
             timeout_secs: Some(30.0),
             backoff: Vec::new(),
             log: Default::default(),
+            notify_dropped: 0,
         },
         workers: vec![
             worker(5, 205, "booting", None),
