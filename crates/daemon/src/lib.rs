@@ -21,6 +21,7 @@ pub mod signals;
 pub mod spawn;
 mod startup;
 pub mod upgrade;
+pub mod userpath;
 pub mod workers;
 
 pub use startup::main;

@@ -1,0 +1,118 @@
+//! What an adversarial trial broke: paths other users can plant things at, a
+//! control socket served by someone else, worker output dropped unseen, an
+//! upgrade reported as failed although it completed.
+//!
+//! Another user is played with `setpriv --reuid=UID` (the tests run as root);
+//! each test has its own uid (5433x) so that parallel tests never share one.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+
+use crate::harness::*;
+
+/// Run `argv` as `uid` (same gid), no supplementary groups.
+fn as_user(uid: u32, argv: &[&str]) -> Outcome {
+    Run::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .args(argv)
+        .run()
+}
+
+/// A world-writable sticky directory, as /tmp is.
+fn sticky_dir(parent: &Path) -> std::path::PathBuf {
+    let shared = parent.join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    // The test's temp dir itself must be traversable by the other user.
+    fs::set_permissions(parent, fs::Permissions::from_mode(0o755)).unwrap();
+    shared
+}
+
+fn one_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got {stderr:?}");
+    lines[0]
+}
+
+// ------------------------------------------------------------- A. user-named paths
+
+#[test]
+fn a_fifo_another_user_made_at_the_pidfile_path_is_refused_at_once() {
+    let dir = short_tempdir();
+    let shared = sticky_dir(dir.path());
+    let pid = shared.join("app.pid");
+    let made = as_user(54330, &["mkfifo", pid.to_str().unwrap()]);
+    assert_eq!(made.code(), Some(0), "mkfifo as uid 54330: {made:?}");
+    let control = dir.path().join("c.sock");
+    let out = Run::arbiterd()
+        .args(["-w", "1", "-b", "127.0.0.1:0", "--control"])
+        .arg(&control)
+        .arg("--pid")
+        .arg(&pid)
+        .timeout(SHORT)
+        .run();
+    assert_eq!(out.code(), Some(1), "expected a refusal: {out:?}");
+    assert!(out.elapsed < secs(5), "took {:?}", out.elapsed);
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains(&pid.display().to_string()) && line.contains("FIFO"),
+        "{line}"
+    );
+    assert!(out.leftovers.is_empty(), "left behind: {:?}", out.leftovers);
+    assert!(!control.exists(), "the control socket was left behind");
+    assert!(fs::symlink_metadata(&pid).unwrap().file_type().is_fifo());
+    let names: Vec<_> = fs::read_dir(&shared).unwrap().flatten().collect();
+    assert_eq!(names.len(), 1, "files left in {shared:?}: {names:?}");
+}
+
+#[test]
+fn a_log_file_another_user_planted_is_refused() {
+    let dir = short_tempdir();
+    let shared = sticky_dir(dir.path());
+    let log = shared.join("app.log");
+    let made = as_user(54331, &["touch", log.to_str().unwrap()]);
+    assert_eq!(made.code(), Some(0), "touch as uid 54331: {made:?}");
+    let out = Run::arbiterd()
+        .args(["-w", "1", "-b", "127.0.0.1:0", "--control"])
+        .arg(dir.path().join("c.sock"))
+        .arg("--log-file")
+        .arg(&log)
+        .run();
+    assert_eq!(out.code(), Some(1), "expected a refusal: {out:?}");
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains(&log.display().to_string()) && line.contains("uid 54331"),
+        "{line}"
+    );
+    assert_eq!(
+        fs::metadata(&log).unwrap().len(),
+        0,
+        "the master wrote into it"
+    );
+    assert!(out.leftovers.is_empty(), "left behind: {:?}", out.leftovers);
+}
+
+#[test]
+fn a_config_file_replaced_by_a_fifo_fails_the_reload_and_the_master_answers() {
+    let b = Daemon::builder();
+    let cfg = b.path("app.toml");
+    fs::write(&cfg, "workers = 1\n").unwrap();
+    let d = b.arg("-c").arg(&cfg).start();
+    d.wait_workers(1);
+    fs::remove_file(&cfg).unwrap();
+    nix::unistd::mkfifo(&cfg, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = d.ctl(["--timeout", "5", "reload"]);
+    assert_eq!(out.code(), Some(1), "reload: {out:?}");
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains(&cfg.display().to_string()) && line.contains("FIFO"),
+        "{line}"
+    );
+    let ping = d.ctl(["--timeout", "5", "ping"]);
+    assert_eq!(ping.code(), Some(0), "ping after the reload: {ping:?}");
+    assert_eq!(d.get("/").status, 200);
+    assert!(d.try_status().is_none(), "the master exited");
+}
