@@ -116,3 +116,149 @@ fn a_config_file_replaced_by_a_fifo_fails_the_reload_and_the_master_answers() {
     assert_eq!(d.get("/").status, 200);
     assert!(d.try_status().is_none(), "the master exited");
 }
+
+// ------------------------------------------------------------- B. control-socket trust
+
+#[test]
+fn a_control_directory_others_could_have_made_is_refused() {
+    let dir = short_tempdir();
+    let shared = sticky_dir(dir.path());
+    // Ours, and what a planted symlink leads to.
+    let target = dir.path().join("target");
+    fs::create_dir(&target).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).unwrap();
+    let plant_link = |at: &Path| {
+        let made = as_user(
+            54332,
+            &["ln", "-s", target.to_str().unwrap(), at.to_str().unwrap()],
+        );
+        assert_eq!(made.code(), Some(0), "ln -s as uid 54332: {made:?}");
+    };
+    let make_dir = |at: &Path, mode: u32| {
+        fs::create_dir(at).unwrap();
+        fs::set_permissions(at, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let refused = |sub: &Path, why: &str, control: Option<&Path>| {
+        let mut run = Run::arbiterd()
+            .args(["-w", "1", "-b", "127.0.0.1:0"])
+            .timeout(secs(5));
+        run = match control {
+            Some(c) => run.arg("--control").arg(c),
+            // The default path: $XDG_RUNTIME_DIR/arbiter/arbiter.sock.
+            None => run.env("XDG_RUNTIME_DIR", &shared),
+        };
+        let out = run.run();
+        assert_eq!(out.code(), Some(1), "{sub:?}: expected a refusal: {out:?}");
+        let line = one_line(&out.stderr);
+        assert!(
+            line.contains(&sub.display().to_string()) && line.contains(why),
+            "{line}"
+        );
+        assert!(out.leftovers.is_empty(), "left behind: {:?}", out.leftovers);
+        assert_eq!(fs::read_dir(&target).unwrap().count(), 0, "{sub:?}");
+    };
+    // --control in a directory another user could have made.
+    let link = shared.join("arbiter-link");
+    plant_link(&link);
+    refused(&link, "symbolic link", Some(&link.join("web.sock")));
+    let open = shared.join("arbiter-open");
+    make_dir(&open, 0o777);
+    refused(&open, "mode 0777", Some(&open.join("web.sock")));
+    // The default directory: a symlink, or ours but not 0700.
+    let default = shared.join("arbiter");
+    plant_link(&default);
+    refused(&default, "symbolic link", None);
+    fs::remove_file(&default).unwrap();
+    make_dir(&default, 0o755);
+    refused(&default, "mode 0755", None);
+    assert_eq!(fs::read_dir(&default).unwrap().count(), 0);
+}
+
+/// A fake master as `uid`: answers every line with `pong from 31337`, and
+/// appends what it heard to `heard`. Killed on drop.
+struct FakeMaster(std::process::Child);
+
+impl FakeMaster {
+    fn start(uid: u32, sock: &Path, heard: &Path) -> FakeMaster {
+        const SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+open(sys.argv[2] + ".ready", "w").close()
+while True:
+    c, _ = s.accept()
+    data = b""
+    while not data.endswith(b"\n"):
+        d = c.recv(4096)
+        if not d:
+            break
+        data += d
+    if data:
+        with open(sys.argv[2], "ab") as f:
+            f.write(data)
+        c.sendall(b'{"v":1,"ok":true,"reply":{"type":"pong","pid":31337,"name":"fake"}}\n')
+    c.close()
+"#;
+        let child = std::process::Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg(python3())
+            .args(["-c", SERVER])
+            .arg(sock)
+            .arg(heard)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the fake master");
+        let fake = FakeMaster(child);
+        let ready = heard.with_extension("ready");
+        wait_until(SHORT, "the fake master listening", || {
+            if ready.exists() {
+                Ok(())
+            } else {
+                Err("no ready file yet".into())
+            }
+        });
+        fake
+    }
+}
+
+impl Drop for FakeMaster {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn arbiterctl_refuses_a_control_socket_served_by_another_uid() {
+    let dir = short_tempdir();
+    let shared = sticky_dir(dir.path());
+    let sock = shared.join("fake.sock");
+    let heard = shared.join("heard");
+    let _fake = FakeMaster::start(54333, &sock, &heard);
+    let out = Run::new(ARBITERCTL)
+        .arg("--control")
+        .arg(&sock)
+        .arg("ping")
+        .run();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert_eq!(
+        one_line(&out.stderr),
+        format!(
+            "arbiterctl: refusing to talk to {}: it is served by uid 54333, not by you or root (--trust-uid 54333 to allow)",
+            sock.display()
+        )
+    );
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(!heard.exists(), "the request was sent anyway");
+    // Named explicitly, it is trusted.
+    let out = Run::new(ARBITERCTL)
+        .arg("--control")
+        .arg(&sock)
+        .args(["--trust-uid", "54333", "ping"])
+        .run();
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout.trim(), "pong from 31337");
+}

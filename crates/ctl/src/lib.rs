@@ -260,7 +260,7 @@ fn bound(cli: &Cli, default: Duration) -> Option<Duration> {
 
 fn connect(cli: &Cli, path: &Path) -> Result<Client, Fail> {
     let t = bound(cli, DEFAULT_TIMEOUT).unwrap_or(Duration::MAX);
-    Ok(Client::connect(path, t)?)
+    Ok(Client::connect_trusting(path, t, &cli.trust_uid)?)
 }
 
 /// Send `req` within `timeout`; the master's error becomes [`Fail::Master`].
@@ -427,9 +427,9 @@ fn wait_for(deadline: Option<Instant>, mut probe: impl FnMut() -> bool) -> bool 
 }
 
 /// Who answers a ping on `path` now (`None`: nobody, or not in time).
-fn pong_pid(path: &Path) -> Option<Result<i32, ClientError>> {
+fn pong_pid(cli: &Cli, path: &Path) -> Option<Result<i32, ClientError>> {
     let t = Duration::from_secs(1);
-    let mut c = match Client::connect(path, t) {
+    let mut c = match Client::connect_trusting(path, t, &cli.trust_uid) {
         Ok(c) => c,
         Err(e) => return Some(Err(e)),
     };
@@ -467,7 +467,7 @@ fn stop(cli: &Cli, target: &Target, mut client: Client, fast: bool) -> Result<Do
         if resolve::pid_alive(pid) {
             return false;
         }
-        match pong_pid(&target.path) {
+        match pong_pid(cli, &target.path) {
             // Nothing listens any more.
             Some(Err(ClientError::NoMaster { .. })) => true,
             // Another master answers there now (a supervisor restarted it).
@@ -522,7 +522,7 @@ fn upgrade(
     };
     let served = wait_for(
         takeover,
-        || matches!(pong_pid(&target.path), Some(Ok(p)) if p == new_pid),
+        || matches!(pong_pid(cli, &target.path), Some(Ok(p)) if p == new_pid),
     );
     if !served {
         return Err(Fail::Other {

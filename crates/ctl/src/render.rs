@@ -284,6 +284,7 @@ pub(crate) mod tests {
                 timeout_secs: Some(30.0),
                 backoff: Vec::new(),
                 log: Default::default(),
+                notify_dropped: 0,
             },
             workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
         }
