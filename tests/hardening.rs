@@ -262,3 +262,43 @@ fn arbiterctl_refuses_a_control_socket_served_by_another_uid() {
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert_eq!(out.stdout.trim(), "pong from 31337");
 }
+
+// ------------------------------------------------------------- C. worker output drops
+
+#[test]
+fn output_drops_show_in_status_and_the_log_while_the_worker_still_runs() {
+    // 24 MB of 8 KB lines at once, then silence: past the relay's 4 MiB/s (long
+    // lines, so that the master's own log writes are not what slows the flood).
+    let d = Daemon::start([
+        "-w",
+        "1",
+        "--",
+        "/bin/sh",
+        "-c",
+        "x=$(printf '%8000s' '' | tr ' ' x); yes \"$x\" | head -n 3000; exec sleep 600",
+    ]);
+    // Not an HTTP server: its pid comes from status.
+    let st = d.wait_until(LONG, "drops counted in status", || {
+        let out = d.ctl(["--json", "status"]);
+        let st: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {out:?}"))?;
+        let w = &st["workers"][0];
+        let n = w["output_dropped"].as_u64().unwrap_or(0);
+        if n > 0 && st["master"]["output_lines_dropped"].as_u64() == Some(n) {
+            Ok(st)
+        } else {
+            Err(st.to_string())
+        }
+    });
+    let pid = st["workers"][0]["pid"].as_i64().unwrap() as i32;
+    let line = d.wait_log("the dropping line", |l| {
+        l.contains("WARNING") && l.contains(&format!("(pid:{pid})")) && l.contains("dropping")
+    });
+    assert!(is_alive(pid), "the worker is gone: {st}");
+    let text = d.ctl(["status"]).stdout;
+    assert!(text.contains("lines dropped"), "{text}");
+    eprintln!(
+        "HARDENING drops: {} while running; {line}",
+        st["workers"][0]["output_dropped"]
+    );
+}

@@ -53,6 +53,10 @@ pub struct MasterStatus {
     /// runs as, since the master started.
     #[serde(default)]
     pub notify_dropped: u64,
+    /// Lines of worker output dropped (a worker writing faster than the relay
+    /// passes on), since the master started.
+    #[serde(default)]
+    pub output_lines_dropped: u64,
 }
 
 /// Whether the master's log is taking its lines: a full disk or a log reader that
@@ -120,6 +124,10 @@ pub struct WorkerStatus {
     pub crash_looping: bool,
     /// Resident set size in bytes, from /proc.
     pub rss_bytes: Option<u64>,
+    /// Lines of this worker's output dropped so far (it wrote faster than the
+    /// relay passes on).
+    #[serde(default)]
+    pub output_dropped: u64,
 }
 
 impl Status {

@@ -27,7 +27,8 @@ impl Arbiter {
                     .get(&w.slot)
                     .filter(|_| w.generation == generation)
                     .map_or(0, |h| h.failures);
-                worker_status(w, now, failures)
+                let dropped = self.pool.relay_of(w.id).map_or(0, |r| r.dropped_total());
+                worker_status(w, now, failures, dropped)
             })
             .collect();
         let mut backoff: Vec<snapshot::SlotBackoff> = slots
@@ -89,6 +90,7 @@ impl Arbiter {
                 },
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
                 notify_dropped: self.notify.foreign_dropped,
+                output_lines_dropped: crate::relay::total_dropped(),
                 backoff,
             },
             workers,
@@ -96,7 +98,12 @@ impl Arbiter {
     }
 }
 
-fn worker_status(w: &Worker, now: Instant, failures: u32) -> snapshot::WorkerStatus {
+fn worker_status(
+    w: &Worker,
+    now: Instant,
+    failures: u32,
+    output_dropped: u64,
+) -> snapshot::WorkerStatus {
     snapshot::WorkerStatus {
         id: w.id,
         slot: w.slot as u64,
@@ -117,6 +124,7 @@ fn worker_status(w: &Worker, now: Instant, failures: u32) -> snapshot::WorkerSta
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
         rss_bytes: w.rss_bytes(),
+        output_dropped,
     }
 }
 

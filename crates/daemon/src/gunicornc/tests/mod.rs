@@ -78,6 +78,7 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         restarts: 0,
         crash_looping: false,
         rss_bytes: None,
+        output_dropped: 0,
     }
 }
 
@@ -119,6 +120,7 @@ fn status() -> Status {
             backoff: Vec::new(),
             log: Default::default(),
             notify_dropped: 0,
+            output_lines_dropped: 0,
         },
         workers: vec![
             worker(5, 205, "booting", None),
