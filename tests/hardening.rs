@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use crate::harness::*;
+use nix::sys::signal::Signal;
 
 /// Run `argv` as `uid` (same gid), no supplementary groups.
 fn as_user(uid: u32, argv: &[&str]) -> Outcome {
@@ -301,4 +302,67 @@ fn output_drops_show_in_status_and_the_log_while_the_worker_still_runs() {
         "HARDENING drops: {} while running; {line}",
         st["workers"][0]["output_dropped"]
     );
+}
+
+// ------------------------------------------------------------- D. upgrade, old master stopped
+
+/// A new "binary" whose real start (not its `--check-config`) waits for `gate`.
+fn gated_binary(dir: &Path, gate: &Path) -> std::path::PathBuf {
+    let to = dir.join("gated-arbiterd.sh");
+    fs::write(
+        &to,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" != --check-config ]; then\n  while [ ! -e '{}' ]; do sleep 0.02; done\nfi\nexec '{}' \"$@\"\n",
+            gate.display(),
+            ARBITERD
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).unwrap();
+    to
+}
+
+#[test]
+fn upgrade_reports_the_takeover_when_the_old_master_is_stopped_mid_upgrade() {
+    let b = Daemon::builder();
+    let pidfile = b.path("app.pid");
+    let gate = b.path("gate");
+    let gated = gated_binary(b.dir(), &gate);
+    let d = b.args(["-w", "1", "-p"]).arg(&pidfile).start();
+    d.wait_workers(1);
+    let old = d.pid();
+    let control = d.control_path();
+    let ctl = {
+        let gated = gated.clone();
+        std::thread::spawn(move || {
+            Run::new(ARBITERCTL)
+                .arg("--control")
+                .arg(&control)
+                .args(["upgrade", "--binary"])
+                .arg(&gated)
+                .timeout(LONG)
+                .run()
+        })
+    };
+    // The new master is started (waiting at the gate): stop the old one.
+    let new = d.wait_until(LONG, "the new master started", || {
+        children_of(old)
+            .into_iter()
+            .find(|c| cmdline(c.pid).contains("gated-arbiterd.sh"))
+            .map(|c| c.pid)
+            .ok_or_else(|| "no new master yet".to_string())
+    });
+    d.register_pid(new);
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LONG);
+    fs::write(&gate, "").unwrap();
+    let out = ctl.join().unwrap();
+    eprintln!("HARDENING upgrade after TERM: {out:?}");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("upgraded: master {old} -> {new}")),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("closed the connection"), "{out:?}");
 }
