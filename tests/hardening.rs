@@ -118,6 +118,24 @@ fn a_config_file_replaced_by_a_fifo_fails_the_reload_and_the_master_answers() {
     assert!(d.try_status().is_none(), "the master exited");
 }
 
+#[test]
+fn arbiterctl_pid_on_a_fifo_fails_at_once() {
+    let dir = short_tempdir();
+    let pid = dir.path().join("app.pid");
+    nix::unistd::mkfifo(&pid, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = Run::new(ARBITERCTL)
+        .arg("--pid")
+        .arg(&pid)
+        .arg("status")
+        .timeout(secs(5))
+        .run();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert_eq!(
+        one_line(&out.stderr),
+        format!("arbiterctl: pidfile {}: not a regular file", pid.display())
+    );
+}
+
 // ------------------------------------------------------------- B. control-socket trust
 
 #[test]
