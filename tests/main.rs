@@ -5,6 +5,7 @@ mod ctl;
 mod daemon_mode;
 mod examples;
 mod gunicornc;
+mod hardening;
 mod harness;
 mod health;
 mod listener_flags;

@@ -89,7 +89,7 @@ _arbiterctl() {
 
     case "${cmd}" in
         arbiterctl)
-            opts="-n -h -V --name --control --pid --json --timeout --help --version status scale reload upgrade reopen stop kill metrics ping version help"
+            opts="-n -h -V --name --control --pid --trust-uid --json --timeout --help --version status scale reload upgrade reopen stop kill metrics ping version help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -108,6 +108,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -291,7 +295,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__kill)
-            opts="-s -n -h --signal --name --control --pid --json --timeout --help"
+            opts="-s -n -h --signal --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -321,6 +325,10 @@ _arbiterctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --trust-uid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -333,7 +341,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__metrics)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -352,6 +360,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -367,7 +379,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__ping)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -386,6 +398,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -401,7 +417,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__reload)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -420,6 +436,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -435,7 +455,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__reopen)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -454,6 +474,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -469,7 +493,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__scale)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -488,6 +512,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -503,7 +531,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__status)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -522,6 +550,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -537,7 +569,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__stop)
-            opts="-n -h --fast --name --control --pid --json --timeout --help"
+            opts="-n -h --fast --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -559,6 +591,10 @@ _arbiterctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --trust-uid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -571,7 +607,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__upgrade)
-            opts="-n -h --binary --name --control --pid --json --timeout --help"
+            opts="-n -h --binary --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -597,6 +633,10 @@ _arbiterctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --trust-uid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -609,7 +649,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__version)
-            opts="-n -h --name --control --pid --json --timeout --help"
+            opts="-n -h --name --control --pid --trust-uid --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -628,6 +668,10 @@ _arbiterctl() {
                     return 0
                     ;;
                 --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

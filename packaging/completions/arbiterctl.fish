@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_arbiterctl_global_optspecs
-    string join \n n/name= control= pid= json timeout= h/help V/version
+    string join \n n/name= control= pid= trust-uid= json timeout= h/help V/version
 end
 
 function __fish_arbiterctl_needs_command
@@ -27,6 +27,7 @@ end
 complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -45,18 +46,21 @@ complete -c arbiterctl -n "__fish_arbiterctl_needs_command" -f -a "help" -d 'Pri
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand status" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand scale" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reload" -s h -l help -d 'Print help'
@@ -64,18 +68,21 @@ complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -l binary
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand upgrade" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand reopen" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -l fast -d 'Stop at once (as QUIT)'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand stop" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
@@ -84,24 +91,28 @@ complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -s s -l sign
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand kill" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand metrics" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand ping" -s h -l help -d 'Print help'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -s n -l name -d 'Instance name: talk to the master at its default control socket ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root, else /tmp/arbiter-UID/NAME.sock) [default: arbiter]' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -l control -d 'The control socket path' -r -F
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -l pid -d 'The master\'s pidfile: find its control socket from its command line (--control, --name, or the config file it was started with)' -r -F
+complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -l trust-uid -d 'Also talk to a master running as this uid (default: only one running as you or as root); may be repeated' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -l timeout -d 'Give up after SECS (0: wait as long as it takes). Default 10; reload and stop wait until done: 120. For upgrade: how long the new master may take to be ready (default 60)' -r
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -l json -d 'Print one JSON document on stdout (errors too: {"error":{"kind","message"}})'
 complete -c arbiterctl -n "__fish_arbiterctl_using_subcommand version" -s h -l help -d 'Print help'

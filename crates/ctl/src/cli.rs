@@ -39,6 +39,11 @@ pub struct Cli {
     #[arg(id = "pidfile", long = "pid", global = true, value_name = "PIDFILE")]
     pub pid: Option<PathBuf>,
 
+    /// Also talk to a master running as this uid (default: only one running as
+    /// you or as root); may be repeated
+    #[arg(long, global = true, value_name = "UID")]
+    pub trust_uid: Vec<u32>,
+
     /// Print one JSON document on stdout (errors too: {"error":{"kind","message"}})
     #[arg(long, global = true)]
     pub json: bool,

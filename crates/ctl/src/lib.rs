@@ -260,7 +260,7 @@ fn bound(cli: &Cli, default: Duration) -> Option<Duration> {
 
 fn connect(cli: &Cli, path: &Path) -> Result<Client, Fail> {
     let t = bound(cli, DEFAULT_TIMEOUT).unwrap_or(Duration::MAX);
-    Ok(Client::connect(path, t)?)
+    Ok(Client::connect_trusting(path, t, &cli.trust_uid)?)
 }
 
 /// Send `req` within `timeout`; the master's error becomes [`Fail::Master`].
@@ -427,9 +427,9 @@ fn wait_for(deadline: Option<Instant>, mut probe: impl FnMut() -> bool) -> bool 
 }
 
 /// Who answers a ping on `path` now (`None`: nobody, or not in time).
-fn pong_pid(path: &Path) -> Option<Result<i32, ClientError>> {
+fn pong_pid(cli: &Cli, path: &Path) -> Option<Result<i32, ClientError>> {
     let t = Duration::from_secs(1);
-    let mut c = match Client::connect(path, t) {
+    let mut c = match Client::connect_trusting(path, t, &cli.trust_uid) {
         Ok(c) => c,
         Err(e) => return Some(Err(e)),
     };
@@ -467,7 +467,7 @@ fn stop(cli: &Cli, target: &Target, mut client: Client, fast: bool) -> Result<Do
         if resolve::pid_alive(pid) {
             return false;
         }
-        match pong_pid(&target.path) {
+        match pong_pid(cli, &target.path) {
             // Nothing listens any more.
             Some(Err(ClientError::NoMaster { .. })) => true,
             // Another master answers there now (a supervisor restarted it).
@@ -511,18 +511,32 @@ fn upgrade(
         }),
         timeout_secs: ready.map(|t| t.as_secs_f64().ceil() as u64),
     };
-    let (old_pid, new_pid, reply) = match ask(&mut client, &req, wait)? {
-        r @ Reply::Upgraded { old_pid, new_pid } => (old_pid, new_pid, r),
-        other => return Err(unexpected("upgrade", &other)),
+    // Who the old master is: if it goes without answering, whoever answers
+    // afterwards can be told apart from it.
+    let known = match ask(&mut client, &Request::Ping, bound(cli, DEFAULT_TIMEOUT))? {
+        Reply::Pong { pid, .. } => pid,
+        other => return Err(unexpected("ping", &other)),
     };
-    drop(client);
-    let takeover = match cli.timeout {
+    let takeover = || match cli.timeout {
         Some(Timeout(None)) => None,
         _ => Instant::now().checked_add(TAKEOVER_TIMEOUT),
     };
+    let (old_pid, new_pid, reply) = match ask(&mut client, &req, wait) {
+        Ok(r @ Reply::Upgraded { old_pid, new_pid }) => (old_pid, new_pid, r),
+        Ok(other) => return Err(unexpected("upgrade", &other)),
+        // The request was taken, then the old master went (stopped mid-upgrade):
+        // the upgrade may still have completed. Ask the masters, not the socket
+        // that just closed.
+        Err(Fail::Client(ClientError::Closed { .. })) => {
+            return upgrade_outcome_unheard(cli, target, known, takeover());
+        }
+        Err(e) => return Err(e),
+    };
+    drop(client);
+    let takeover = takeover();
     let served = wait_for(
         takeover,
-        || matches!(pong_pid(&target.path), Some(Ok(p)) if p == new_pid),
+        || matches!(pong_pid(cli, &target.path), Some(Ok(p)) if p == new_pid),
     );
     if !served {
         return Err(Fail::Other {
@@ -537,4 +551,73 @@ fn upgrade(
         format!("upgraded: master {old_pid} -> {new_pid}"),
         &reply,
     ))
+}
+
+/// `upgrade` when the old master (`old_pid`) closed the connection without
+/// answering: a master other than it answering on the usual path means the new
+/// one took over (exit 0); otherwise say what is known (exit 1). The new master
+/// may still be starting, so wait until `deadline` for it to be promoted.
+fn upgrade_outcome_unheard(
+    cli: &Cli,
+    target: &Target,
+    old_pid: i32,
+    deadline: Option<Instant>,
+) -> Result<Done, Fail> {
+    let mut second = target.path.clone().into_os_string();
+    second.push(".2");
+    let second = std::path::PathBuf::from(second);
+    let mut serving = None;
+    let mut beside = None;
+    let mut refused = None;
+    wait_for(deadline, || {
+        match pong_pid(cli, &target.path) {
+            Some(Ok(p)) if p != old_pid => serving = Some(p),
+            Some(Err(e @ ClientError::Untrusted { .. })) => refused = Some(e),
+            _ => {}
+        }
+        if let Some(Ok(p)) = pong_pid(cli, &second) {
+            beside = Some(p);
+        }
+        serving.is_some() || refused.is_some()
+    });
+    if let Some(e) = refused {
+        return Err(Fail::Client(e));
+    }
+    let note = format!(
+        "the old master (pid {old_pid}) closed the connection without answering (stopped during the upgrade?)"
+    );
+    let old_alive = resolve::pid_alive(old_pid);
+    match serving {
+        Some(new_pid) => {
+            let reply = Reply::Upgraded { old_pid, new_pid };
+            let mut done = Done::reply(
+                format!(
+                    "upgraded: master {old_pid} -> {new_pid} (pid {new_pid} answers on {})",
+                    target.path.display()
+                ),
+                &reply,
+            );
+            done.note = Some(note);
+            Ok(done)
+        }
+        None => Err(Fail::Other {
+            kind: "failed",
+            message: match (beside, old_alive) {
+                (Some(p), _) => format!(
+                    "{note}; a new master (pid {p}) answers on {} but has not taken over",
+                    second.display()
+                ),
+                (None, true) => format!(
+                    "{note}; it is still running, and no new master answers on {} or {}",
+                    target.path.display(),
+                    second.display()
+                ),
+                (None, false) => format!(
+                    "{note}; it is gone, and no master answers on {} or {}",
+                    target.path.display(),
+                    second.display()
+                ),
+            },
+        }),
+    }
 }

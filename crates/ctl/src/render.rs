@@ -120,6 +120,10 @@ pub fn status_header(st: &Status) -> String {
             let _ = writeln!(out, "log: {n} lines lost earlier; writing again");
         }
     }
+    if m.output_lines_dropped > 0 {
+        let n = m.output_lines_dropped;
+        let _ = writeln!(out, "worker output: {n} lines dropped (written too fast)");
+    }
     let mut looping: Vec<(u64, u64)> = st
         .workers
         .iter()
@@ -232,6 +236,7 @@ pub(crate) mod tests {
             crash_looping: false,
             rss_bytes: Some(12_900_000),
             cpu_secs: None,
+            output_dropped: 0,
         }
     }
 
@@ -287,6 +292,7 @@ pub(crate) mod tests {
                 log: Default::default(),
                 notify_dropped: 0,
                 containment: "process groups".into(),
+                output_lines_dropped: 0,
             },
             workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
         }

@@ -260,7 +260,7 @@ pub fn control_path_of(
 /// The `control` and `name` keys of an arbiterd config file (TOML); nothing if it
 /// cannot be read or parsed.
 fn read_config(path: &Path) -> (Option<String>, Option<String>) {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let Ok(text) = arbiter_proto::paths::read_regular(path, 1024 * 1024) else {
         return (None, None);
     };
     let Ok(table) = text.parse::<toml::Table>() else {
@@ -371,7 +371,7 @@ pub fn check_against_listening(computed: PathBuf, listening: &[PathBuf]) -> Path
 /// The socket of the master whose pid is in `pidfile`.
 pub fn from_pidfile(pidfile: &Path) -> Result<Target, ResolveError> {
     let shown = pidfile.display();
-    let text = match std::fs::read_to_string(pidfile) {
+    let text = match arbiter_proto::paths::read_regular(pidfile, 64) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ResolveError::NoMaster(format!(

@@ -226,7 +226,7 @@ impl Loader {
         let mut cli = self.cli.clone();
         if let Some(path) = &self.cli.config {
             let path = self.base_dir.join(path);
-            let text = std::fs::read_to_string(&path)
+            let text = crate::userpath::read_to_string(&path, crate::userpath::CONFIG_LIMIT)
                 .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
             let file: FileConfig = toml::from_str(&text).map_err(|e| {
                 let place = e

@@ -675,7 +675,7 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ControlError> 
             if !meta.file_type().is_socket() {
                 return Err(fail("the path exists and is not a socket".into()));
             }
-            if UnixStream::connect(path).is_ok() {
+            if socket_answers(path) {
                 return Err(fail("a running master is answering on it".into()));
             }
             std::fs::remove_file(path)
@@ -713,33 +713,119 @@ fn has_complete_request(c: &Client) -> bool {
     }
 }
 
-/// Create the socket's directory 0700 if missing; refuse one owned by another user
-/// (someone could otherwise pre-create /tmp/arbiter-UID and watch our socket).
+/// How much of a directory's ownership and mode we insist on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// The operator's choice, in a place only they (or root) could have made it:
+    /// it need only belong to us or root.
+    Chosen,
+    /// Other users could have made it (its parent is group- or world-writable, as
+    /// /tmp is): a real directory, ours, that nobody else can write to.
+    Shared,
+    /// The default directory (/tmp/arbiter-UID, $XDG_RUNTIME_DIR/arbiter,
+    /// /run/arbiter), or one we just created: a real directory, ours, 0700.
+    Private,
+}
+
+/// Make sure the socket's directory is one nobody else controls, creating it 0700
+/// if missing. Otherwise whoever made it, or owns the directory a planted symlink
+/// leads to, could replace or impersonate our socket.
 fn prepare_dir(dir: &Path, uid: u32) -> Result<(), String> {
-    match std::fs::metadata(dir) {
-        Ok(meta) => {
-            if !meta.is_dir() {
-                return Err(format!("{} is not a directory", dir.display()));
+    let shown = dir.display();
+    let default_dir = arbiter_proto::paths::default_control_path("arbiter");
+    let shared = dir
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
             }
-            if meta.uid() != uid && meta.uid() != 0 {
-                return Err(format!(
-                    "directory {} belongs to uid {}, not to us (uid {uid})",
-                    dir.display(),
-                    meta.uid()
-                ));
-            }
-            Ok(())
+        })
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|m| m.mode() & 0o022 != 0);
+    let trust = if default_dir.parent() == Some(dir) {
+        Trust::Private
+    } else if shared {
+        Trust::Shared
+    } else {
+        Trust::Chosen
+    };
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if trust == Trust::Chosen && meta.file_type().is_symlink() => {
+            let meta = std::fs::metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
+            check_dir(dir, &meta, uid, trust)
         }
+        Ok(meta) => check_dir(dir, &meta, uid, trust),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                .map_err(|e| format!("cannot create {shown}: {e}"))?;
             // DirBuilder's mode is filtered by the umask; make it exactly 0700.
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-            Ok(())
+            // Someone may have made it between our look and our mkdir (which then
+            // succeeds quietly): check what is there now.
+            let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
+            check_dir(dir, &meta, uid, Trust::Private)
         }
-        Err(e) => Err(format!("{}: {e}", dir.display())),
+        Err(e) => Err(format!("{shown}: {e}")),
     }
+}
+
+/// Is `meta` (from `lstat`; from `stat` where a symlink is fine) a directory we
+/// may put the socket in, at `trust`?
+fn check_dir(dir: &Path, meta: &std::fs::Metadata, uid: u32, trust: Trust) -> Result<(), String> {
+    let shown = dir.display();
+    if meta.file_type().is_symlink() {
+        return Err(format!(
+            "directory {shown} is a symbolic link (another user can make one there)"
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(format!("{shown} is not a directory"));
+    }
+    if meta.uid() != uid && (trust != Trust::Chosen || meta.uid() != 0) {
+        return Err(format!(
+            "directory {shown} belongs to uid {}, not to us (uid {uid})",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    let bad = match trust {
+        Trust::Chosen => false,
+        Trust::Shared => mode & 0o022 != 0,
+        Trust::Private => mode != 0o700,
+    };
+    if bad {
+        return Err(format!(
+            "directory {shown} has mode {mode:04o}, not 0700 (other users could reach the socket)"
+        ));
+    }
+    Ok(())
+}
+
+/// Does a server accept on the socket at `path`? Asked without blocking (the
+/// master must not wait on a stranger's full backlog): a full backlog counts as
+/// a live server.
+pub(crate) fn socket_answers(path: &Path) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    use std::os::fd::AsRawFd;
+    matches!(
+        connect(fd.as_raw_fd(), &addr),
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS)
+    )
 }

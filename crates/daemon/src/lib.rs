@@ -23,6 +23,7 @@ pub mod spawn;
 mod startup;
 pub mod trees;
 pub mod upgrade;
+pub mod userpath;
 pub mod workers;
 
 pub use startup::main;

@@ -247,10 +247,10 @@ fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
             io::ErrorKind::AlreadyExists,
             "the path exists and is not a socket",
         )),
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
-            Err(_) => std::fs::remove_file(path),
-        },
+        Ok(_) if crate::control::socket_answers(path) => {
+            Err(io::Error::from_raw_os_error(libc::EADDRINUSE))
+        }
+        Ok(_) => std::fs::remove_file(path),
     }
 }
 

@@ -82,19 +82,16 @@ pub fn health() -> (u64, Option<String>) {
     (logger.dropped_total, logger.failing.clone())
 }
 
-fn open_log(path: &PathBuf) -> io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let fifo = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-    // O_NOFOLLOW: a symlink planted at the log path must not send our writes
-    // elsewhere (the master often runs as root). A FIFO is opened non-blocking:
-    // with no reader the open fails at once instead of hanging the start.
-    let flags = libc::O_NOFOLLOW | if fifo { libc::O_NONBLOCK } else { 0 };
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(flags)
-        .open(path)
+fn open_log(path: &std::path::Path) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    // Non-blocking: a FIFO log whose reader stalls costs lines, not the loop (and
+    // one with no reader fails the open at once instead of hanging the start).
+    crate::userpath::open(
+        path,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND,
+        0o640,
+        crate::userpath::Kind::Sink,
+    )
 }
 
 /// fd 2 again, non-blocking, when it is a pipe (a supervisor's, a shell pipeline).

@@ -3,7 +3,7 @@
 //! rather than a pid that may have been reused by an unrelated process.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -66,18 +66,15 @@ fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
 
 /// The pid recorded in the file at `path`, whoever holds it.
 pub fn read_pid(path: &Path) -> Option<u32> {
-    let mut s = String::new();
-    File::open(path).ok()?.read_to_string(&mut s).ok()?;
-    s.trim().parse().ok()
+    let text = crate::userpath::read_to_string(path, 64).ok()?;
+    text.trim().parse().ok()
 }
 
-/// Is a live process holding the lock on `path`?
+/// Is a live process holding the lock on `path`? Whatever else sits there (a
+/// FIFO, a symlink, another user's file) is an error, never a wait.
 pub fn is_held(path: &Path) -> io::Result<bool> {
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-    {
+    use crate::userpath::{Kind, open};
+    match open(path, nix::fcntl::OFlag::O_RDONLY, 0, Kind::Regular) {
         Ok(f) => Ok(!try_lock(&f, false)?),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),

@@ -5,17 +5,34 @@
 //! every line is tagged with the worker it came from. The master reads without
 //! blocking and at most [`READ_PER_TURN`] bytes per pipe per loop turn, so a worker
 //! that floods cannot hold the loop; past [`BYTES_PER_SECOND`] its lines are dropped
-//! and counted, and the count is logged, rather than slowing the master down.
+//! rather than slowing the master down. Drops are counted as they happen (per
+//! worker and in total, for `status`), and the first drop of a burst is logged
+//! then, rate-limited: a worker that floods and then goes quiet must not keep
+//! its losses unseen until it exits.
 //! A relay lives until its pipe's EOF, which may come after the worker itself is
 //! gone (its own children can still hold the pipe).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::ratelimit::Repeated;
 
 const READ_PER_TURN: usize = 64 * 1024;
 /// A longer line is cut and relayed in pieces.
 const MAX_LINE: usize = 16 * 1024;
 const BYTES_PER_SECOND: usize = 4 * 1024 * 1024;
+/// A worker that keeps flooding gets one "dropping" line per this interval.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lines dropped from all workers since the master started (relays come and go
+/// with their workers; the total must outlive them).
+static TOTAL_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Worker output lines dropped since the master started.
+pub fn total_dropped() -> u64 {
+    TOTAL_DROPPED.load(Ordering::Relaxed)
+}
 
 pub struct Relay {
     fd: OwnedFd,
@@ -24,7 +41,10 @@ pub struct Relay {
     partial: Vec<u8>,
     window_start: Instant,
     window_bytes: usize,
+    /// Dropped in this burst, for the summary line when it ends.
     dropped: u64,
+    dropped_total: u64,
+    drop_log: Repeated,
 }
 
 /// A pipe for one worker: the read end (non-blocking, close-on-exec) for the
@@ -53,7 +73,14 @@ impl Relay {
             window_start: Instant::now(),
             window_bytes: 0,
             dropped: 0,
+            dropped_total: 0,
+            drop_log: Repeated::new(DROP_LOG_EVERY),
         }
+    }
+
+    /// Lines of this worker's output dropped so far.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -110,7 +137,7 @@ impl Relay {
             if complete || self.partial.len() >= MAX_LINE {
                 let whole = std::mem::take(&mut self.partial);
                 if self.window_bytes + whole.len() > BYTES_PER_SECOND {
-                    self.dropped += 1;
+                    self.drop_line(now);
                 } else {
                     self.window_bytes += whole.len();
                     self.emit(&whole);
@@ -121,6 +148,23 @@ impl Relay {
 
     fn emit(&self, line: &[u8]) {
         crate::log::worker_line(self.pid, self.worker_id, &String::from_utf8_lossy(line));
+    }
+
+    fn drop_line(&mut self, now: Instant) {
+        // The first drop of a burst: say so now, not when the burst ends (it may
+        // end with a silence that lasts until the worker exits).
+        if self.dropped == 0 && self.drop_log.note(now).is_some() {
+            crate::warning!(
+                "Worker (pid:{}) writes faster than {} MiB/s: dropping its output lines \
+                 ({} dropped before this burst; `arbiterctl status` counts them)",
+                self.pid,
+                BYTES_PER_SECOND / (1024 * 1024),
+                self.dropped_total
+            );
+        }
+        self.dropped += 1;
+        self.dropped_total += 1;
+        TOTAL_DROPPED.fetch_add(1, Ordering::Relaxed);
     }
 
     fn note_dropped(&mut self) {

@@ -122,16 +122,25 @@ pub fn main() -> ExitCode {
         ),
         None => (cfg.pidfile.clone(), cfg.control.clone()),
     };
-    // A live master's pidfile is refused before anything else is created, and
-    // before detaching, so the refusal reaches the terminal.
-    if let Some(path) = &pid_path
-        && pidfile::is_held(path).unwrap_or(false)
-    {
-        listeners::close_all(socks);
-        return fail(pidfile::PidfileError::Held {
-            path: path.clone(),
-            pid: pidfile::read_pid(path),
-        });
+    // A live master's pidfile, or something at its path we will not open (a
+    // FIFO, another user's file), is refused before anything else is created,
+    // and before detaching, so the refusal reaches the terminal.
+    if let Some(path) = &pid_path {
+        let refusal = match pidfile::is_held(path) {
+            Ok(false) => None,
+            Ok(true) => Some(pidfile::PidfileError::Held {
+                path: path.clone(),
+                pid: pidfile::read_pid(path),
+            }),
+            Err(err) => Some(pidfile::PidfileError::Io {
+                path: path.clone(),
+                err,
+            }),
+        };
+        if let Some(e) = refusal {
+            listeners::close_all(socks);
+            return fail(e);
+        }
     }
     let control = match control::ControlServer::bind(&control_path) {
         Ok(c) => c,

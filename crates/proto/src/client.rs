@@ -21,7 +21,7 @@
 //! timeout with [`Client::set_timeout`] or [`Client::call_with_timeout`].
 
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -60,6 +60,14 @@ pub enum ClientError {
     /// The peer does not speak the protocol: a response that is not valid JSON of
     /// the expected shape, or longer than [`MAX_LINE`].
     Protocol(String),
+    /// The socket is served by a uid that is neither ours nor root's, and was not
+    /// named as trusted: nothing was sent to it. `arbiterctl` exits 1.
+    Untrusted {
+        /// The control socket path.
+        path: PathBuf,
+        /// The uid of the process serving it.
+        uid: u32,
+    },
     /// Any other I/O failure (permission denied on the socket, path too long, ...).
     Io {
         /// The control socket path.
@@ -80,6 +88,7 @@ impl ClientError {
             ClientError::Timeout { .. } => "timeout",
             ClientError::Closed { .. } => "closed",
             ClientError::Protocol(_) => "protocol_error",
+            ClientError::Untrusted { .. } => "untrusted",
             ClientError::Io { .. } => "io_error",
         }
     }
@@ -116,6 +125,12 @@ impl std::fmt::Display for ClientError {
                 path.display()
             ),
             ClientError::Protocol(m) => write!(f, "protocol error: {m}"),
+            ClientError::Untrusted { path, uid } => write!(
+                f,
+                "refusing to talk to {}: it is served by uid {uid}, not by you or root \
+                 (--trust-uid {uid} to allow)",
+                path.display()
+            ),
             ClientError::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
     }
@@ -156,10 +171,32 @@ impl Client {
     ///
     /// A missing socket file or a refused connection is [`ClientError::NoMaster`]; a
     /// master whose listen backlog stays full past the timeout is
-    /// [`ClientError::Timeout`].
+    /// [`ClientError::Timeout`]; a socket served by another user (not root) is
+    /// [`ClientError::Untrusted`] (see [`connect_trusting`](Self::connect_trusting)).
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Client, ClientError> {
+        Client::connect_trusting(path, timeout, &[])
+    }
+
+    /// [`connect`](Self::connect), also accepting a socket served by one of
+    /// `trusted` uids. Whoever can write to the socket's directory could otherwise
+    /// put their own socket there and collect our requests (and answer them with
+    /// lies): the peer's uid comes from the kernel (`SO_PEERCRED`) and is checked
+    /// before anything is sent.
+    pub fn connect_trusting(
+        path: impl AsRef<Path>,
+        timeout: Duration,
+        trusted: &[u32],
+    ) -> Result<Client, ClientError> {
         let path = path.as_ref().to_path_buf();
         let stream = connect_with_timeout(&path, timeout)?;
+        let uid = peer_uid(&stream).map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let me = nix::unistd::getuid().as_raw();
+        if uid != me && uid != 0 && !trusted.contains(&uid) {
+            return Err(ClientError::Untrusted { path, uid });
+        }
         Ok(Client {
             reader: BufReader::new(DeadlineStream {
                 stream,
@@ -304,66 +341,46 @@ impl Write for DeadlineStream {
     }
 }
 
+/// The length of `sun_path` on Linux: a socket path must be shorter.
+const SUN_PATH_LEN: usize = 108;
+
 /// Connect without blocking past `timeout`. A Unix stream connect either completes
 /// at once, fails at once, or (non-blocking, listen backlog full) fails with EAGAIN:
 /// there is no "in progress" state to poll for, so EAGAIN is retried with a short
 /// backoff until the deadline.
 fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
     let io_err = |source: io::Error| ClientError::Io {
         path: path.to_path_buf(),
         source,
     };
     let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
         return Err(io_err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "not a usable socket path (empty, NUL byte, or {} bytes or longer)",
-                addr.sun_path.len()
+                "not a usable socket path (empty, NUL byte, or {SUN_PATH_LEN} bytes or longer)"
             ),
         )));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-
-    // SAFETY: socket() has no memory-safety preconditions.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io_err(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a freshly created socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = UnixAddr::new(path).map_err(|e| io_err(e.into()))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| io_err(e.into()))?;
 
     // No deadline if it would not fit in an Instant (a timeout of "forever").
     let deadline = Instant::now().checked_add(timeout);
     let mut backoff = Duration::from_millis(1);
     loop {
-        // SAFETY: addr is an initialized sockaddr_un and len does not exceed its size.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&raw const addr).cast::<libc::sockaddr>(),
-                len,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN | Errno::EINPROGRESS) => {
                 let now = Instant::now();
                 let left = deadline.map_or(backoff, |d| d.saturating_duration_since(now));
                 if left.is_zero() {
@@ -376,18 +393,24 @@ fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<UnixStream, Cl
                 std::thread::sleep(backoff.min(left));
                 backoff = (backoff * 2).min(Duration::from_millis(25));
             }
-            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTDIR) => {
+            Err(e @ (Errno::ENOENT | Errno::ECONNREFUSED | Errno::ENOTDIR)) => {
                 return Err(ClientError::NoMaster {
                     path: path.to_path_buf(),
-                    source: err,
+                    source: e.into(),
                 });
             }
-            _ => return Err(io_err(err)),
+            Err(e) => return Err(io_err(e.into())),
         }
     }
     let stream = UnixStream::from(fd);
     stream.set_nonblocking(false).map_err(io_err)?;
     Ok(stream)
+}
+
+/// The uid of the process that serves the socket (the one that called `listen`).
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    Ok(getsockopt(stream, PeerCredentials)?.uid())
 }
 
 #[cfg(test)]
@@ -422,6 +445,21 @@ mod tests {
         assert!(matches!(e, ClientError::NoMaster { .. }), "{e:?}");
         assert!(e.is_unreachable());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn untrusted_says_whose_socket_and_how_to_allow_it() {
+        let e = ClientError::Untrusted {
+            path: "/tmp/arbiter-1000/web.sock".into(),
+            uid: 31337,
+        };
+        assert_eq!(
+            e.to_string(),
+            "refusing to talk to /tmp/arbiter-1000/web.sock: it is served by uid 31337, \
+             not by you or root (--trust-uid 31337 to allow)"
+        );
+        assert_eq!(e.kind(), "untrusted");
+        assert!(!e.is_unreachable());
     }
 
     #[test]

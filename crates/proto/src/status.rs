@@ -56,6 +56,10 @@ pub struct MasterStatus {
     /// How workers' process trees are held: `cgroup v2 (PATH)` or `process groups`.
     #[serde(default)]
     pub containment: String,
+    /// Lines of worker output dropped (a worker writing faster than the relay
+    /// passes on), since the master started.
+    #[serde(default)]
+    pub output_lines_dropped: u64,
 }
 
 /// Whether the master's log is taking its lines: a full disk or a log reader that
@@ -126,6 +130,10 @@ pub struct WorkerStatus {
     /// CPU seconds used by the worker's whole tree so far, where it has a cgroup.
     #[serde(default)]
     pub cpu_secs: Option<f64>,
+    /// Lines of this worker's output dropped so far (it wrote faster than the
+    /// relay passes on).
+    #[serde(default)]
+    pub output_dropped: u64,
 }
 
 impl Status {

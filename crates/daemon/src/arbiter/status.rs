@@ -27,7 +27,8 @@ impl Arbiter {
                     .get(&w.slot)
                     .filter(|_| w.generation == generation)
                     .map_or(0, |h| h.failures);
-                worker_status(w, now, failures)
+                let dropped = self.pool.relay_of(w.id).map_or(0, |r| r.dropped_total());
+                worker_status(w, now, failures, dropped)
             })
             .collect();
         let mut backoff: Vec<snapshot::SlotBackoff> = slots
@@ -90,6 +91,7 @@ impl Arbiter {
                 timeout_secs: self.cfg.timeout.map(|t| t.as_secs_f64()),
                 notify_dropped: self.notify.foreign_dropped,
                 containment: self.pool.containment().describe(),
+                output_lines_dropped: crate::relay::total_dropped(),
                 backoff,
             },
             workers,
@@ -97,7 +99,12 @@ impl Arbiter {
     }
 }
 
-fn worker_status(w: &Worker, now: Instant, failures: u32) -> snapshot::WorkerStatus {
+fn worker_status(
+    w: &Worker,
+    now: Instant,
+    failures: u32,
+    output_dropped: u64,
+) -> snapshot::WorkerStatus {
     snapshot::WorkerStatus {
         id: w.id,
         slot: w.slot as u64,
@@ -119,6 +126,7 @@ fn worker_status(w: &Worker, now: Instant, failures: u32) -> snapshot::WorkerSta
         crash_looping: failures >= CRASH_LOOP_AFTER,
         rss_bytes: w.rss_bytes(),
         cpu_secs: w.tree.cpu_secs(),
+        output_dropped,
     }
 }
 

@@ -455,6 +455,11 @@ impl Pool {
         }
     }
 
+    /// Worker `id`'s output relay, while its pipe is open.
+    pub fn relay_of(&self, id: u64) -> Option<&Relay> {
+        self.relays.iter().find(|r| r.worker_id == id)
+    }
+
     /// The workers' last words, already in their pipes, as the master exits.
     pub fn drain_relays(&mut self, now: Instant) {
         for r in &mut self.relays {

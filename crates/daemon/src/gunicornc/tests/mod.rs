@@ -79,6 +79,7 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         crash_looping: false,
         rss_bytes: None,
         cpu_secs: None,
+        output_dropped: 0,
     }
 }
 
@@ -121,6 +122,7 @@ fn status() -> Status {
             log: Default::default(),
             notify_dropped: 0,
             containment: "process groups".into(),
+            output_lines_dropped: 0,
         },
         workers: vec![
             worker(5, 205, "booting", None),
