@@ -579,7 +579,10 @@ fn fork_failing_under_rlimit_nproc_is_logged_and_recovers() {
     // (sleepers) use up the rest, and killing them clears the fault.
     const LIMIT: usize = 24;
     let b = Daemon::builder();
-    fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o777)).unwrap();
+    // The master's own directory (it holds the control socket, in
+    // world-writable /tmp): not writable by anyone else.
+    std::os::unix::fs::chown(b.dir(), Some(NPROC_UID), Some(NPROC_UID)).unwrap();
+    fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o700)).unwrap();
     let d = b
         .program("prlimit")
         .args([
@@ -654,7 +657,8 @@ const RELOAD_NPROC_UID: u32 = 54322;
 fn a_reload_that_cannot_fork_fails_at_the_boot_timeout() {
     const LIMIT: usize = 24;
     let b = Daemon::builder();
-    fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::chown(b.dir(), Some(RELOAD_NPROC_UID), Some(RELOAD_NPROC_UID)).unwrap();
+    fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o700)).unwrap();
     let d = b
         .program("prlimit")
         .args([
@@ -705,6 +709,8 @@ fn a_reload_that_cannot_fork_fails_at_the_boot_timeout() {
             Run::new(ARBITERCTL)
                 .arg("--control")
                 .arg(ctl)
+                // The master runs as another uid; root trusts it by name.
+                .args(["--trust-uid", &RELOAD_NPROC_UID.to_string()])
                 .arg("reload")
                 .run()
         }
