@@ -1150,10 +1150,13 @@ impl Arbiter {
                     slot: w.slot as u64,
                     pid: w.pid.as_raw(),
                     generation: w.generation,
-                    state: if w.recycle && w.state.is_active() {
-                        "recycling".to_string()
-                    } else {
-                        w.state.name().to_string()
+                    state: match w.state {
+                        _ if w.recycle && w.state.is_active() => snapshot::WorkerState::Recycling,
+                        State::Booting => snapshot::WorkerState::Booting,
+                        State::Ready { .. } => snapshot::WorkerState::Ready,
+                        State::Stopping { .. } => snapshot::WorkerState::Stopping,
+                        State::Aborted { .. } => snapshot::WorkerState::Aborted,
+                        State::Killed => snapshot::WorkerState::Killed,
                     },
                     started_at: rfc3339(w.started_wall),
                     uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),
