@@ -2480,16 +2480,8 @@ fn request_name(req: &Request) -> &'static str {
 
 /// `TERM`, `SIGTERM`, `term`, `15`.
 pub fn parse_signal(s: &str) -> Option<Signal> {
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).ok();
-    }
-    let upper = s.to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    full.parse().ok()
+    let sig = arbiter_proto::signal::parse(s).ok()?;
+    Signal::try_from(sig.number).ok()
 }
 
 /// How a worker of this configuration proves it is ready: `--ready`, or the
