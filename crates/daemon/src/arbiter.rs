@@ -2460,8 +2460,7 @@ fn backoff(failures: u32) -> Duration {
     (BACKOFF_FIRST * 2u32.pow(exp)).min(BACKOFF_MAX)
 }
 
-/// The most workers one master will run.
-pub const MAX_WORKERS: usize = 65536;
+pub use arbiter_proto::control::MAX_WORKERS;
 
 fn request_name(req: &Request) -> &'static str {
     match req {

@@ -6,6 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arbiter_proto::control::MAX_WORKERS;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 
@@ -528,8 +529,8 @@ impl Config {
         if cli.workers == 0 {
             bail!("--workers must be at least 1");
         }
-        if cli.workers > 65536 {
-            bail!("--workers {}: more than 65536 workers", cli.workers);
+        if cli.workers > MAX_WORKERS {
+            bail!("--workers {}: more than {MAX_WORKERS} workers", cli.workers);
         }
         if cli.backlog <= 0 {
             bail!("--backlog must be positive");
