@@ -57,8 +57,10 @@ pub struct MasterArgs {
     pub daemon: bool,
 }
 
-/// arbiterd's long options that take a value (the others are flags).
-const LONG_WITH_VALUE: &[&str] = &[
+/// arbiterd's long options that take a value (the others are flags). A copy of
+/// what arbiterd's clap definition says, kept in step by `tests/cli_table.rs`
+/// (arbiterctl does not link the daemon).
+pub const LONG_WITH_VALUE: &[&str] = &[
     "bind",
     "workers",
     "timeout",
@@ -80,8 +82,8 @@ const LONG_WITH_VALUE: &[&str] = &[
     "group",
 ];
 
-/// arbiterd's short options that take a value.
-const SHORT_WITH_VALUE: &[u8] = b"bwtnpc";
+/// arbiterd's short options that take a value (checked as [`LONG_WITH_VALUE`] is).
+pub const SHORT_WITH_VALUE: &[u8] = b"bwtnpc";
 
 /// Parse `/proc/PID/cmdline` (NUL-separated, `argv[0]` first) as arbiterd's parser
 /// would, for the options in [`MasterArgs`]. Stops at `--` (the worker COMMAND);
