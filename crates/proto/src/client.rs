@@ -21,13 +21,19 @@
 //! timeout with [`Client::set_timeout`] or [`Client::call_with_timeout`].
 
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+
 use crate::control::{ErrorBody, MAX_LINE, Reply, Request, RequestEnvelope, Response};
+
+/// The room for a path in a `sockaddr_un`, its terminating NUL included.
+const SUN_PATH_LEN: usize =
+    std::mem::size_of::<libc::sockaddr_un>() - std::mem::size_of::<libc::sa_family_t>();
 use crate::frame::{self, FrameError};
 
 /// Why a call did not produce a response from the master.
@@ -314,53 +320,31 @@ fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<UnixStream, Cl
         source,
     };
     let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
         return Err(io_err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "not a usable socket path (empty, NUL byte, or {} bytes or longer)",
-                addr.sun_path.len()
+                "not a usable socket path (empty, NUL byte, or {SUN_PATH_LEN} bytes or longer)"
             ),
         )));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-
-    // SAFETY: socket() has no memory-safety preconditions.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io_err(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a freshly created socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = UnixAddr::new(path).map_err(|e| io_err(e.into()))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| io_err(e.into()))?;
 
     // No deadline if it would not fit in an Instant (a timeout of "forever").
     let deadline = Instant::now().checked_add(timeout);
     let mut backoff = Duration::from_millis(1);
     loop {
-        // SAFETY: addr is an initialized sockaddr_un and len does not exceed its size.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&raw const addr).cast::<libc::sockaddr>(),
-                len,
-            )
+        let err = match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(e) => io::Error::from(e),
         };
-        if rc == 0 {
-            break;
-        }
-        let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EINTR) => continue,
             Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
@@ -524,8 +508,7 @@ mod tests {
         // A listener that never accepts: fill its backlog with connections.
         let l = UnixListener::bind(&p).unwrap();
         // Listening again changes the backlog (Linux): 0 admits one pending connect.
-        // SAFETY: a plain syscall on a socket we own.
-        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        nix::sys::socket::listen(&l, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
         let mut held = Vec::new();
         let mut timed_out = false;
         for _ in 0..64 {
