@@ -1,5 +1,6 @@
 //! Black-box tests: the real `arbiterd` and `arbiterctl`, driven from outside.
 
+mod cli_table;
 mod control;
 mod ctl;
 mod daemon_mode;

@@ -58,7 +58,7 @@ _arbiterd() {
                     return 0
                     ;;
                 --ready)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "exec notify" -- "${cur}"))
                     return 0
                     ;;
                 --boot-timeout)
@@ -94,7 +94,7 @@ _arbiterd() {
                     return 0
                     ;;
                 --log-level)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "debug info warning error critical" -- "${cur}"))
                     return 0
                     ;;
                 --config)

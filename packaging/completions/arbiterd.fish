@@ -2,7 +2,8 @@ complete -c arbiterd -s b -l bind -d 'Address to listen on: HOST:PORT, [V6]:PORT
 complete -c arbiterd -s w -l workers -d 'Number of workers' -r
 complete -c arbiterd -s t -l timeout -d 'Heartbeat timeout in seconds; 0 disables' -r
 complete -c arbiterd -l graceful-timeout -d 'How long TERMed workers may drain before KILL, in seconds' -r
-complete -c arbiterd -l ready -d 'When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1). Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)' -r
+complete -c arbiterd -l ready -d 'When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1). Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)' -r -f -a "exec\t''
+notify\t''"
 complete -c arbiterd -l boot-timeout -d 'A worker not ready by then is killed and counts as a boot failure, in seconds' -r
 complete -c arbiterd -l kill-mode -d 'Who gets a worker\'s graceful signals: `mixed` (its main process; the rest of its tree TERM then KILL once it exited), `group` (its whole tree at once), `process` (its main process only; the rest is left alone)' -r -f -a "mixed\t'Graceful signals to the main process; once it exited (or at the graceful deadline), TERM then KILL to whatever is left of its tree'
 group\t'Every signal to the whole tree at once'
@@ -11,7 +12,11 @@ complete -c arbiterd -s n -l name -d 'Instance name: process titles, default pat
 complete -c arbiterd -s p -l pid -d 'Pidfile' -r -F
 complete -c arbiterd -l control -d 'Control socket path' -r -F
 complete -c arbiterd -l log-file -d 'Log file; `-` is stderr' -r -F
-complete -c arbiterd -l log-level -d 'debug, info, warning, error or critical' -r
+complete -c arbiterd -l log-level -d 'debug, info, warning, error or critical' -r -f -a "debug\t''
+info\t''
+warning\t''
+error\t''
+critical\t''"
 complete -c arbiterd -s c -l config -d 'TOML file with the same keys as the long options; re-read on reload' -r -F
 complete -c arbiterd -l max-worker-rss -d 'Recycle a worker whose RSS exceeds this many MiB' -r
 complete -c arbiterd -l max-worker-age -d 'Recycle a worker older than this many seconds' -r

@@ -5,7 +5,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use nix::sys::signal::Signal;
 
 /// Drive a running arbiterd over its control socket.
 ///
@@ -209,28 +208,7 @@ pub struct SignalName(pub String);
 
 /// `TERM`, `SIGTERM`, `term`, `sigterm` or `15` -> `TERM`.
 pub fn parse_signal(s: &str) -> Result<SignalName, String> {
-    let sig = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        s.parse::<i32>()
-            .ok()
-            .and_then(|n| Signal::try_from(n).ok())
-            .ok_or_else(|| format!("no signal number {s}"))?
-    } else {
-        let upper = s.to_ascii_uppercase();
-        let full = if upper.starts_with("SIG") {
-            upper
-        } else {
-            format!("SIG{upper}")
-        };
-        Signal::from_str(&full).map_err(|_| {
-            format!(
-                "unknown signal {s:?} (use a name such as TERM, INT, QUIT, KILL, USR1, or a number)"
-            )
-        })?
-    };
-    let full = sig.as_str();
-    Ok(SignalName(
-        full.strip_prefix("SIG").unwrap_or(full).to_string(),
-    ))
+    arbiter_proto::signal::parse(s).map(|sig| SignalName(sig.name.to_string()))
 }
 
 #[cfg(test)]

@@ -4,11 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use arbiter_proto::status::Status;
-
-/// Worker states the master reports; each gets a sample (0 included) so that the
-/// series do not come and go.
-const STATES: [&str; 5] = ["booting", "ready", "stopping", "aborted", "killed"];
+use arbiter_proto::status::{Status, WorkerState};
 
 /// One metric family.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,7 +89,10 @@ pub fn families(st: &Status) -> Vec<Family> {
         m.ready as f64,
     ));
 
-    let mut by_state: BTreeMap<&str, u64> = STATES.iter().map(|s| (*s, 0)).collect();
+    // Every state gets a sample, 0 included, so that no series comes and goes. A
+    // state only a newer master knows shows as `unknown`, and only while it is seen.
+    let mut by_state: BTreeMap<&str, u64> =
+        WorkerState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
     for w in &st.workers {
         *by_state.entry(w.state.as_str()).or_default() += 1;
     }
@@ -316,6 +315,7 @@ arbiter_workers{state="aborted"} 0
 arbiter_workers{state="booting"} 1
 arbiter_workers{state="killed"} 0
 arbiter_workers{state="ready"} 3
+arbiter_workers{state="recycling"} 0
 arbiter_workers{state="stopping"} 0
 # HELP arbiter_reload_in_progress 1 while a reload is in flight.
 # TYPE arbiter_reload_in_progress gauge
@@ -362,6 +362,36 @@ arbiter_log_lines_dropped_total 0
 arbiter_log_failing 0
 "#;
         assert_eq!(text, want, "got:\n{text}");
+    }
+
+    #[test]
+    fn every_state_has_a_series() {
+        let workers = |st: &Status| {
+            families(st)
+                .into_iter()
+                .find(|f| f.name == "arbiter_workers")
+                .unwrap()
+                .samples
+                .into_iter()
+                .map(|s| (s.labels[0].1.clone(), s.value))
+                .collect::<Vec<_>>()
+        };
+        let mut st = fixture();
+        st.workers.clear();
+        let empty = workers(&st);
+        assert_eq!(empty.len(), WorkerState::ALL.len());
+        for state in WorkerState::ALL {
+            assert!(
+                empty.contains(&(state.as_str().to_string(), 0.0)),
+                "{state}: {empty:?}"
+            );
+        }
+        let mut st = fixture();
+        st.workers[0].state = WorkerState::Recycling;
+        st.workers[1].state = WorkerState::Unknown;
+        let some = workers(&st);
+        assert!(some.contains(&("recycling".into(), 1.0)), "{some:?}");
+        assert!(some.contains(&("unknown".into(), 1.0)), "{some:?}");
     }
 
     #[test]

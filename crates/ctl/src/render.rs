@@ -171,7 +171,7 @@ fn state_cell(w: &WorkerStatus) -> String {
     if w.crash_looping {
         format!("{}!", w.state)
     } else {
-        w.state.clone()
+        w.state.to_string()
     }
 }
 
@@ -219,7 +219,7 @@ pub fn status_text(st: &Status) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use arbiter_proto::status::{ListenerStatus, MasterStatus, ReloadOutcome};
+    use arbiter_proto::status::{ListenerStatus, MasterStatus, ReloadOutcome, WorkerState};
 
     pub(crate) fn worker(id: u64, slot: u64, pid: i32) -> WorkerStatus {
         WorkerStatus {
@@ -227,7 +227,7 @@ pub(crate) mod tests {
             slot,
             pid,
             generation: 2,
-            state: "ready".into(),
+            state: WorkerState::Ready,
             started_at: "2026-11-24T10:00:00.000Z".into(),
             uptime_secs: 187.9,
             last_beat_secs: Some(0.42),
@@ -243,7 +243,7 @@ pub(crate) mod tests {
     /// A fixed snapshot: 3 of 4 ready, one booting with no beat and no RSS yet.
     pub(crate) fn fixture() -> Status {
         let mut booting = worker(12, 3, 4321);
-        booting.state = "booting".into();
+        booting.state = WorkerState::Booting;
         booting.uptime_secs = 2.0;
         booting.last_beat_secs = None;
         booting.rss_bytes = None;

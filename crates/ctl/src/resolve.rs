@@ -22,6 +22,8 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use arbiter_proto::paths::default_control_path_for;
+
 /// Where to connect, and the master's pid when it is known beforehand.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -55,8 +57,10 @@ pub struct MasterArgs {
     pub daemon: bool,
 }
 
-/// arbiterd's long options that take a value (the others are flags).
-const LONG_WITH_VALUE: &[&str] = &[
+/// arbiterd's long options that take a value (the others are flags). A copy of
+/// what arbiterd's clap definition says, kept in step by `tests/cli_table.rs`
+/// (arbiterctl does not link the daemon).
+pub const LONG_WITH_VALUE: &[&str] = &[
     "bind",
     "workers",
     "timeout",
@@ -79,8 +83,8 @@ const LONG_WITH_VALUE: &[&str] = &[
     "group",
 ];
 
-/// arbiterd's short options that take a value.
-const SHORT_WITH_VALUE: &[u8] = b"bwtnpc";
+/// arbiterd's short options that take a value (checked as [`LONG_WITH_VALUE`] is).
+pub const SHORT_WITH_VALUE: &[u8] = b"bwtnpc";
 
 /// Parse `/proc/PID/cmdline` (NUL-separated, `argv[0]` first) as arbiterd's parser
 /// would, for the options in [`MasterArgs`]. Stops at `--` (the worker COMMAND);
@@ -154,21 +158,6 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
         }
     }
     out
-}
-
-/// `arbiter_proto::paths::default_control_path`, for another process's
-/// environment and uid.
-pub fn default_control_path_for(name: &OsStr, runtime_dir: Option<&OsStr>, uid: u32) -> PathBuf {
-    let mut file = name.to_os_string();
-    file.push(".sock");
-    if let Some(dir) = runtime_dir.filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("arbiter").join(file);
-    }
-    if uid == 0 {
-        PathBuf::from("/run/arbiter").join(file)
-    } else {
-        PathBuf::from(format!("/tmp/arbiter-{uid}")).join(file)
-    }
 }
 
 /// What arbiterctl reads about a running master (from /proc, or a test's fixture).
@@ -404,8 +393,7 @@ pub fn from_pidfile(pidfile: &Path) -> Result<Target, ResolveError> {
         }
     })?;
     let own_cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let own_uid = unsafe { libc::getuid() };
+    let own_uid = nix::unistd::getuid().as_raw();
     let own_runtime = std::env::var_os("XDG_RUNTIME_DIR");
     let computed = control_path_of(&proc, &own_cwd, own_uid, own_runtime.as_deref());
     Ok(Target {
@@ -529,28 +517,6 @@ mod tests {
         assert_eq!(p(&["arbiterd", "--control"]).control, None);
         assert_eq!(p(&["arbiterd", "--chdir", "/srv"]).chdir, os("/srv"));
         assert!(p(&["arbiterd", "--daemon"]).daemon);
-    }
-
-    #[test]
-    fn default_paths_match_the_proto_crate() {
-        let uid = unsafe { libc::getuid() };
-        let rt = std::env::var_os("XDG_RUNTIME_DIR");
-        assert_eq!(
-            default_control_path_for(OsStr::new("web"), rt.as_deref(), uid),
-            arbiter_proto::paths::default_control_path("web")
-        );
-        assert_eq!(
-            default_control_path_for(OsStr::new("web"), Some(OsStr::new("/run/user/7")), 7),
-            PathBuf::from("/run/user/7/arbiter/web.sock")
-        );
-        assert_eq!(
-            default_control_path_for(OsStr::new("web"), Some(OsStr::new("")), 0),
-            PathBuf::from("/run/arbiter/web.sock")
-        );
-        assert_eq!(
-            default_control_path_for(OsStr::new("web"), None, 1000),
-            PathBuf::from("/tmp/arbiter-1000/web.sock")
-        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Command line -> a validated [`Config`], once, before anything is bound or forked.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use arbiter_proto::control::MAX_WORKERS;
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::log::Level;
@@ -33,8 +35,13 @@ pub struct Cli {
     pub graceful_timeout: f64,
     /// When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1).
     /// Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)
-    #[arg(long, value_name = "MODE")]
-    pub ready: Option<String>,
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_parser = Choice { parse: parse_ready },
+        hide_possible_values = true
+    )]
+    pub ready: Option<ReadyMode>,
     /// A worker not ready by then is killed and counts as a boot failure, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub boot_timeout: f64,
@@ -59,8 +66,14 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "-")]
     pub log_file: PathBuf,
     /// debug, info, warning, error or critical
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub log_level: String,
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        default_value = "info",
+        value_parser = Choice { parse: parse_log_level },
+        hide_possible_values = true
+    )]
+    pub log_level: Level,
     /// TOML file with the same keys as the long options; re-read on reload
     #[arg(short, long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -95,6 +108,48 @@ pub struct Cli {
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// The value parser of an option with a fixed set of values ([`ValueEnum`]): clap
+/// knows the values (completions offer them), but a bad one is refused with
+/// `parse`'s message alone, as one line, the same words a bad value in the config
+/// file gets.
+#[derive(Clone)]
+struct Choice<E> {
+    parse: fn(&str) -> Result<E, String>,
+}
+
+impl<E: ValueEnum + Clone + Send + Sync + 'static> TypedValueParser for Choice<E> {
+    type Value = E;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<E, clap::Error> {
+        (self.parse)(&value.to_string_lossy())
+            .map_err(|msg| cmd.clone().error(clap::error::ErrorKind::InvalidValue, msg))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            E::value_variants()
+                .iter()
+                .filter_map(ValueEnum::to_possible_value),
+        ))
+    }
+}
+
+/// `--ready`, from the command line or the file: `exec` or `notify`, lower case.
+fn parse_ready(s: &str) -> Result<ReadyMode, String> {
+    ReadyMode::from_str(s, false).map_err(|_| format!("--ready {s}: expected 'exec' or 'notify'"))
+}
+
+/// `--log-level`, from the command line or the file: any case, `warn` too.
+fn parse_log_level(s: &str) -> Result<Level, String> {
+    Level::from_str(s, true)
+        .map_err(|_| format!("--log-level {s}: expected debug, info, warning, error or critical"))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -242,7 +297,7 @@ impl Loader {
                     e.message()
                 ))
             })?;
-            self.overlay(&mut cli, file);
+            self.overlay(&mut cli, file)?;
         }
         let base = &self.base_dir;
         let rel = |p: PathBuf| {
@@ -260,7 +315,9 @@ impl Loader {
         Config::from_cli(cli)
     }
 
-    fn overlay(&self, cli: &mut Cli, f: FileConfig) {
+    /// The file's values where the command line did not set them; a value the
+    /// command line would refuse is refused in the same words.
+    fn overlay(&self, cli: &mut Cli, f: FileConfig) -> Result<(), ConfigError> {
         macro_rules! take {
             ($field:ident, $id:literal, $conv:expr) => {
                 if let Some(v) = f.$field
@@ -273,7 +330,6 @@ impl Loader {
         take!(workers, "workers", |v| v);
         take!(timeout, "timeout", |v: Number| v.get());
         take!(graceful_timeout, "graceful_timeout", |v: Number| v.get());
-        take!(ready, "ready", Some);
         take!(boot_timeout, "boot_timeout", |v: Number| v.get());
         take!(kill_mode, "kill_mode", |v| v);
         take!(name, "name", |v| v);
@@ -281,7 +337,6 @@ impl Loader {
         take!(control, "control", Some);
         take!(daemon, "daemon", |v| v);
         take!(log_file, "log_file", |v| v);
-        take!(log_level, "log_level", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);
         take!(max_worker_age, "max_worker_age", |v: Number| Some(v.get()));
         take!(reuse_port, "reuse_port", |v| v);
@@ -290,6 +345,16 @@ impl Loader {
         take!(chdir, "chdir", Some);
         take!(user, "user", Some);
         take!(group, "group", Some);
+        if let Some(v) = f.ready
+            && !self.given("ready")
+        {
+            cli.ready = Some(parse_ready(&v).map_err(ConfigError)?);
+        }
+        if let Some(v) = f.log_level
+            && !self.given("log_level")
+        {
+            cli.log_level = parse_log_level(&v).map_err(ConfigError)?;
+        }
         if let Some(b) = f.bind
             && !self.given("bind")
         {
@@ -303,6 +368,7 @@ impl Loader {
         {
             cli.command = c.into_iter().map(Into::into).collect();
         }
+        Ok(())
     }
 }
 
@@ -335,7 +401,8 @@ pub enum KillMode {
     Process,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `--ready`: its values are these names, in lower case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ReadyMode {
     Exec,
     Notify,
@@ -560,25 +627,13 @@ impl Config {
         if cli.workers == 0 {
             bail!("--workers must be at least 1");
         }
-        if cli.workers > 65536 {
-            bail!("--workers {}: more than 65536 workers", cli.workers);
+        if cli.workers > MAX_WORKERS {
+            bail!("--workers {}: more than {MAX_WORKERS} workers", cli.workers);
         }
         if cli.backlog <= 0 {
             bail!("--backlog must be positive");
         }
         let timeout = seconds("--timeout", cli.timeout)?;
-        let ready = match cli.ready.as_deref() {
-            None => None,
-            Some("exec") => Some(ReadyMode::Exec),
-            Some("notify") => Some(ReadyMode::Notify),
-            Some(other) => bail!("--ready {other}: expected 'exec' or 'notify'"),
-        };
-        let Some(log_level) = Level::parse(&cli.log_level) else {
-            bail!(
-                "--log-level {}: expected debug, info, warning, error or critical",
-                cli.log_level
-            );
-        };
         let umask = match &cli.umask {
             None => None,
             Some(s) => match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
@@ -640,7 +695,7 @@ impl Config {
             workers: cli.workers,
             timeout: (!timeout.is_zero()).then_some(timeout),
             graceful_timeout: seconds("--graceful-timeout", cli.graceful_timeout)?,
-            ready,
+            ready: cli.ready,
             boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
             kill_mode: cli.kill_mode,
             name: cli.name,
@@ -649,7 +704,7 @@ impl Config {
             daemon: cli.daemon,
             check_config: cli.check_config,
             log_file,
-            log_level,
+            log_level: cli.log_level,
             reuse_port: cli.reuse_port,
             backlog: cli.backlog,
             max_worker_rss: cli.max_worker_rss.map(|m| m.saturating_mul(1024 * 1024)),
@@ -767,8 +822,10 @@ mod tests {
     }
 
     fn loader_with_file(text: &str, args: &[&str]) -> Result<Config, ConfigError> {
-        let dir =
-            std::env::temp_dir().join(format!("arbiter-cfg-{}-{}", std::process::id(), text.len()));
+        // One directory per call: tests run in parallel, and texts may be alike.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("arbiter-cfg-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.toml");
         std::fs::write(&path, text).unwrap();
@@ -827,6 +884,72 @@ mod tests {
         let cli = Cli::try_parse_from(["arbiterd", "--", "no-such-command-xyz"]).unwrap();
         let err = Config::from_cli(cli).unwrap_err().0;
         assert!(err.contains("no-such-command-xyz"), "{err}");
+    }
+
+    #[test]
+    fn ready_and_log_level_values() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("arbiterd").chain(args.iter().copied()))
+        };
+        let cli = parse(&["--ready", "notify", "--log-level", "WARN"]).unwrap();
+        assert_eq!(cli.ready, Some(ReadyMode::Notify));
+        assert_eq!(cli.log_level, Level::Warning);
+        let cli = parse(&["--ready=exec", "--log-level=warning"]).unwrap();
+        assert_eq!(cli.ready, Some(ReadyMode::Exec));
+        assert_eq!(cli.log_level, Level::Warning);
+        let cli = parse(&[]).unwrap();
+        assert_eq!((cli.ready, cli.log_level), (None, Level::Info));
+        for (args, want) in [
+            (
+                &["--ready", "Notify"][..],
+                "--ready Notify: expected 'exec' or 'notify'",
+            ),
+            (&["--ready="], "--ready : expected 'exec' or 'notify'"),
+            (
+                &["--log-level", "loud"],
+                "--log-level loud: expected debug, info, warning, error or critical",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            let text = e.render().to_string();
+            assert_eq!(text.lines().next(), Some(format!("error: {want}").as_str()));
+        }
+        // Completions offer the values.
+        let cmd = Cli::command();
+        let values = |long: &str| -> Vec<String> {
+            let arg = cmd.get_arguments().find(|a| a.get_long() == Some(long));
+            let arg = arg.unwrap();
+            arg.get_possible_values()
+                .iter()
+                .map(|v| v.get_name().to_string())
+                .collect()
+        };
+        assert_eq!(values("ready"), ["exec", "notify"]);
+        assert_eq!(
+            values("log-level"),
+            ["debug", "info", "warning", "error", "critical"]
+        );
+    }
+
+    #[test]
+    fn ready_and_log_level_from_the_file() {
+        let cfg = loader_with_file("ready = \"notify\"\nlog-level = \"Error\"\n", &[]).unwrap();
+        assert_eq!(cfg.ready, Some(ReadyMode::Notify));
+        assert_eq!(cfg.log_level, Level::Error);
+        let cfg = loader_with_file("ready = \"notify\"\n", &["--ready", "exec"]).unwrap();
+        assert_eq!(cfg.ready, Some(ReadyMode::Exec), "the command line wins");
+        let err = loader_with_file("ready = \"x\"\n", &[]).unwrap_err().0;
+        assert_eq!(err, "--ready x: expected 'exec' or 'notify'");
+        let err = loader_with_file("log_level = \"loud\"\n", &[])
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            err,
+            "--log-level loud: expected debug, info, warning, error or critical"
+        );
+        // A bad value the command line overrides is not looked at.
+        let cfg = loader_with_file("log-level = \"loud\"\n", &["--log-level", "debug"]).unwrap();
+        assert_eq!(cfg.log_level, Level::Debug);
     }
 
     #[test]

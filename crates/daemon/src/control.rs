@@ -146,8 +146,7 @@ impl ControlServer {
             identity,
             clients: Vec::new(),
             next_id: 1,
-            // SAFETY: getuid cannot fail.
-            uid: unsafe { libc::getuid() },
+            uid: nix::unistd::getuid().as_raw(),
             watch: None,
             watched: None,
             restore_at: None,
@@ -664,8 +663,7 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ControlError> 
     if path.as_os_str().len() >= 108 {
         return Err(fail("path longer than 107 bytes".into()));
     }
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = nix::unistd::getuid().as_raw();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         prepare_dir(dir, uid).map_err(fail)?;
     }

@@ -9,7 +9,7 @@
 //! prints the error and exits 1. An EOF with no word means the daemon died.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 /// The daemon's end of the launcher's pipe.
 pub struct Report(OwnedFd);
@@ -64,12 +64,9 @@ pub fn detach(chdir_root: bool) -> io::Result<Report> {
         .read(true)
         .write(true)
         .open("/dev/null")?;
-    for target in 0..3 {
-        // SAFETY: dup2 onto the standard fds.
-        if unsafe { libc::dup2(null.as_raw_fd(), target) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
     Ok(Report(write))
 }
 

@@ -10,27 +10,18 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// `--log-level`: its values are these names, in any case (`config` parses them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Level {
     Debug,
     Info,
+    #[value(alias = "warn")]
     Warning,
     Error,
     Critical,
 }
 
 impl Level {
-    pub fn parse(s: &str) -> Option<Level> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "debug" => Level::Debug,
-            "info" => Level::Info,
-            "warning" | "warn" => Level::Warning,
-            "error" => Level::Error,
-            "critical" => Level::Critical,
-            _ => return None,
-        })
-    }
-
     fn label(self) -> &'static str {
         match self {
             Level::Debug => "DEBUG",

@@ -4,14 +4,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
 pub struct Pidfile {
     path: PathBuf,
-    // Holding the open file keeps the lock.
-    _file: File,
+    // Holding the open, locked file keeps the lock. Dropping it unlocks the open
+    // file description, children's copies included: none has one past exec
+    // (O_CLOEXEC), and a child that does not exec leaves by _exit, not by drop.
+    _file: Flock<File>,
 }
 
 #[derive(Debug)]
@@ -46,21 +50,18 @@ impl std::fmt::Display for PidfileError {
     }
 }
 
-fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
-    let op = if exclusive {
-        libc::LOCK_EX
+/// `file` locked, without waiting; `None` if another open file holds a lock that
+/// conflicts.
+fn try_lock(file: File, exclusive: bool) -> io::Result<Option<Flock<File>>> {
+    let arg = if exclusive {
+        FlockArg::LockExclusiveNonblock
     } else {
-        libc::LOCK_SH
-    } | libc::LOCK_NB;
-    // SAFETY: flock on an open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
+        FlockArg::LockSharedNonblock
+    };
+    match Flock::lock(file, arg) {
+        Ok(locked) => Ok(Some(locked)),
+        Err((_, e)) if e == Errno::EWOULDBLOCK => Ok(None),
+        Err((_, e)) => Err(e.into()),
     }
 }
 
@@ -75,7 +76,7 @@ pub fn read_pid(path: &Path) -> Option<u32> {
 pub fn is_held(path: &Path) -> io::Result<bool> {
     use crate::userpath::{Kind, open};
     match open(path, nix::fcntl::OFlag::O_RDONLY, 0, Kind::Regular) {
-        Ok(f) => Ok(!try_lock(&f, false)?),
+        Ok(f) => Ok(try_lock(f, false)?.is_none()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
@@ -109,7 +110,7 @@ impl Pidfile {
             file_name.to_string_lossy(),
             std::process::id()
         ));
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
@@ -117,16 +118,20 @@ impl Pidfile {
             .open(&tmp)
             .map_err(io_err)?;
         let result = (|| {
-            if !try_lock(&file, true)? {
+            let Some(mut file) = try_lock(file, true)? else {
                 return Err(io::Error::other("lock taken by another process"));
-            }
+            };
             file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
-            std::fs::rename(&tmp, path)
+            std::fs::rename(&tmp, path)?;
+            Ok(file)
         })();
-        if let Err(err) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io_err(err));
-        }
+        let file = match result {
+            Ok(file) => file,
+            Err(err) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io_err(err));
+            }
+        };
         Ok(Pidfile {
             path: path.to_path_buf(),
             _file: file,

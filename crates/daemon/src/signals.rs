@@ -165,3 +165,24 @@ pub fn short_name(sig: Signal) -> &'static str {
     let full = sig.as_str();
     full.strip_prefix("SIG").unwrap_or(full)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbiter_proto::signal::NamedSignal;
+
+    /// The control protocol names signals by proto's table; the master acts on
+    /// nix's. A signal in one and not the other would be accepted by arbiterctl and
+    /// refused by the master, or the reverse.
+    #[test]
+    fn proto_table_is_nix_signals() {
+        for sig in Signal::iterator() {
+            let named = NamedSignal::from_number(sig as i32);
+            assert_eq!(named.map(|n| n.name), Some(short_name(sig)), "{sig}");
+        }
+        for named in NamedSignal::all() {
+            let sig = Signal::try_from(named.number).unwrap();
+            assert_eq!(short_name(sig), named.name);
+        }
+    }
+}

@@ -562,8 +562,7 @@ mod tests {
         // A listener that never accepts: fill its backlog with connections.
         let l = UnixListener::bind(&p).unwrap();
         // Listening again changes the backlog (Linux): 0 admits one pending connect.
-        // SAFETY: a plain syscall on a socket we own.
-        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        nix::sys::socket::listen(&l, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
         let mut held = Vec::new();
         let mut timed_out = false;
         for _ in 0..64 {

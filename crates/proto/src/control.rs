@@ -28,6 +28,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The longest request or response line, newline included.
 pub const MAX_LINE: usize = 1024 * 1024;
 
+/// The most workers one master runs: `--workers` above it is refused, and `scale`
+/// clamps to it.
+pub const MAX_WORKERS: usize = 65536;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {

@@ -5,6 +5,7 @@
 //! - [`frame`]: newline-delimited framing with a size bound.
 //! - [`client`]: a blocking client with timeouts (arbiterctl and the tests use it).
 //! - [`paths`]: default locations (the control socket).
+//! - [`signal`]: signal names and numbers as `kill` takes them.
 //! - [`worker`]: the worker contract (environment, file descriptors, exit codes,
 //!   heartbeat and readiness helpers a Rust worker can call).
 
@@ -12,5 +13,6 @@ pub mod client;
 pub mod control;
 pub mod frame;
 pub mod paths;
+pub mod signal;
 pub mod status;
 pub mod worker;

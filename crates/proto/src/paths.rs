@@ -1,18 +1,29 @@
 //! Where things live by default, computed the same way by arbiterd and arbiterctl.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// The control socket of the instance `name`:
+/// The control socket of the instance `name`, for this process:
 /// `$XDG_RUNTIME_DIR/arbiter/NAME.sock`, else `/run/arbiter/NAME.sock` for root,
 /// else `/tmp/arbiter-UID/NAME.sock`.
 pub fn default_control_path(name: &str) -> PathBuf {
-    let file = format!("{name}.sock");
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+    default_control_path_for(
+        OsStr::new(name),
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        nix::unistd::getuid().as_raw(),
+    )
+}
+
+/// [`default_control_path`] of a process with this `XDG_RUNTIME_DIR` (`None` if
+/// unset) and real uid: arbiterctl computes it for a master it found by pid.
+pub fn default_control_path_for(name: &OsStr, runtime_dir: Option<&OsStr>, uid: u32) -> PathBuf {
+    let mut file = name.to_os_string();
+    file.push(".sock");
+    // Empty counts as unset, as in the XDG base directory spec.
+    if let Some(dir) = runtime_dir.filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("arbiter").join(file);
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
     if uid == 0 {
         PathBuf::from("/run/arbiter").join(file)
     } else {
@@ -44,4 +55,31 @@ pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<String> {
         ));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_paths() {
+        let uid = nix::unistd::getuid().as_raw();
+        let rt = std::env::var_os("XDG_RUNTIME_DIR");
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), rt.as_deref(), uid),
+            default_control_path("web")
+        );
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), Some(OsStr::new("/run/user/7")), 7),
+            PathBuf::from("/run/user/7/arbiter/web.sock")
+        );
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), Some(OsStr::new("")), 0),
+            PathBuf::from("/run/arbiter/web.sock")
+        );
+        assert_eq!(
+            default_control_path_for(OsStr::new("web"), None, 1000),
+            PathBuf::from("/tmp/arbiter-1000/web.sock")
+        );
+    }
 }

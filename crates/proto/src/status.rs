@@ -113,8 +113,7 @@ pub struct WorkerStatus {
     pub slot: u64,
     pub pid: i32,
     pub generation: u64,
-    /// `booting`, `ready`, `stopping`, `aborted`, `killed`.
-    pub state: String,
+    pub state: WorkerState,
     /// RFC 3339, UTC.
     pub started_at: String,
     pub uptime_secs: f64,
@@ -136,9 +135,110 @@ pub struct WorkerStatus {
     pub output_dropped: u64,
 }
 
+/// Where a worker is in its life, as the master reports it.
+///
+/// On the wire a lowercase string (`"ready"`). A state this build does not know (sent
+/// by a newer master) reads as [`WorkerState::Unknown`] rather than failing the
+/// whole snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Forked; not ready yet.
+    Booting,
+    /// Serving.
+    Ready,
+    /// Serving, but marked for replacement (`--max-worker-age`, `--max-worker-rss`,
+    /// or an old generation during a reload).
+    Recycling,
+    /// Asked to stop; KILL at the graceful deadline.
+    Stopping,
+    /// Sent ABRT for a heartbeat timeout.
+    Aborted,
+    /// Sent KILL; waiting to be reaped.
+    Killed,
+    /// Not a state this build knows; never sent by a master of this version.
+    #[serde(other)]
+    Unknown,
+}
+
+impl WorkerState {
+    /// Every state a master of this version sends, in life order.
+    pub const ALL: [WorkerState; 6] = [
+        WorkerState::Booting,
+        WorkerState::Ready,
+        WorkerState::Recycling,
+        WorkerState::Stopping,
+        WorkerState::Aborted,
+        WorkerState::Killed,
+    ];
+
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Booting => "booting",
+            WorkerState::Ready => "ready",
+            WorkerState::Recycling => "recycling",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Aborted => "aborted",
+            WorkerState::Killed => "killed",
+            WorkerState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for WorkerState {
+    /// The wire form back; anything else is [`WorkerState::Unknown`], as in
+    /// deserialization.
+    fn from(s: &str) -> WorkerState {
+        WorkerState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .unwrap_or(WorkerState::Unknown)
+    }
+}
+
+/// Compares with the wire form, so code written against the string field reads
+/// the same.
+impl PartialEq<&str> for WorkerState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl Status {
     /// Fewer ready workers than the target (`arbiterctl status` exits 4).
     pub fn degraded(&self) -> bool {
         self.master.ready < self.master.target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_states_on_the_wire() {
+        for st in WorkerState::ALL {
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+            assert_eq!(serde_json::from_str::<WorkerState>(&json).unwrap(), st);
+            assert_eq!(WorkerState::from(st.as_str()), st);
+            assert_eq!(st.to_string(), st.as_str());
+        }
+        // A newer master's state does not make the snapshot unreadable.
+        assert_eq!(
+            serde_json::from_str::<WorkerState>("\"hibernating\"").unwrap(),
+            WorkerState::Unknown
+        );
+        assert_eq!(WorkerState::from("Ready"), WorkerState::Unknown);
+        assert!(serde_json::from_str::<WorkerState>("3").is_err());
+        assert!(WorkerState::Ready == "ready");
+        assert!(WorkerState::Ready != "recycling");
     }
 }

@@ -69,8 +69,7 @@ const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a quick shutdown (INT, QUIT) waits before KILL, at most.
 const QUICK_GRACE: Duration = Duration::from_secs(2);
 
-/// The most workers one master will run.
-pub const MAX_WORKERS: usize = 65536;
+pub use arbiter_proto::control::MAX_WORKERS;
 
 struct Shutdown {
     graceful: bool,
@@ -653,16 +652,8 @@ struct Woke {
 
 /// `TERM`, `SIGTERM`, `term`, `15`.
 pub fn parse_signal(s: &str) -> Option<Signal> {
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).ok();
-    }
-    let upper = s.to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    full.parse().ok()
+    let sig = arbiter_proto::signal::parse(s).ok()?;
+    Signal::try_from(sig.number).ok()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use arbiter_proto::status as snapshot;
 use super::Arbiter;
 use super::pool::CRASH_LOOP_AFTER;
 use super::reload::ReloadOutcome;
-use crate::workers::Worker;
+use crate::workers::{State, Worker};
 
 fn rfc3339(t: SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -110,10 +110,13 @@ fn worker_status(
         slot: w.slot as u64,
         pid: w.pid.as_raw(),
         generation: w.generation,
-        state: if w.recycle && w.state.is_active() {
-            "recycling".to_string()
-        } else {
-            w.state.name().to_string()
+        state: match w.state {
+            _ if w.recycle && w.state.is_active() => snapshot::WorkerState::Recycling,
+            State::Booting => snapshot::WorkerState::Booting,
+            State::Ready { .. } => snapshot::WorkerState::Ready,
+            State::Stopping { .. } => snapshot::WorkerState::Stopping,
+            State::Aborted { .. } => snapshot::WorkerState::Aborted,
+            State::Killed => snapshot::WorkerState::Killed,
         },
         started_at: rfc3339(w.started_wall),
         uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),

@@ -5,7 +5,7 @@ use super::protocol::{error_frame, ok_frame};
 use super::repr::{J, obj};
 use super::{Kind, Shape};
 use arbiter_proto::control::{ErrorKind, Reply, Response};
-use arbiter_proto::status::{Status, WorkerStatus};
+use arbiter_proto::status::{Status, WorkerState, WorkerStatus};
 
 /// The gunicornc-shaped answer to a translated command.
 pub fn render(shape: &Shape, resp: &Response) -> Vec<u8> {
@@ -194,19 +194,21 @@ struct Flags {
     aborted: bool,
 }
 
-/// Every comparison with a state name is here, so that a typed state changes one
-/// function.
+/// What gunicornc's answers say of a worker's state.
 fn flags(w: &WorkerStatus) -> Flags {
-    match w.state.as_str() {
-        "ready" | "recycling" => Flags {
+    match w.state {
+        WorkerState::Ready | WorkerState::Recycling => Flags {
             booted: true,
             aborted: false,
         },
-        "aborted" => Flags {
+        WorkerState::Aborted => Flags {
             booted: false,
             aborted: true,
         },
-        _ => Flags {
+        WorkerState::Booting
+        | WorkerState::Stopping
+        | WorkerState::Killed
+        | WorkerState::Unknown => Flags {
             booted: false,
             aborted: false,
         },
