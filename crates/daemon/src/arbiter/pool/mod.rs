@@ -5,6 +5,9 @@
 //! the same functions. What the master must act on comes back as an [`Exit`] or
 //! a [`Progress`].
 
+mod remains;
+
+use remains::Remains;
 mod spawn;
 mod timers;
 
@@ -19,13 +22,13 @@ use nix::unistd::Pid;
 use arbiter_proto::worker as contract;
 
 use super::events::Events;
-use crate::config::{Config, KillMode, ReadyMode, WorkerProgram};
+use crate::config::{Config, ReadyMode, WorkerProgram};
 use crate::guardian::Guardian;
 use crate::listeners::Listener;
 use crate::notify::Message;
 use crate::relay::Relay;
 use crate::spawn::ChildEnv;
-use crate::trees::{Containment, Tree};
+use crate::trees::Containment;
 use crate::workers::{self, State, Worker};
 use crate::{critical, debug, error, info, warning};
 
@@ -101,12 +104,6 @@ pub struct Progress {
     pub settled: bool,
 }
 
-/// How long what is left of an exited worker's tree has between TERM and KILL
-/// (or `--graceful-timeout`, if shorter).
-const TREE_GRACE: Duration = Duration::from_secs(2);
-/// How often a KILLed tree is looked at until it is empty.
-const TREE_RECHECK: Duration = Duration::from_millis(20);
-
 /// Starting workers fails, again and again.
 pub struct SpawnTrouble {
     pub failures: u32,
@@ -162,14 +159,6 @@ pub struct Pool {
     remains: Vec<Remains>,
     pub worker_failures: u64,
     pub workers_spawned: u64,
-}
-
-/// What is left of an exited worker's tree.
-struct Remains {
-    tree: Tree,
-    /// When to KILL it (after the TERM), or, once killed, look again.
-    next: Instant,
-    killed: bool,
 }
 
 impl Pool {
@@ -245,73 +234,6 @@ impl Pool {
 
     pub fn containment(&self) -> &Containment {
         &self.containment
-    }
-
-    /// The guardian was found gone: start another and tell it of every tree.
-    pub(super) fn revive_guardian(&mut self, cfg: &Config, env: &ChildEnv) {
-        if !self.guardian.as_ref().is_some_and(|g| g.is_lost()) {
-            return;
-        }
-        error!("The guardian is gone; starting another");
-        // Off while it starts, so that it is not adopted back by us.
-        let _ = nix::sys::prctl::set_child_subreaper(false);
-        self.guardian = Guardian::start(&cfg.name, self.containment.cgroup_root(), env)
-            .inspect_err(|e| error!("Cannot start the guardian: {e}"))
-            .ok();
-        let _ = nix::sys::prctl::set_child_subreaper(true);
-        if let Some(g) = &mut self.guardian {
-            for w in &self.workers {
-                g.watch(w.pid);
-            }
-            for r in &self.remains {
-                g.watch(r.tree.pid);
-            }
-        }
-    }
-
-    /// The master exits on its own: the guardian has nothing to do, our cgroups go.
-    pub fn tear_down(&mut self) {
-        if let Some(g) = self.guardian.take() {
-            g.dismiss();
-        }
-        self.containment.tear_down();
-    }
-
-    /// An exited worker's tree: gone, or TERMed with KILL to follow.
-    fn bury(&mut self, w: &Worker, now: Instant, cfg: &Config) {
-        let left = w.tree.remaining();
-        if left.is_empty() {
-            self.forget_tree(&w.tree);
-            return;
-        }
-        let shown: Vec<String> = left.iter().map(|(p, c)| format!("{p} ({c})")).collect();
-        if w.kill_mode == KillMode::Process {
-            info!(
-                "Worker (pid:{}) exited; --kill-mode process leaves its processes running: {}",
-                w.pid,
-                shown.join(", ")
-            );
-            return;
-        }
-        warning!(
-            "Worker (pid:{}) exited but left processes running: {}; sending SIGTERM",
-            w.pid,
-            shown.join(", ")
-        );
-        let tree = Tree::new(w.pid, w.tree.cgroup.clone());
-        let _ = tree.signal_all(Signal::SIGTERM);
-        self.remains.push(Remains {
-            tree,
-            next: now + cfg.graceful_timeout.min(TREE_GRACE),
-            killed: false,
-        });
-    }
-
-    fn forget_tree(&mut self, tree: &Tree) {
-        tree.remove();
-        if let Some(g) = &mut self.guardian {
-            g.forget(tree.pid);
-        }
     }
 
     /// Ready workers of the current generation.
@@ -583,10 +505,7 @@ impl Pool {
 
     /// The shutdown deadline passed: KILL whatever is left.
     pub fn kill_all(&mut self) {
-        for r in &mut self.remains {
-            let _ = r.tree.signal_all(Signal::SIGKILL);
-            r.killed = true;
-        }
+        self.kill_remains();
         for w in &mut self.workers {
             if w.state != State::Killed {
                 warning!(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::{ABORT_GRACE, EXEC_SETTLE, Pool, RSS_CHECK_INTERVAL, TREE_RECHECK};
+use super::{ABORT_GRACE, EXEC_SETTLE, Pool, RSS_CHECK_INTERVAL};
 use crate::config::{Config, ReadyMode};
 use crate::workers::{State, Worker};
 use crate::{critical, error, info, warning};
@@ -56,8 +56,8 @@ impl Pool {
                 State::Killed => {}
             }
         }
-        for r in &self.remains {
-            at(r.next);
+        if let Some(t) = self.remains_due() {
+            at(t);
         }
         if !stopping && self.active_in_generation() < self.target {
             for h in self.slots.values() {
@@ -118,40 +118,6 @@ impl Pool {
             late.as_secs_f64()
         );
         self.silence_counted_from = now;
-    }
-
-    /// What is left of exited workers' trees: gone (forget it), or due for KILL.
-    fn check_remains(&mut self, now: Instant) {
-        let mut gone = Vec::new();
-        for (i, r) in self.remains.iter_mut().enumerate() {
-            if now < r.next {
-                continue;
-            }
-            if !r.tree.is_populated() {
-                gone.push(i);
-                continue;
-            }
-            if !r.killed {
-                let left: Vec<String> = r
-                    .tree
-                    .remaining()
-                    .iter()
-                    .map(|(p, c)| format!("{p} ({c})"))
-                    .collect();
-                warning!(
-                    "What worker (pid:{}) left still runs after SIGTERM: {}; sending SIGKILL",
-                    r.tree.pid,
-                    left.join(", ")
-                );
-                let _ = r.tree.signal_all(Signal::SIGKILL);
-                r.killed = true;
-            }
-            r.next = now + TREE_RECHECK;
-        }
-        for i in gone.into_iter().rev() {
-            let r = self.remains.swap_remove(i);
-            self.forget_tree(&r.tree);
-        }
     }
 
     /// Timeouts: boot, heartbeat, graceful stop, abort grace, trees left behind.
