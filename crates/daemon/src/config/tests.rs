@@ -1,0 +1,185 @@
+use super::*;
+use clap::CommandFactory;
+
+#[test]
+fn bind_forms() {
+    assert_eq!(
+        parse_bind("127.0.0.1:80").unwrap(),
+        BindSpec::Tcp("127.0.0.1:80".parse().unwrap())
+    );
+    assert_eq!(
+        parse_bind("tcp://127.0.0.1:81").unwrap(),
+        BindSpec::Tcp("127.0.0.1:81".parse().unwrap())
+    );
+    assert_eq!(
+        parse_bind("[::1]:82").unwrap(),
+        BindSpec::Tcp("[::1]:82".parse().unwrap())
+    );
+    assert_eq!(
+        parse_bind("[::1]").unwrap(),
+        BindSpec::Tcp("[::1]:8000".parse().unwrap())
+    );
+    assert_eq!(
+        parse_bind(":83").unwrap(),
+        BindSpec::Tcp("0.0.0.0:83".parse().unwrap())
+    );
+    assert_eq!(
+        parse_bind("127.0.0.1").unwrap(),
+        BindSpec::Tcp("127.0.0.1:8000".parse().unwrap())
+    );
+    assert_eq!(
+        parse_bind("unix:/tmp/x.sock").unwrap(),
+        BindSpec::Unix("/tmp/x.sock".into())
+    );
+    assert_eq!(
+        parse_bind("unix:///tmp/y.sock").unwrap(),
+        BindSpec::Unix("/tmp/y.sock".into())
+    );
+    assert_eq!(parse_bind("fd://3").unwrap(), BindSpec::Fd(3));
+    assert!(parse_bind("fd://x").is_err());
+    assert!(parse_bind("127.0.0.1:http").is_err());
+    assert!(parse_bind("127.0.0.1:70000").is_err());
+    assert!(parse_bind("[::1").is_err());
+    assert!(parse_bind("unix:").is_err());
+    for s in ["127.0.0.1:80", "[::1]:82", "unix:/tmp/x.sock", "fd://3"] {
+        assert_eq!(parse_bind(s).unwrap().to_string(), s);
+    }
+}
+
+fn loader_with_file(text: &str, args: &[&str]) -> Result<Config, ConfigError> {
+    // One directory per call: tests run in parallel, and texts may be alike.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("arbiter-cfg-{}-{call}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("a.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut argv = vec![
+        "arbiterd".to_string(),
+        "-c".into(),
+        path.display().to_string(),
+    ];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let loader = Loader::from_argv(argv).unwrap();
+    let out = loader.load();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+#[test]
+fn file_then_flags() {
+    let cfg = loader_with_file(
+        "workers = 3\ntimeout = 5\ngraceful-timeout = 0.5\nbind = [\"127.0.0.1:9\"]\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.workers, 3);
+    assert_eq!(cfg.timeout, Some(Duration::from_secs(5)));
+    assert_eq!(cfg.graceful_timeout, Duration::from_millis(500));
+    assert!(!cfg.default_bind);
+    let cfg = loader_with_file("workers = 3\n", &["-w", "5"]).unwrap();
+    assert_eq!(cfg.workers, 5, "the command line wins over the file");
+}
+
+#[test]
+fn file_errors_name_the_line() {
+    let err = loader_with_file("workers = 2\nbogus = 1\n", &[])
+        .unwrap_err()
+        .0;
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("bogus"), "{err}");
+    let err = loader_with_file("workers = \"x\"\n", &[]).unwrap_err().0;
+    assert!(err.contains("line 1"), "{err}");
+}
+
+#[test]
+fn zero_workers_refused() {
+    let cli = Cli::try_parse_from(["arbiterd", "-w", "0"]).unwrap();
+    assert!(Config::from_cli(cli).unwrap_err().0.contains("--workers"));
+}
+
+#[test]
+fn timeout_zero_disables() {
+    let cli = Cli::try_parse_from(["arbiterd", "-t", "0"]).unwrap();
+    assert_eq!(Config::from_cli(cli).unwrap().timeout, None);
+}
+
+#[test]
+fn missing_command_named() {
+    let cli = Cli::try_parse_from(["arbiterd", "--", "no-such-command-xyz"]).unwrap();
+    let err = Config::from_cli(cli).unwrap_err().0;
+    assert!(err.contains("no-such-command-xyz"), "{err}");
+}
+
+#[test]
+fn ready_and_log_level_values() {
+    let parse = |args: &[&str]| {
+        Cli::try_parse_from(std::iter::once("arbiterd").chain(args.iter().copied()))
+    };
+    let cli = parse(&["--ready", "notify", "--log-level", "WARN"]).unwrap();
+    assert_eq!(cli.ready, Some(ReadyMode::Notify));
+    assert_eq!(cli.log_level, Level::Warning);
+    let cli = parse(&["--ready=exec", "--log-level=warning"]).unwrap();
+    assert_eq!(cli.ready, Some(ReadyMode::Exec));
+    assert_eq!(cli.log_level, Level::Warning);
+    let cli = parse(&[]).unwrap();
+    assert_eq!((cli.ready, cli.log_level), (None, Level::Info));
+    for (args, want) in [
+        (
+            &["--ready", "Notify"][..],
+            "--ready Notify: expected 'exec' or 'notify'",
+        ),
+        (&["--ready="], "--ready : expected 'exec' or 'notify'"),
+        (
+            &["--log-level", "loud"],
+            "--log-level loud: expected debug, info, warning, error or critical",
+        ),
+    ] {
+        let e = parse(args).unwrap_err();
+        let text = e.render().to_string();
+        assert_eq!(text.lines().next(), Some(format!("error: {want}").as_str()));
+    }
+    // Completions offer the values.
+    let cmd = Cli::command();
+    let values = |long: &str| -> Vec<String> {
+        let arg = cmd.get_arguments().find(|a| a.get_long() == Some(long));
+        let arg = arg.unwrap();
+        arg.get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect()
+    };
+    assert_eq!(values("ready"), ["exec", "notify"]);
+    assert_eq!(
+        values("log-level"),
+        ["debug", "info", "warning", "error", "critical"]
+    );
+}
+
+#[test]
+fn ready_and_log_level_from_the_file() {
+    let cfg = loader_with_file("ready = \"notify\"\nlog-level = \"Error\"\n", &[]).unwrap();
+    assert_eq!(cfg.ready, Some(ReadyMode::Notify));
+    assert_eq!(cfg.log_level, Level::Error);
+    let cfg = loader_with_file("ready = \"notify\"\n", &["--ready", "exec"]).unwrap();
+    assert_eq!(cfg.ready, Some(ReadyMode::Exec), "the command line wins");
+    let err = loader_with_file("ready = \"x\"\n", &[]).unwrap_err().0;
+    assert_eq!(err, "--ready x: expected 'exec' or 'notify'");
+    let err = loader_with_file("log_level = \"loud\"\n", &[])
+        .unwrap_err()
+        .0;
+    assert_eq!(
+        err,
+        "--log-level loud: expected debug, info, warning, error or critical"
+    );
+    // A bad value the command line overrides is not looked at.
+    let cfg = loader_with_file("log-level = \"loud\"\n", &["--log-level", "debug"]).unwrap();
+    assert_eq!(cfg.log_level, Level::Debug);
+}
+
+#[test]
+fn command_after_double_dash_keeps_its_flags() {
+    let cli = Cli::try_parse_from(["arbiterd", "-w", "2", "--", "sh", "-w", "9"]).unwrap();
+    assert_eq!(cli.workers, 2);
+    assert_eq!(cli.command, vec!["sh", "-w", "9"]);
+}
