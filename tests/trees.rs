@@ -296,3 +296,21 @@ fn kill_mode_is_a_flag_and_a_config_key() {
     assert!(bad.stderr.contains("kill-mode"), "{bad:?}");
     assert_eq!(bad.stderr.trim().lines().count(), 1, "{bad:?}");
 }
+
+/// A port held by another process: the start-up error names it.
+#[test]
+fn a_port_in_use_names_the_process_holding_it() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let dir = short_tempdir();
+    let out = Run::new(ARBITERD)
+        .args(["-w", "1", "-b", &addr, "--control"])
+        .arg(dir.path().join("c.sock"))
+        .run();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let want = format!("held by pid {} (", std::process::id());
+    assert!(
+        out.stderr.contains("address already in use") && out.stderr.contains(&want),
+        "{out:?}"
+    );
+}

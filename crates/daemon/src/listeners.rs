@@ -105,13 +105,68 @@ pub struct BindError {
 impl std::fmt::Display for BindError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let reason = match self.err.raw_os_error() {
-            Some(libc::EADDRINUSE) => "address already in use".to_string(),
+            Some(libc::EADDRINUSE) => match port_holder(&self.addr) {
+                Some(who) => format!("address already in use (held by {who})"),
+                None => "address already in use".to_string(),
+            },
             Some(libc::EADDRNOTAVAIL) => "address not available on this machine".to_string(),
             Some(libc::EACCES) => "permission denied".to_string(),
             _ => self.err.to_string(),
         };
         write!(f, "cannot listen on {}: {reason}", self.addr)
     }
+}
+
+/// Who listens on the TCP port of `addr` (`127.0.0.1:8000`, `[::1]:8000`), for
+/// an operator told the address is in use: `pid 123 (python3)`. A walk of /proc,
+/// done only on that error.
+fn port_holder(addr: &str) -> Option<String> {
+    let port: u16 = addr.rsplit(':').next()?.parse().ok()?;
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; inode is field 9.
+            let listening = f.get(3) == Some(&"0A");
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening
+                && on_port
+                && let Some(inode) = f.get(9)
+            {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+        });
+        if holds {
+            return Some(format!("pid {pid} ({})", crate::trees::comm(pid)));
+        }
+    }
+    None
 }
 
 fn fdname(s: &str) -> String {
