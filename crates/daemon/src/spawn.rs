@@ -131,6 +131,25 @@ fn is_reserved_env(key: &OsStr) -> bool {
         || k.starts_with(b"WATCHDOG_")
 }
 
+/// `struct clone_args` of clone3(2), as of Linux 5.7.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
 /// The master keeps the fds it holds per worker (output pipes, heartbeat files,
 /// /proc files) at or above this number, and a child takes only the fds below it
 /// (plus whatever it is handed) into its own table.
@@ -170,8 +189,9 @@ pub struct Prepared {
     /// workers, and a worker gets back what it would have had (some programs still
     /// use select(2) and break above 1024).
     nofile: Option<libc::rlimit>,
-    /// `cgroup.procs` of the cgroup the child joins first, held open by the master.
-    cgroup: Option<RawFd>,
+    /// The cgroup the child is born in (its directory), or joins first (its
+    /// `cgroup.procs`), held open by the master.
+    cgroup: Option<(RawFd, RawFd)>,
 }
 
 /// What the caller must supply.
@@ -257,8 +277,8 @@ impl Prepared {
     /// The child joins the cgroup whose `cgroup.procs` is open at `procs` before
     /// anything else, so all it ever starts is in it. The caller keeps `procs` open
     /// until the spawn.
-    pub fn join_cgroup(&mut self, procs: RawFd) {
-        self.cgroup = Some(procs);
+    pub fn join_cgroup(&mut self, dir: RawFd, procs: RawFd) {
+        self.cgroup = Some((dir, procs));
     }
 
     /// fork, and exec in the child. Returns the child's pid and the read end of its
@@ -275,7 +295,7 @@ impl Prepared {
             .fds
             .iter()
             .chain(self.stdio.as_ref())
-            .chain(self.cgroup.as_ref())
+            .chain(self.cgroup.iter().flat_map(|(d, p)| [d, p]))
             .chain(std::iter::once(&status_w.as_raw_fd()))
             .map(|&fd| fd + 1)
             .max()
@@ -291,19 +311,44 @@ impl Prepared {
         // SAFETY: the master is single-threaded; without CLONE_VM the child runs
         // on a copy of the master's memory, as after fork, and the child branch
         // below only makes async-signal-safe calls before execve/_exit.
-        let forked = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                libc::CLONE_FILES | libc::CLONE_VFORK | libc::SIGCHLD,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        } as libc::pid_t;
+        // Into its cgroup at birth (CLONE_INTO_CGROUP, Linux 5.7): moving a
+        // running process there instead costs milliseconds of the kernel's
+        // cgroup locking per spawn.
+        let mut joined = false;
+        let mut forked = -1;
+        if let Some((dir, _)) = self.cgroup {
+            let args = CloneArgs {
+                flags: (libc::CLONE_FILES | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+                exit_signal: libc::SIGCHLD as u64,
+                cgroup: dir as u64,
+                ..CloneArgs::default()
+            };
+            // SAFETY: as for clone below; `args` lives across the call.
+            forked = unsafe {
+                libc::syscall(
+                    libc::SYS_clone3,
+                    &args as *const CloneArgs,
+                    std::mem::size_of::<CloneArgs>(),
+                )
+            } as libc::pid_t;
+            joined = forked >= 0;
+        }
+        if !joined {
+            // SAFETY: see above.
+            forked = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    libc::CLONE_FILES | libc::CLONE_VFORK | libc::SIGCHLD,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
+            } as libc::pid_t;
+        }
         if forked == 0 {
             // SAFETY: we are the child; see child() for its contract.
-            unsafe { self.child(status_w.as_raw_fd(), keep_below, &mut scratch) }
+            unsafe { self.child(status_w.as_raw_fd(), keep_below, joined, &mut scratch) }
         }
         let fork_err = io::Error::last_os_error();
         crate::signals::restore(&old_mask);
@@ -324,7 +369,13 @@ impl Prepared {
     ///
     /// # Safety
     /// Must only be called in the child right after fork.
-    unsafe fn child(&mut self, status_fd: RawFd, keep_below: RawFd, fds: &mut [RawFd]) -> ! {
+    unsafe fn child(
+        &mut self,
+        status_fd: RawFd,
+        keep_below: RawFd,
+        in_cgroup: bool,
+        fds: &mut [RawFd],
+    ) -> ! {
         unsafe fn fail(status_fd: RawFd, step: ChildStep) -> ! {
             // SAFETY: errno read, write(2) from the stack and _exit are async-signal-safe.
             unsafe {
@@ -353,7 +404,8 @@ impl Prepared {
                 // nothing else may be done with it.
                 fail(status_fd, ChildStep::Fds);
             }
-            if let Some(procs) = self.cgroup
+            if let Some((_, procs)) = self.cgroup
+                && !in_cgroup
                 && libc::write(procs, b"0\n".as_ptr().cast(), 2) != 2
             {
                 fail(status_fd, ChildStep::Cgroup);

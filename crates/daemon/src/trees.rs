@@ -38,12 +38,23 @@ pub struct Tree {
     /// `cpu.stat` of the cgroup, held open (a status at thousands of workers
     /// would otherwise open a file per worker).
     cpu_stat: Option<File>,
+    /// The last reading and when it was taken: reading `cpu.stat` makes the
+    /// kernel gather per-CPU counters, about 5 µs a worker, so a status at
+    /// thousands of workers reuses readings up to [`CPU_FRESH`] old.
+    cpu_read: std::cell::Cell<Option<(std::time::Instant, f64)>>,
 }
+
+/// How old a tree's CPU reading in `status` may be.
+const CPU_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A worker's cgroup made ready before its spawn: the child writes itself into
 /// `procs`.
 pub struct Prepared {
     pub dir: PathBuf,
+    /// The directory, open: clone3 makes the child in it.
+    pub dir_fd: OwnedFd,
+    /// Its `cgroup.procs`, where a kernel without CLONE_INTO_CGROUP lets the child
+    /// write itself.
     pub procs: OwnedFd,
 }
 
@@ -97,8 +108,16 @@ impl Containment {
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join("cgroup.procs"))?;
+        let dir_fd = nix::fcntl::open(
+            &dir,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
         Ok(Some(Prepared {
             dir,
+            dir_fd,
             procs: procs.into(),
         }))
     }
@@ -123,6 +142,7 @@ impl Tree {
             pid,
             cgroup,
             cpu_stat,
+            cpu_read: std::cell::Cell::new(None),
         }
     }
 
@@ -175,8 +195,20 @@ impl Tree {
         }
     }
 
-    /// CPU time of the whole tree so far (cgroup only), in seconds.
-    pub fn cpu_secs(&self) -> Option<f64> {
+    /// CPU time of the whole tree so far (cgroup only), in seconds, as read at
+    /// most [`CPU_FRESH`] ago.
+    pub fn cpu_secs(&self, now: std::time::Instant) -> Option<f64> {
+        if let Some((at, secs)) = self.cpu_read.get()
+            && now.saturating_duration_since(at) < CPU_FRESH
+        {
+            return Some(secs);
+        }
+        let secs = self.read_cpu()?;
+        self.cpu_read.set(Some((now, secs)));
+        Some(secs)
+    }
+
+    fn read_cpu(&self) -> Option<f64> {
         let f = self.cpu_stat.as_ref()?;
         let mut buf = [0u8; 512];
         let n = nix::sys::uio::pread(f, &mut buf, 0).ok()?;

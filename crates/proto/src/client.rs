@@ -27,7 +27,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::control::{ErrorBody, MAX_LINE, Reply, Request, RequestEnvelope, Response};
+use crate::control::{ErrorBody, MAX_REPLY, Reply, Request, RequestEnvelope, Response};
 use crate::frame::{self, FrameError};
 
 /// Why a call did not produce a response from the master.
@@ -58,7 +58,7 @@ pub enum ClientError {
         path: PathBuf,
     },
     /// The peer does not speak the protocol: a response that is not valid JSON of
-    /// the expected shape, or longer than [`MAX_LINE`].
+    /// the expected shape, or longer than [`MAX_REPLY`].
     Protocol(String),
     /// The socket is served by a uid that is neither ours nor root's, and was not
     /// named as trusted: nothing was sent to it. `arbiterctl` exits 1.
@@ -257,7 +257,7 @@ impl Client {
                 },
             });
         }
-        let reply = match frame::read_line(&mut self.reader) {
+        let reply = match frame::read_line_up_to(&mut self.reader, MAX_REPLY) {
             Ok(l) => l,
             Err(FrameError::Closed) => {
                 return Err(ClientError::Closed {
@@ -266,7 +266,7 @@ impl Client {
             }
             Err(FrameError::TooLarge) => {
                 return Err(ClientError::Protocol(format!(
-                    "response longer than {MAX_LINE} bytes"
+                    "response longer than {MAX_REPLY} bytes"
                 )));
             }
             Err(FrameError::Io(e)) => {

@@ -25,8 +25,13 @@ use crate::status::Status;
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The longest request or response line, newline included.
+/// The longest request line, newline included (and the longest response a
+/// master takes from anything but itself).
 pub const MAX_LINE: usize = 1024 * 1024;
+
+/// The longest response line a client takes: a status lists every worker, about
+/// 300 bytes each, so thousands of workers go past [`MAX_LINE`].
+pub const MAX_REPLY: usize = 32 * 1024 * 1024;
 
 /// The most workers one master runs: `--workers` above it is refused, and `scale`
 /// clamps to it.

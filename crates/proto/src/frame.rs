@@ -28,6 +28,11 @@ impl std::error::Error for FrameError {}
 
 /// Read one line (without its newline), refusing lines longer than [`MAX_LINE`].
 pub fn read_line<R: BufRead>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    read_line_up_to(r, MAX_LINE)
+}
+
+/// [`read_line`] with another bound.
+pub fn read_line_up_to<R: BufRead>(r: &mut R, limit: usize) -> Result<Vec<u8>, FrameError> {
     let mut line = Vec::new();
     loop {
         let buf = match r.fill_buf() {
@@ -42,7 +47,7 @@ pub fn read_line<R: BufRead>(r: &mut R) -> Result<Vec<u8>, FrameError> {
             Some(i) => (i + 1, true),
             None => (buf.len(), false),
         };
-        if line.len() + take > MAX_LINE {
+        if line.len() + take > limit {
             return Err(FrameError::TooLarge);
         }
         line.extend_from_slice(&buf[..take]);

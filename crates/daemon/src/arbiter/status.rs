@@ -128,7 +128,7 @@ fn worker_status(
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
         rss_bytes: w.rss_bytes(),
-        cpu_secs: w.tree.cpu_secs(),
+        cpu_secs: w.tree.cpu_secs(now),
         output_dropped,
     }
 }

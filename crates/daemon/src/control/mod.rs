@@ -47,7 +47,7 @@ const RESTORE_DELAY: Duration = Duration::from_secs(1);
 /// Retries of a restore that failed back off up to this.
 const RESTORE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A client that does not read its replies is dropped past this much queued output.
-const MAX_OUTPUT: usize = 8 * 1024 * 1024;
+const MAX_OUTPUT: usize = arbiter_proto::control::MAX_REPLY;
 /// Read at most this much from one client per loop turn, so one fast writer cannot
 /// keep the loop on itself.
 const READ_CHUNK: usize = 64 * 1024;

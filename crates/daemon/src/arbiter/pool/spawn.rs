@@ -123,7 +123,7 @@ impl Pool {
             }
         };
         if let Some(c) = &cgroup {
-            prepared.join_cgroup(c.procs.as_raw_fd());
+            prepared.join_cgroup(c.dir_fd.as_raw_fd(), c.procs.as_raw_fd());
         }
         let spawned = prepared.spawn();
         // Only the worker writes into its pipe: EOF then means it (and any child
