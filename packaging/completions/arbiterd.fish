@@ -8,6 +8,8 @@ complete -c arbiterd -l boot-timeout -d 'A worker not ready by then is killed an
 complete -c arbiterd -l kill-mode -d 'Who gets a worker\'s graceful signals: `mixed` (its main process; the rest of its tree TERM then KILL once it exited), `group` (its whole tree at once), `process` (its main process only; the rest is left alone)' -r -f -a "mixed\t'Graceful signals to the main process; once it exited (or at the graceful deadline), TERM then KILL to whatever is left of its tree'
 group\t'Every signal to the whole tree at once'
 process\t'Signals to the main process only; the rest of the tree is left running'"
+complete -c arbiterd -l cgroup -d '`auto`: each worker in a cgroup v2 of its own where the hierarchy is writable (its whole tree is then known and killed at once); `off`: process groups only' -r -f -a "auto\t''
+off\t''"
 complete -c arbiterd -s n -l name -d 'Instance name: process titles, default paths, logs' -r
 complete -c arbiterd -s p -l pid -d 'Pidfile' -r -F
 complete -c arbiterd -l control -d 'Control socket path' -r -F

@@ -68,6 +68,7 @@ pub const LONG_WITH_VALUE: &[&str] = &[
     "ready",
     "boot-timeout",
     "kill-mode",
+    "cgroup",
     "name",
     "pid",
     "control",

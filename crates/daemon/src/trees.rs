@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use crate::config::CgroupMode;
 use crate::{info, warning};
 
 /// How workers' trees are contained.
@@ -62,8 +63,8 @@ impl Containment {
     /// A cgroup of our own for the workers if the v2 hierarchy lets us, else
     /// process groups. Leftovers of a master of the same name that was killed
     /// (its cgroup still there, its pid gone) are killed and removed first.
-    pub fn set_up(name: &str, master_pid: Pid) -> Containment {
-        let Some(parent) = own_cgroup_dir() else {
+    pub fn set_up(name: &str, master_pid: Pid, mode: CgroupMode) -> Containment {
+        let Some(parent) = own_cgroup_dir().filter(|_| mode == CgroupMode::Auto) else {
             return Containment::ProcessGroups;
         };
         clean_predecessors(&parent, name);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
-use super::{Cli, Config, ConfigError, KillMode, parse_log_level, parse_ready};
+use super::{CgroupMode, Cli, Config, ConfigError, KillMode, parse_log_level, parse_ready};
 
 /// A number of seconds in the file: `30` or `0.5`.
 #[derive(Deserialize, Clone, Copy, Debug)]
@@ -47,6 +47,7 @@ struct FileConfig {
     boot_timeout: Option<Number>,
     #[serde(alias = "kill_mode")]
     kill_mode: Option<KillMode>,
+    cgroup: Option<CgroupMode>,
     name: Option<String>,
     pid: Option<PathBuf>,
     control: Option<PathBuf>,
@@ -181,6 +182,7 @@ impl Loader {
         take!(graceful_timeout, "graceful_timeout", |v: Number| v.get());
         take!(boot_timeout, "boot_timeout", |v: Number| v.get());
         take!(kill_mode, "kill_mode", |v| v);
+        take!(cgroup, "cgroup", |v| v);
         take!(name, "name", |v| v);
         take!(pid, "pid", Some);
         take!(control, "control", Some);

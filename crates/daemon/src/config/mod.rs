@@ -54,6 +54,11 @@ pub struct Cli {
     /// `process` (its main process only; the rest is left alone)
     #[arg(long, value_name = "MODE", value_enum, default_value_t = KillMode::Mixed)]
     pub kill_mode: KillMode,
+    /// `auto`: each worker in a cgroup v2 of its own where the hierarchy is
+    /// writable (its whole tree is then known and killed at once); `off`: process
+    /// groups only
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = CgroupMode::Auto)]
+    pub cgroup: CgroupMode,
     /// Instance name: process titles, default paths, logs
     #[arg(short, long, value_name = "NAME", default_value = "arbiter")]
     pub name: String,
@@ -180,6 +185,14 @@ impl std::fmt::Display for BindSpec {
 }
 
 /// Who gets a worker's signals, as systemd's `KillMode=`.
+/// Whether workers get cgroups of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    Auto,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KillMode {
@@ -220,6 +233,7 @@ pub struct Config {
     pub ready: Option<ReadyMode>,
     pub boot_timeout: Duration,
     pub kill_mode: KillMode,
+    pub cgroup: CgroupMode,
     pub name: String,
     pub pidfile: Option<PathBuf>,
     pub control: PathBuf,
@@ -489,6 +503,7 @@ impl Config {
             ready: cli.ready,
             boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
             kill_mode: cli.kill_mode,
+            cgroup: cli.cgroup,
             name: cli.name,
             pidfile,
             control,

@@ -163,7 +163,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(cfg: &Config, master_pid: Pid, env: &ChildEnv) -> Pool {
-        let containment = Containment::set_up(&cfg.name, master_pid);
+        let containment = Containment::set_up(&cfg.name, master_pid, cfg.cgroup);
         let guardian = match Guardian::start(&cfg.name, containment.cgroup_root(), env) {
             Ok(g) => Some(g),
             Err(e) => {
