@@ -18,6 +18,7 @@ impl Arbiter {
         let now = Instant::now();
         let generation = self.pool.generation();
         let slots = self.pool.slots();
+        let dropped = self.pool.output_dropped();
         let workers = self
             .pool
             .workers()
@@ -27,7 +28,7 @@ impl Arbiter {
                     .get(&w.slot)
                     .filter(|_| w.generation == generation)
                     .map_or(0, |h| h.failures);
-                let dropped = self.pool.relay_of(w.id).map_or(0, |r| r.dropped_total());
+                let dropped = dropped.get(&w.id).copied().unwrap_or(0);
                 worker_status(w, now, failures, dropped)
             })
             .collect();

@@ -377,9 +377,13 @@ impl Pool {
         }
     }
 
-    /// Worker `id`'s output relay, while its pipe is open.
-    pub fn relay_of(&self, id: u64) -> Option<&Relay> {
-        self.relays.iter().find(|r| r.worker_id == id)
+    /// Output lines dropped so far, by worker id, for the workers whose pipe is
+    /// still open: one pass, so a status stays linear in the worker count.
+    pub fn output_dropped(&self) -> HashMap<u64, u64> {
+        self.relays
+            .iter()
+            .map(|r| (r.worker_id, r.dropped_total()))
+            .collect()
     }
 
     /// The workers' last words, already in their pipes, as the master exits.
