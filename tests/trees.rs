@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use serde_json::Value;
 
 use crate::harness::*;
 use crate::health::status_at;
@@ -313,4 +314,128 @@ fn a_port_in_use_names_the_process_holding_it() {
         out.stderr.contains("address already in use") && out.stderr.contains(&want),
         "{out:?}"
     );
+}
+
+/// `arbiterd` as PID 1 of a PID namespace of its own, as a container runs it,
+/// started by `unshare --pid --fork --mount-proc` in a process group of its own
+/// (killed whole at the end, whatever happens).
+struct InNamespace {
+    unshare: std::process::Child,
+    control: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl InNamespace {
+    fn start(command: &[String]) -> InNamespace {
+        use std::os::unix::process::CommandExt;
+        let dir = short_tempdir();
+        let control = dir.path().join("c.sock");
+        let unshare = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(ARBITERD)
+            .args(["-w", "2", "-b", "127.0.0.1:0", "--control"])
+            .arg(&control)
+            .arg("--")
+            .args(command)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("run unshare");
+        InNamespace {
+            unshare,
+            control,
+            _dir: dir,
+        }
+    }
+
+    /// The master, as the host sees it (it is 1 inside).
+    fn master(&self) -> i32 {
+        wait_until(LONG, "the master inside the namespace", || {
+            children_of(self.unshare.id() as i32)
+                .first()
+                .map(|c| c.pid)
+                .ok_or_else(|| "not yet".to_string())
+        })
+    }
+
+    fn wait_ready(&self, n: usize) -> Value {
+        wait_until(LONG, &format!("{n} ready workers in the namespace"), || {
+            let st = status_at(&self.control)?;
+            let ready = st["workers"]
+                .as_array()
+                .map_or(0, |w| w.iter().filter(|w| w["state"] == "ready").count());
+            if ready == n {
+                Ok(st)
+            } else {
+                Err(st.to_string())
+            }
+        })
+    }
+}
+
+impl Drop for InNamespace {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.unshare.id() as i32), Signal::SIGKILL);
+        let _ = self.unshare.wait();
+    }
+}
+
+#[test]
+fn as_pid_1_of_a_namespace_term_is_a_graceful_stop() {
+    let ns = InNamespace::start(&["sleep".into(), "1000".into()]);
+    let st = ns.wait_ready(2);
+    assert_eq!(st["master"]["pid"], 1, "{st}");
+    let master = ns.master();
+    nix::sys::signal::kill(Pid::from_raw(master), Signal::SIGTERM).unwrap();
+    let mut unshare = ns;
+    let status = wait_until(LONG, "the namespace's init to exit", || {
+        unshare
+            .unshare
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "still running".to_string())
+    });
+    assert_eq!(status.code(), Some(0), "a TERMed master exits 0");
+}
+
+#[test]
+fn as_pid_1_of_a_namespace_orphans_are_reaped_and_kill_9_takes_everything() {
+    let dir = short_tempdir();
+    let flags = dir.path().join("done");
+    let py3 = python3().to_string_lossy().into_owned();
+    let script = test_file("workers/trees_orphans.py")
+        .to_string_lossy()
+        .into_owned();
+    let ns = InNamespace::start(&[py3, script, flags.to_string_lossy().into_owned()]);
+    ns.wait_ready(2);
+    let master = ns.master();
+    wait_until(LONG, "both workers done making 50 orphans each", || {
+        let n = std::fs::read_dir(dir.path()).map_or(0, |d| d.count());
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} done"))
+        }
+    });
+    wait_until(SHORT, "no zombie left under the namespace's init", || {
+        let z = zombie_children(master);
+        if z.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("zombies {z:?}"))
+        }
+    });
+    let tree = descendants(master);
+    assert!(tree.len() >= 2, "{tree:?}");
+    nix::sys::signal::kill(Pid::from_raw(master), Signal::SIGKILL).unwrap();
+    wait_until(secs(1), "every process of the namespace gone", || {
+        let alive: Vec<i32> = tree.iter().copied().filter(|p| is_alive(*p)).collect();
+        if alive.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{alive:?}"))
+        }
+    });
 }

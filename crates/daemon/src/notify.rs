@@ -67,7 +67,13 @@ impl NotifySocket {
             None,
         )?;
         socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-        let abstract_name = format!("arbiter/{name}/{master_pid}/notify");
+        // The pid namespace too: abstract names are per network namespace, which
+        // masters in different pid namespaces (both pid 1) may share.
+        let pidns = std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        let abstract_name = format!("arbiter/{name}/{pidns}/{master_pid}/notify");
         let addr = UnixAddr::new_abstract(abstract_name.as_bytes())?;
         socket::bind(fd.as_raw_fd(), &addr)?;
         let mut uids = vec![nix::unistd::geteuid().as_raw()];

@@ -3,7 +3,7 @@
 //!
 //! Where a cgroup v2 hierarchy is writable (as root on most machines, under
 //! systemd with `Delegate=yes`, in a container with its own cgroup namespace),
-//! each worker gets a cgroup of its own under `arbiter.NAME.PID` beside the
+//! each worker gets a cgroup of its own under `arbiter.NAME.PIDNS.PID` beside the
 //! master, joined by the child before it execs: then everything the worker ever
 //! starts is in it, setsid'd and double-forked daemons included, the tree is
 //! killed at once with `cgroup.kill`, and its CPU time is the tree's (`cpu.stat`).
@@ -67,8 +67,11 @@ impl Containment {
         let Some(parent) = own_cgroup_dir().filter(|_| mode == CgroupMode::Auto) else {
             return Containment::ProcessGroups;
         };
-        clean_predecessors(&parent, name);
-        let root = parent.join(format!("arbiter.{}.{master_pid}", sanitize(name)));
+        // The pid namespace is in the name: a pid means something only there, and
+        // masters in other namespaces (containers) may share the hierarchy.
+        let prefix = format!("arbiter.{}.{}.", sanitize(name), pid_namespace());
+        clean_predecessors(&parent, &prefix);
+        let root = parent.join(format!("{prefix}{master_pid}"));
         match std::fs::create_dir(&root) {
             Ok(()) if root.join("cgroup.kill").exists() => Containment::Cgroup { root },
             Ok(()) => {
@@ -249,10 +252,16 @@ fn own_cgroup_dir() -> Option<PathBuf> {
         .map(|()| dir)
 }
 
-/// Cgroups `arbiter.NAME.PID` beside ours whose master is gone: a master of this
-/// name was killed with its guardian. Whatever still runs in them goes.
-fn clean_predecessors(parent: &Path, name: &str) {
-    let prefix = format!("arbiter.{}.", sanitize(name));
+/// The inode of our pid namespace (`/proc/self/ns/pid`), 0 if unknown.
+fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
+/// Cgroups `PREFIX` + pid beside ours (`arbiter.NAME.PIDNS.PID`) whose master is
+/// gone: a master of this name, in this pid namespace, was killed with its
+/// guardian. Whatever still runs in them goes.
+fn clean_predecessors(parent: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
@@ -260,12 +269,14 @@ fn clean_predecessors(parent: &Path, name: &str) {
         let file_name = e.file_name();
         let Some(pid) = file_name
             .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
         };
-        if nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() && is_arbiterd(pid) {
+        // Alive, whatever it runs now: a reused pid costs a leftover cgroup, a
+        // wrong guess would kill a live master's workers.
+        if nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() {
             continue;
         }
         let dir = e.path();
@@ -287,12 +298,6 @@ fn clean_predecessors(parent: &Path, name: &str) {
         kill_cgroup(&dir);
         remove_tree(&dir);
     }
-}
-
-fn is_arbiterd(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.windows(8).any(|w| w == b"arbiterd"))
-        .unwrap_or(false)
 }
 
 /// Write `1` to `cgroup.kill`: every process in the cgroup and below gets KILL.
