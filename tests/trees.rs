@@ -439,3 +439,59 @@ fn as_pid_1_of_a_namespace_orphans_are_reaped_and_kill_9_takes_everything() {
         }
     });
 }
+
+/// Every live process whose command line contains `needle`.
+fn pids_with_cmdline(needle: &str) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| cmdline(*p).contains(needle))
+        .collect()
+}
+
+/// The master and its guardian both SIGKILLed: the workers' children live on in
+/// the workers' cgroups, and the next master of that name finds them, says so,
+/// and kills them.
+#[test]
+fn a_fresh_start_cleans_up_what_a_killed_master_and_guardian_left() {
+    let name = format!("fresh{}", std::process::id());
+    let b = Daemon::builder();
+    let file = b.path("daemons");
+    let mut args: Vec<String> = vec!["-n".into(), name.clone(), "-w".into(), "1".into()];
+    args.extend(py("trees_daemonizer.py"));
+    args.push(file.to_string_lossy().into_owned());
+    let d = b.args(&args).start();
+    wait_ready(&d, 1);
+    let daemon = d.wait_until(SHORT, "the worker's daemon", || {
+        pids_in(&file)
+            .first()
+            .copied()
+            .ok_or("none yet".to_string())
+    });
+    d.register_pid(daemon);
+    if !has_cgroups(&d) {
+        return;
+    }
+    let guardian = d.wait_until(SHORT, "the guardian", || {
+        let g = pids_with_cmdline(&format!("guardian [{name}]"));
+        if g.len() == 1 {
+            Ok(g[0])
+        } else {
+            Err(format!("{g:?}"))
+        }
+    });
+    d.register_pid(guardian);
+    nix::sys::signal::kill(Pid::from_raw(guardian), Signal::SIGKILL).unwrap();
+    wait_gone(&d, &[guardian], SHORT, "the guardian");
+    nix::sys::signal::kill(Pid::from_raw(d.pid()), Signal::SIGKILL).unwrap();
+    d.wait_exit(SHORT);
+    assert!(
+        is_alive(daemon),
+        "the daemon should outlive a master killed with its guardian"
+    );
+
+    let again = Daemon::builder().args(["-n", &name, "-w", "1"]).start();
+    again.wait_log("the leftover found and killed", |l| {
+        l.contains("was killed and left processes running") && l.contains(&daemon.to_string())
+    });
+    wait_gone(&again, &[daemon], SHORT, "what the killed master left");
+}
