@@ -495,3 +495,62 @@ fn a_fresh_start_cleans_up_what_a_killed_master_and_guardian_left() {
     });
     wait_gone(&again, &[daemon], SHORT, "what the killed master left");
 }
+
+/// utime + stime of `pid`, in clock ticks (100 a second).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// A crash-looping slot whose restart then cannot even be started (its cgroup
+/// is gone) must not spin the master: the slot's passed backoff used to stay a
+/// deadline in the past, so every wait returned at once.
+#[test]
+fn a_crash_looping_slot_that_cannot_be_started_leaves_the_master_asleep() {
+    let d = Daemon::builder()
+        .args(["-w", "1", "--", "sh", "-c", "sleep 0.05; exit 1"])
+        .start();
+    if !has_cgroups(&d) {
+        return;
+    }
+    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let root = st["master"]["containment"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("cgroup v2 ("))
+        .and_then(|c| c.strip_suffix(')'))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| d.fail(&format!("no cgroup root in {st}")));
+    d.wait_log("the slot crash-looping", |l| l.contains("is crash-looping"));
+    // Take the master's cgroup away between two of the worker's lives.
+    d.wait_until(LONG, "the master's cgroup removed", || {
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        std::fs::remove_dir(&root).map_err(|e| e.to_string())
+    });
+    d.wait_log("spawns failing", |l| {
+        l.contains("cannot make the worker's cgroup")
+    });
+    let c0 = cpu_ticks(d.pid());
+    let t0 = Instant::now();
+    // A window to measure over, not a wait for a state.
+    std::thread::sleep(secs(2));
+    let cpu = cpu_ticks(d.pid()) - c0;
+    assert!(
+        cpu < 50,
+        "the master used {cpu} ticks in {:?} while spawns failed",
+        t0.elapsed()
+    );
+    assert!(
+        d.log_lines_with("ran").iter().all(|l| !l.contains("late")),
+        "{}",
+        d.log()
+    );
+}

@@ -60,8 +60,12 @@ impl Pool {
             at(t);
         }
         if !stopping && self.active_in_generation() < self.target {
+            // A slot's backoff that has passed is not a deadline: the slot was
+            // spawned this turn, or waits on the spawn trouble's own deadline (a
+            // past one would make every wait return at once, for as long as
+            // forks fail).
             for h in self.slots.values() {
-                if let Some(t) = h.not_before {
+                if let Some(t) = h.not_before.filter(|&t| t > now) {
                     at(t);
                 }
             }
