@@ -408,7 +408,7 @@ def report(sc, command):
     big = [(b.label, n, max(get(b, n, "status_bytes"))) for b in (base, cand) for n in sc.ns
            if get(b, n, "status_bytes") and max(get(b, n, "status_bytes")) > 0.85 * (1 << 20)]
     if big:
-        w("Note: arbiterctl refuses a reply line longer than 1 MiB (`MAX_LINE`, crates/proto/src/control.rs); "
+        w("Note: arbiterctl refuses a reply line longer than 32 MiB (`MAX_REPLY`, crates/proto/src/control.rs); "
           "the status reply is close to that: " + ", ".join(f"{l} at {n}: {x / 1024:.0f} KiB" for l, n, x in big)
           + ".")
         w("")
