@@ -22,85 +22,60 @@
 //! TERM: stop accepting, finish in-flight requests (pending sleeps included), close
 //! idle keep-alive connections, exit 0. QUIT/INT: exit 0 at once. ABRT: exit 1.
 //!
-//! Layout: `http.rs` parses a request head and shapes the canned replies (pure,
-//! no I/O); `connection.rs` is one connection's buffers and its HTTP session, and
-//! the table of connections; `worker.rs` is the epoll loop that accepts, reads,
-//! answers, beats and drains; this file boots it (listeners, alarm, heartbeat).
+//! The parts, split where the state splits, so that each can be read (and the pure
+//! ones tested) without the others:
+//!
+//! - this file: the [`Worker`] and its life: boot, the loop, timers, heartbeat,
+//!   signals, the drain. It owns all the state below; the other files add
+//!   `impl Worker` blocks for their part of it.
+//! - [`accept`]: the inherited listeners and taking connections from them while
+//!   they stay blocking (the poll, the alarm, the back-off).
+//! - [`connection`]: one connection's socket, buffers, deadline and epoll interest,
+//!   the table of them, and the worker's I/O on them (read, serve, flush, linger,
+//!   close).
+//! - [`session`]: one connection's HTTP exchange without the socket: which requests
+//!   are answered, which wait (a body, a sleep, a client not reading), and when the
+//!   connection must close. Pure, so its tests need no sockets.
+//! - [`http`]: the request head (httparse, under this worker's limits and rules)
+//!   and the canned responses.
+//!
+//! The worker's accept/epoll/notify/heartbeat state stays in [`Worker`] rather than
+//! in a "session" of its own: it is the worker's life, and the loop reads it on
+//! every turn.
 
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+mod accept;
+mod connection;
+mod http;
+mod session;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::epoll::EpollFlags;
-use nix::sys::signal::{
-    SaFlags, SigAction, SigEvent, SigHandler, SigSet, SigevNotify, Signal, sigaction,
-};
-use nix::sys::socket::{self, SockaddrLike, sockopt};
-use nix::sys::time::TimeSpec;
-use nix::sys::timer::{Expiration, Timer, TimerSetTimeFlags};
-use nix::time::ClockId;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::Signal;
 
 use arbiter_proto::worker as contract;
 
+use crate::signals::SignalPipe;
+
+use accept::inherited_listeners;
+use accept::{AcceptAlarm, Listener};
+use connection::{Conn, Conns, DRAIN_GRACE, READ_CHUNK};
+use http::{Replies, identity_json};
+
 /// Connections served at once; at the cap the listeners are left alone until one
 /// closes (the kernel's backlog holds the rest, or another worker takes them).
-mod connection;
-mod http;
-#[cfg(test)]
-mod tests;
-mod worker;
-
-use connection::*;
-use http::*;
-use worker::*;
-
 const MAX_CONNECTIONS: usize = 1024;
 /// More inherited fds than this is not a listener set but a mistake.
 const MAX_LISTENERS: usize = 256;
-/// A request head longer than this is answered 431 and the connection closed.
-const MAX_HEAD: usize = 16 * 1024;
-/// Responses queued for a client that does not read them: past this, its further
-/// requests wait (and reading from it stops) until the socket drains.
-const OUTPUT_CAP: usize = 64 * 1024;
-/// `/sleep?ms=` cap: ten minutes.
-const MAX_SLEEP_MS: u64 = 600_000;
-/// One read; also the shared read buffer's size.
-const READ_CHUNK: usize = 64 * 1024;
-/// Reads per readiness event, so that one fast sender cannot starve the others
-/// (the fd stays readable and epoll reports it again).
-const READS_PER_EVENT: usize = 16;
-/// Connections taken per listener event: with `EPOLLEXCLUSIVE` only some workers
-/// are woken, so each takes a few, but not so many that it hoards them.
-const ACCEPT_BATCH: usize = 64;
-/// Out of descriptors: how long to leave the listeners alone.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// While a batch of accepts runs, SIGALRM comes this often: the longest a blocking
-/// accept that lost its connection to another process (between our poll and the
-/// accept) keeps the worker from its other connections.
-const ACCEPT_ALARM_EVERY: Duration = Duration::from_millis(10);
-/// A connection with nothing in progress (idle keep-alive, a head or body that
-/// stopped arriving, a client that does not read) is closed after this; without
-/// it, MAX_CONNECTIONS silent clients would wedge the worker for good.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often idle connections are looked for, while there are any connections.
-const SWEEP_EVERY: Duration = Duration::from_secs(15);
-/// After an error response (or one followed by bytes we will not answer) we shut
-/// down our side and read what the client still sends for this long, so that
-/// closing with unread input does not RST the response away before it is read.
-const LINGER: Duration = Duration::from_secs(2);
-/// On TERM, an idle connection (accepted with no request yet, or keep-alive between
-/// requests) gets this long to send one, answered with `Connection: close`: its
-/// client connected to be served, and may be sending right now.
-const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-/// Epoll tokens: connections use slab tokens (index in the low 32 bits), which
-/// never come near these.
+/// Epoll tokens: connections use [`Conns`] tokens (a slab key in the low 32 bits),
+/// which never come near these.
 const TOKEN_SIGNALS: u64 = u64::MAX;
 const TOKEN_LISTENER_0: u64 = u64::MAX - 1;
-
-const READABLE: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLRDHUP);
 
 pub fn run() -> ExitCode {
     match Worker::boot() {
@@ -112,127 +87,208 @@ pub fn run() -> ExitCode {
     }
 }
 
-// ------------------------------------------------------------------ boot
+// ------------------------------------------------------------------ the worker
 
-/// The listening sockets at fds 3.. as systemd's socket activation passes them.
-fn inherited_listeners() -> Result<Vec<Listener>, String> {
-    let count = std::env::var(contract::ENV_LISTEN_FDS)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0);
-    if count == 0 {
-        return Err("no listening socket: LISTEN_FDS is not set or 0".into());
-    }
-    if count > MAX_LISTENERS {
-        return Err(format!("LISTEN_FDS={count}: more than {MAX_LISTENERS}"));
-    }
-    let pid = std::env::var(contract::ENV_LISTEN_PID).unwrap_or_default();
-    if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Err(format!(
-            "LISTEN_PID={pid:?} is not this process ({}): the sockets are not ours",
-            std::process::id()
-        ));
-    }
-    (0..count as RawFd)
-        .map(|i| adopt_listener(contract::LISTEN_FDS_START + i))
-        .collect()
+struct Worker {
+    epoll: Epoll,
+    signals: SignalPipe,
+    /// Armed only during a batch of accepts; see [`AcceptAlarm`].
+    alarm: AcceptAlarm,
+    listeners: Vec<Listener>,
+    /// The listeners are in the epoll set.
+    listening: bool,
+    conns: Conns,
+    /// Connection deadlines, soonest first; see `Conn::deadline`.
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    replies: Replies,
+    read_buf: Box<[u8]>,
+    heartbeat: Option<(contract::Heartbeat, Duration)>,
+    next_beat: Option<Instant>,
+    accept_paused_until: Option<Instant>,
+    accept_error_reported: bool,
+    next_sweep: Option<Instant>,
+    draining: bool,
+    /// The clock as of the last wake-up: good enough for activity stamps.
+    now: Instant,
 }
 
-fn adopt_listener(raw: RawFd) -> Result<Listener, String> {
-    // SAFETY: F_GETFD on an integer fd has no memory-safety preconditions.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-        return Err(format!("fd {raw} (from LISTEN_FDS) is not open"));
+impl Worker {
+    fn boot() -> Result<Worker, String> {
+        let listeners = inherited_listeners()?;
+        raise_fd_limit();
+        let signals = SignalPipe::install(&[
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGABRT,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+        ])
+        .map_err(|e| format!("signal handlers: {e}"))?;
+        let alarm = AcceptAlarm::install().map_err(|e| format!("accept alarm: {e}"))?;
+        let epoll =
+            Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+        epoll
+            .add(
+                signals.fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNALS),
+            )
+            .map_err(|e| format!("epoll: {e}"))?;
+        let mut w = Worker {
+            epoll,
+            signals,
+            alarm,
+            listeners,
+            listening: false,
+            conns: Conns::default(),
+            timers: BinaryHeap::new(),
+            replies: Replies::new(&identity_json()),
+            read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            heartbeat: heartbeat_from_env(),
+            next_beat: None,
+            accept_paused_until: None,
+            accept_error_reported: false,
+            next_sweep: None,
+            draining: false,
+            now: Instant::now(),
+        };
+        w.listen(true).map_err(|e| format!("epoll: {e}"))?;
+        Ok(w)
     }
-    // SAFETY: the fd is open (checked above) and the master handed it to this
-    // process to own; nothing else in the worker uses fds 3.. .
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    match socket::getsockopt(&fd, sockopt::AcceptConn) {
-        Ok(true) => {}
-        Ok(false) => return Err(format!("fd {raw} is a socket that is not listening")),
-        Err(e) => return Err(format!("fd {raw} is not a listening socket: {e}")),
-    }
-    let tcp = socket::getsockname::<socket::SockaddrStorage>(raw).is_ok_and(|a| {
-        matches!(
-            a.family(),
-            Some(socket::AddressFamily::Inet | socket::AddressFamily::Inet6)
-        )
-    });
-    Ok(Listener { fd, tcp })
-}
 
-/// Whether accept would find something now: a queued connection, or an error
-/// (which accept then reports). Never waits.
-fn acceptable(fd: BorrowedFd) -> bool {
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    loop {
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(n) => return n > 0,
-            // A signal arrived while nothing was ready; look again.
-            Err(Errno::EINTR) => continue,
-            // Let accept try: the alarm bounds the wait, and saying "nothing" would
-            // have the level-triggered listener reported, and polled, in a loop.
-            Err(_) => return true,
+    fn serve(mut self) -> ExitCode {
+        // Best effort: without a notify socket the master counts exec as ready.
+        contract::notify("READY=1");
+        let mut events = [EpollEvent::empty(); 256];
+        loop {
+            self.on_time();
+            if self.draining && self.conns.is_empty() {
+                return ExitCode::SUCCESS;
+            }
+            let n = match self.epoll.wait(&mut events, self.poll_timeout()) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    eprintln!("arbiterd builtin worker: epoll_wait: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            self.now = Instant::now();
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_SIGNALS => {
+                        if let Some(code) = self.on_signals() {
+                            return code;
+                        }
+                    }
+                    t if t > TOKEN_LISTENER_0 - MAX_LISTENERS as u64 => {
+                        self.accept((TOKEN_LISTENER_0 - t) as usize);
+                    }
+                    t => self.on_conn(t, ev.events()),
+                }
+            }
         }
     }
-}
 
-/// SIGALRM every ACCEPT_ALARM_EVERY while armed, with a handler that does nothing
-/// but is installed without SA_RESTART: a blocking accept it interrupts returns
-/// EINTR instead of being restarted. The self-pipe's handlers use SA_RESTART (an
-/// accept they interrupt just goes on waiting), so this is the signal that gets a
-/// waiting accept back to the loop.
-struct AcceptAlarm {
-    pub(super) timer: Timer,
-}
-
-extern "C" fn on_alarm(_: libc::c_int) {}
-
-impl AcceptAlarm {
-    pub(super) fn install() -> nix::Result<AcceptAlarm> {
-        let action = SigAction::new(
-            SigHandler::Handler(on_alarm),
-            SaFlags::empty(),
-            SigSet::empty(),
-        );
-        // SAFETY: the handler does nothing, which is async-signal-safe.
-        unsafe { sigaction(Signal::SIGALRM, &action) }?;
-        // The contract hands workers an empty mask; a blocked SIGALRM would leave
-        // an accept that lost its race waiting, so make sure.
-        SigSet::from(Signal::SIGALRM).thread_unblock()?;
-        // To this thread, not the process: the worker has only one, but the unit
-        // tests run beside libtest's threads, any of which could take a signal
-        // sent to the process and leave the accept waiting.
-        #[cfg(target_env = "gnu")]
-        let notify = SigevNotify::SigevThreadId {
-            signal: Signal::SIGALRM,
-            thread_id: nix::unistd::gettid().as_raw(),
-            si_value: 0,
-        };
-        #[cfg(not(target_env = "gnu"))]
-        let notify = SigevNotify::SigevSignal {
-            signal: Signal::SIGALRM,
-            si_value: 0,
-        };
-        let timer = Timer::new(ClockId::CLOCK_MONOTONIC, SigEvent::new(notify))?;
-        Ok(AcceptAlarm { timer })
+    /// Everything that is due: timers, heartbeat, accept back-off, idle sweep.
+    fn on_time(&mut self) {
+        self.now = Instant::now();
+        while let Some(&Reverse((at, token))) = self.timers.peek() {
+            if at > self.now {
+                break;
+            }
+            self.timers.pop();
+            if self
+                .conns
+                .get(token)
+                .is_some_and(|c| c.deadline == Some(at))
+            {
+                self.on_deadline(token);
+            }
+        }
+        if let Some((hb, every)) = &mut self.heartbeat
+            && self.next_beat.is_none_or(|t| self.now >= t)
+        {
+            hb.beat();
+            self.next_beat = Some(self.now + *every);
+        }
+        if self.accept_paused_until.is_some_and(|t| self.now >= t) {
+            self.accept_paused_until = None;
+            self.update_listening();
+        }
+        if self.next_sweep.is_some_and(|t| self.now >= t) {
+            self.sweep();
+        }
     }
 
-    /// An interval, not one shot: the batch may outlast the first expiry, and a
-    /// signal that lands just before an accept starts waiting is followed by another.
-    pub(super) fn arm(&mut self) -> nix::Result<()> {
-        let every = TimeSpec::from_duration(ACCEPT_ALARM_EVERY);
-        self.timer
-            .set(Expiration::Interval(every), TimerSetTimeFlags::empty())
+    /// Until the next thing due; forever when nothing is (an idle worker without a
+    /// heartbeat timeout never wakes up on its own).
+    fn poll_timeout(&self) -> EpollTimeout {
+        let next = [
+            self.timers.peek().map(|Reverse((t, _))| *t),
+            self.next_beat,
+            self.accept_paused_until,
+            self.next_sweep,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(at) = next else {
+            return EpollTimeout::NONE;
+        };
+        // Rounded up: waking a little early would only spin until the deadline.
+        let ms = at
+            .saturating_duration_since(Instant::now())
+            .as_nanos()
+            .div_ceil(1_000_000);
+        EpollTimeout::try_from(ms).unwrap_or(EpollTimeout::MAX)
     }
 
-    pub(super) fn disarm(&mut self) {
-        // A zero one-shot expiry stops the timer, which cannot fail for a timer we
-        // own; were it to, the alarms would only cut epoll_wait short (an empty
-        // wake-up), never make anything wait.
-        let _ = self.timer.set(
-            Expiration::OneShot(TimeSpec::new(0, 0)),
-            TimerSetTimeFlags::empty(),
-        );
+    /// Returns an exit code when a signal says to exit now.
+    fn on_signals(&mut self) -> Option<ExitCode> {
+        for sig in self.signals.drain() {
+            match sig {
+                Signal::SIGINT | Signal::SIGQUIT => return Some(ExitCode::SUCCESS),
+                // The master's heartbeat-timeout signal: KILL follows anyway.
+                Signal::SIGABRT => return Some(ExitCode::FAILURE),
+                Signal::SIGTERM => self.drain(),
+                // HUP, USR1: nothing to reload, no log file of our own.
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Graceful stop: no new connections; busy ones finish, each with
+    /// `Connection: close` on its last response; idle ones get DRAIN_GRACE to ask.
+    fn drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        contract::notify("STOPPING=1");
+        // Out of the epoll set first: the master holds the same open file
+        // descriptions, so closing our fds alone would not remove them from it.
+        let _ = self.listen(false);
+        self.listeners.clear();
+        self.accept_paused_until = None;
+        for token in self.conns.tokens() {
+            if !self.conns.get(token).is_some_and(Conn::idle) {
+                continue;
+            }
+            // A request may be sitting unread in the socket: answer it rather than
+            // close under it. `settle` closes the connection if nothing was there.
+            if !self.read(token, false) {
+                self.close(token);
+                continue;
+            }
+            self.pump(token);
+            if let Some(c) = self.conns.get(token)
+                && c.idle()
+            {
+                self.arm(token, self.now + DRAIN_GRACE);
+            }
+        }
     }
 }
 
@@ -263,4 +319,16 @@ fn heartbeat_from_env() -> Option<(contract::Heartbeat, Duration)> {
 fn beat_interval(timeout_secs: f64) -> Duration {
     Duration::from_secs_f64((timeout_secs / 4.0).min(1.0))
         .clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_interval() {
+        assert_eq!(beat_interval(30.0), Duration::from_secs(1));
+        assert_eq!(beat_interval(2.0), Duration::from_millis(500));
+        assert_eq!(beat_interval(0.1), Duration::from_millis(50));
+    }
 }
