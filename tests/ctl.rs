@@ -735,3 +735,33 @@ fn upgrade_of_nothing_exits_3() {
     let out = ctl_alone(&["--control", sock.to_str().unwrap(), "upgrade"]);
     assert_eq!(out.code(), Some(3), "{out:?}");
 }
+
+/// `--max-workers` (default 1024) caps scale, TTIN and the configured count.
+#[test]
+fn scale_past_max_workers_is_refused_with_the_limit() {
+    let (d, ws) = builtin(2);
+    let out = ctl_code(&d, &["scale", "100000"], 1);
+    assert!(
+        out.stderr.contains("more than --max-workers (1024)"),
+        "{out:?}"
+    );
+    assert_eq!(status_json(&d)["master"]["target"], 2);
+    d.assert_workers_stay(&ws.iter().map(|w| w.pid).collect::<Vec<_>>(), ms(300));
+
+    let bad = Run::new(ARBITERD)
+        .args(["--check-config", "-w", "2000"])
+        .run();
+    assert_eq!(bad.code(), Some(1), "{bad:?}");
+    assert!(
+        bad.stderr.contains("more than --max-workers (1024)"),
+        "{bad:?}"
+    );
+
+    let capped = Daemon::start(["-w", "2", "--max-workers", "2"]);
+    capped.wait_workers(2);
+    capped.signal_delivered(nix::sys::signal::Signal::SIGTTIN);
+    capped.wait_log("TTIN ignored at the limit", |l| {
+        l.contains("SIGTTIN ignored: already at --max-workers (2)")
+    });
+    assert_eq!(status_json(&capped)["master"]["target"], 2);
+}

@@ -1,5 +1,6 @@
 complete -c arbiterd -s b -l bind -d 'Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)' -r
 complete -c arbiterd -s w -l workers -d 'Number of workers' -r
+complete -c arbiterd -l max-workers -d 'The most workers `scale`, TTIN and the config may ask for' -r
 complete -c arbiterd -s t -l timeout -d 'Heartbeat timeout in seconds; 0 disables' -r
 complete -c arbiterd -l graceful-timeout -d 'How long TERMed workers may drain before KILL, in seconds' -r
 complete -c arbiterd -l ready -d 'When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1). Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)' -r -f -a "exec\t''

@@ -63,6 +63,7 @@ pub struct MasterArgs {
 pub const LONG_WITH_VALUE: &[&str] = &[
     "bind",
     "workers",
+    "max-workers",
     "timeout",
     "graceful-timeout",
     "ready",

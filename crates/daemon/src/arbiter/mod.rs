@@ -365,6 +365,10 @@ impl Arbiter {
             }
             Signal::SIGTERM => self.begin_shutdown(true),
             Signal::SIGINT | Signal::SIGQUIT => self.begin_shutdown(false),
+            Signal::SIGTTIN if self.pool.target() >= self.cfg.max_workers => info!(
+                "SIGTTIN ignored: already at --max-workers ({})",
+                self.cfg.max_workers
+            ),
             Signal::SIGTTIN => self.scale_to(self.pool.target().saturating_add(1)),
             Signal::SIGTTOU => {
                 if self.pool.target() <= 1 {

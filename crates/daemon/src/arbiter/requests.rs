@@ -88,6 +88,15 @@ impl Arbiter {
                 );
             }
         };
+        if wanted > self.cfg.max_workers as i64 {
+            return Response::err(
+                ErrorKind::Refused,
+                format!(
+                    "scale {wanted}: more than --max-workers ({})",
+                    self.cfg.max_workers
+                ),
+            );
+        }
         // Never below 1, as TTOU; the master owns the clamp.
         let n = wanted.clamp(1, MAX_WORKERS as i64) as usize;
         self.scale_to(n);

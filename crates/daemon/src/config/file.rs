@@ -39,6 +39,8 @@ enum OneOrMany {
 struct FileConfig {
     bind: Option<OneOrMany>,
     workers: Option<usize>,
+    #[serde(alias = "max_workers")]
+    max_workers: Option<usize>,
     timeout: Option<Number>,
     #[serde(alias = "graceful_timeout")]
     graceful_timeout: Option<Number>,
@@ -178,6 +180,7 @@ impl Loader {
             };
         }
         take!(workers, "workers", |v| v);
+        take!(max_workers, "max_workers", |v| v);
         take!(timeout, "timeout", |v: Number| v.get());
         take!(graceful_timeout, "graceful_timeout", |v: Number| v.get());
         take!(boot_timeout, "boot_timeout", |v: Number| v.get());

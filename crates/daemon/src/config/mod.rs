@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arbiter_proto::control::MAX_WORKERS;
+
+/// `--max-workers` unless told otherwise: a typo in `scale` must not fork tens of
+/// thousands of processes.
+pub const DEFAULT_MAX_WORKERS: usize = 1024;
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
@@ -31,6 +35,9 @@ pub struct Cli {
     /// Number of workers
     #[arg(short, long, value_name = "N", default_value_t = 1)]
     pub workers: usize,
+    /// The most workers `scale`, TTIN and the config may ask for
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_WORKERS)]
+    pub max_workers: usize,
     /// Heartbeat timeout in seconds; 0 disables
     #[arg(short, long, value_name = "SECS", default_value_t = 30.0)]
     pub timeout: f64,
@@ -227,6 +234,7 @@ pub struct Config {
     /// True when `--bind` was not given and `binds` holds the default.
     pub default_bind: bool,
     pub workers: usize,
+    pub max_workers: usize,
     pub timeout: Option<Duration>,
     pub graceful_timeout: Duration,
     /// `None`: the program's default (exec for a COMMAND, notify for the built-in).
@@ -432,8 +440,15 @@ impl Config {
         if cli.workers == 0 {
             bail!("--workers must be at least 1");
         }
-        if cli.workers > MAX_WORKERS {
-            bail!("--workers {}: more than {MAX_WORKERS} workers", cli.workers);
+        if cli.max_workers == 0 || cli.max_workers > MAX_WORKERS {
+            bail!("--max-workers must be from 1 to {MAX_WORKERS}");
+        }
+        if cli.workers > cli.max_workers {
+            bail!(
+                "--workers {}: more than --max-workers ({})",
+                cli.workers,
+                cli.max_workers
+            );
         }
         if cli.backlog <= 0 {
             bail!("--backlog must be positive");
@@ -498,6 +513,7 @@ impl Config {
             binds,
             default_bind,
             workers: cli.workers,
+            max_workers: cli.max_workers,
             timeout: (!timeout.is_zero()).then_some(timeout),
             graceful_timeout: seconds("--graceful-timeout", cli.graceful_timeout)?,
             ready: cli.ready,
