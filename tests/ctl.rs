@@ -765,3 +765,67 @@ fn scale_past_max_workers_is_refused_with_the_limit() {
     });
     assert_eq!(status_json(&capped)["master"]["target"], 2);
 }
+
+/// During a readiness-gated reload the old generation serves: `status` counts
+/// it as ready (no exit 4), and the metrics agree with status.
+#[test]
+fn a_healthy_reload_is_not_reported_degraded() {
+    let b = Daemon::builder();
+    let gate = b.path("ready.flag");
+    let d = b
+        .args(["-w", "3", "--ready", "notify", "--"])
+        .arg(python3())
+        .arg(test_file("workers/ops_notify_gate.py"))
+        .arg(&gate)
+        .start();
+    std::fs::write(&gate, "").unwrap();
+    d.wait_until(LONG, "3 ready workers", || {
+        let st = crate::health::status_at(&d.control_path())?;
+        if st["master"]["ready"] == 3 {
+            Ok(())
+        } else {
+            Err(st["master"].to_string())
+        }
+    });
+    // The new generation will wait for the gate: the old one keeps serving.
+    std::fs::remove_file(&gate).unwrap();
+    d.signal_delivered(nix::sys::signal::Signal::SIGHUP);
+    let st = d.wait_until(
+        LONG,
+        "the reload in flight with 3 new workers booting",
+        || {
+            let st = crate::health::status_at(&d.control_path())?;
+            let booting = st["workers"]
+                .as_array()
+                .map_or(0, |w| w.iter().filter(|w| w["state"] == "booting").count());
+            if st["master"]["reload"].is_object() && booting == 3 {
+                Ok(st)
+            } else {
+                Err(st.to_string())
+            }
+        },
+    );
+    assert_eq!(
+        st["master"]["ready"], 3,
+        "the old generation serves: {}",
+        st["master"]
+    );
+    ctl_code(&d, &["status"], 0);
+    let metrics = ctl_ok(&d, &["metrics"]).stdout;
+    let value = |series: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(value("arbiter_workers_ready "), "3", "{metrics}");
+    assert_eq!(value("arbiter_workers{state=\"ready\"} "), "3", "{metrics}");
+    assert_eq!(
+        value("arbiter_workers{state=\"booting\"} "),
+        "3",
+        "{metrics}"
+    );
+    std::fs::write(&gate, "").unwrap();
+}

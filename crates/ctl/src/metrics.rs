@@ -85,7 +85,7 @@ pub fn families(st: &Status) -> Vec<Family> {
     out.push(single(
         "arbiter_workers_ready",
         "gauge",
-        "Ready workers of the current generation.",
+        "Workers serving now (ready), of any generation.",
         m.ready as f64,
     ));
 
@@ -306,7 +306,7 @@ arbiter_generation 2
 # HELP arbiter_workers_target The target number of workers.
 # TYPE arbiter_workers_target gauge
 arbiter_workers_target 4
-# HELP arbiter_workers_ready Ready workers of the current generation.
+# HELP arbiter_workers_ready Workers serving now (ready), of any generation.
 # TYPE arbiter_workers_ready gauge
 arbiter_workers_ready 3
 # HELP arbiter_workers Worker processes by state.

@@ -26,7 +26,8 @@ pub struct MasterStatus {
     pub generation: u64,
     /// The target worker count.
     pub target: u64,
-    /// Ready workers of the current generation.
+    /// Workers serving now (ready), of any generation: during a reload the old
+    /// ones count until new ones replace them.
     pub ready: u64,
     /// Every worker process the master has, whatever its state.
     pub total: u64,

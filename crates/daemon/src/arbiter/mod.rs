@@ -573,7 +573,7 @@ impl Arbiter {
     fn tell_manager(&mut self, extra: &str) {
         let status = format!(
             "{}/{} workers ready, generation {}{}",
-            self.pool.ready_in_generation(),
+            self.pool.serving(),
             self.pool.target(),
             self.pool.generation(),
             if self.reloads.is_running() {

@@ -60,7 +60,7 @@ impl Arbiter {
                 .to_string(),
                 generation,
                 target: self.pool.target() as u64,
-                ready: self.pool.ready_in_generation() as u64,
+                ready: self.pool.serving() as u64,
                 total: self.pool.workers().len() as u64,
                 listeners: self
                     .listeners

@@ -236,12 +236,11 @@ impl Pool {
         &self.containment
     }
 
-    /// Ready workers of the current generation.
-    pub fn ready_in_generation(&self) -> usize {
-        self.workers
-            .iter()
-            .filter(|w| w.generation == self.generation && w.is_ready())
-            .count()
+    /// Workers serving now, of any generation: during a reload the old ones
+    /// serve until new ones replace them, so a healthy reload is never below
+    /// the target.
+    pub fn serving(&self) -> usize {
+        self.workers.iter().filter(|w| w.is_ready()).count()
     }
 
     /// A new target (scale, WINCH, a reload's configuration); a slot held back by
