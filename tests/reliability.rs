@@ -254,6 +254,46 @@ struct Kinds {
     stop: bool,
     signals: bool,
     scale: bool,
+    /// What the adversarial trial broke (issue 14): notify datagrams from a
+    /// foreign uid and from a process that is no worker (`EXTEND_TIMEOUT_USEC`,
+    /// `WATCHDOG=trigger`), and the master briefly out of fds with control
+    /// clients waiting.
+    hostile: bool,
+}
+
+/// The uid the chaos's foreign notify datagrams come from.
+const CHAOS_FOREIGN_UID: u32 = 54324;
+
+/// Datagrams to the master's notify socket from a process that is no worker.
+fn notify_from_outside(address: &str, foreign: bool) {
+    let script = r#"
+import socket, sys
+addr = "\0" + sys.argv[1][1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for _ in range(200):
+    try:
+        s.sendto(b"EXTEND_TIMEOUT_USEC=100000000\nWATCHDOG=trigger\nSTATUS=hostile", addr)
+    except OSError:
+        pass
+"#;
+    let mut cmd = if foreign {
+        let mut c = Command::new("setpriv");
+        c.args([
+            format!("--reuid={CHAOS_FOREIGN_UID}"),
+            format!("--regid={CHAOS_FOREIGN_UID}"),
+            "--clear-groups".into(),
+        ])
+        .arg(python3());
+        c
+    } else {
+        Command::new(python3())
+    };
+    let _ = cmd
+        .args(["-c", script, address])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 const TARGET: usize = 3;
@@ -288,11 +328,17 @@ fn chaos(name: &str, duration: Duration, kinds: Kinds) {
     // Windows in which a request may legitimately fail: a SIGKILLed worker may hold
     // the client's connection at that instant; a SIGSTOPped one from STOP to CONT.
     let mut windows: Vec<(Instant, Instant)> = Vec::new();
-    let mut counts = [0u32; 6]; // kill, stop, hup, ttin, ttou, scale
+    let mut counts = [0u32; 7]; // kill, stop, hup, ttin, ttou, scale, hostile
+    let notify_address = d
+        .workers()
+        .first()
+        .and_then(|w| proc_environ(*w))
+        .and_then(|e| e.get("NOTIFY_SOCKET").cloned())
+        .unwrap_or_default();
     let mut stopped: Vec<i32> = Vec::new();
     let end = Instant::now() + duration;
     while Instant::now() < end {
-        let choice = rng.below(4);
+        let choice = rng.below(if kinds.hostile { 5 } else { 4 });
         match choice {
             0 if kinds.kill => {
                 let w = d.workers();
@@ -340,6 +386,25 @@ fn chaos(name: &str, duration: Duration, kinds: Kinds) {
                 scale_to(&d, n);
                 counts[5] += 1;
             }
+            4 if kinds.hostile => {
+                if rng.below(2) == 0 {
+                    notify_from_outside(&notify_address, true);
+                    notify_from_outside(&notify_address, false);
+                } else {
+                    // Out of fds for a moment, with control clients waiting.
+                    let soft = nofile_soft(pid);
+                    prlimit_nofile(pid, first_free_fd(pid));
+                    let waiting: Vec<_> = (0..3)
+                        .filter_map(|_| {
+                            std::os::unix::net::UnixStream::connect(d.control_path()).ok()
+                        })
+                        .collect();
+                    std::thread::sleep(rng.range_ms(50, 150));
+                    prlimit_nofile(pid, soft);
+                    drop(waiting);
+                }
+                counts[6] += 1;
+            }
             _ => continue,
         }
         std::thread::sleep(rng.range_ms(100, 400));
@@ -374,7 +439,7 @@ fn chaos(name: &str, duration: Duration, kinds: Kinds) {
         })
         .collect();
     let summary = format!(
-        "RELIABILITY chaos[{name}] {:.0?}: kills {} stops {} hup {} ttin {} ttou {} scales {} | requests ok {ok} failed {} by cause {by_cause:?} unexplained {} | fds {fd0} -> {fd1} | rss {rss0} -> {rss1} KiB | {probe_summary} | spawned {}",
+        "RELIABILITY chaos[{name}] {:.0?}: kills {} stops {} hup {} ttin {} ttou {} scales {} hostile {} | requests ok {ok} failed {} by cause {by_cause:?} unexplained {} | fds {fd0} -> {fd1} | rss {rss0} -> {rss1} KiB | {probe_summary} | spawned {}",
         duration,
         counts[0],
         counts[1],
@@ -382,6 +447,7 @@ fn chaos(name: &str, duration: Duration, kinds: Kinds) {
         counts[3],
         counts[4],
         counts[5],
+        counts[6],
         failures.len(),
         unexplained.len(),
         status_at(&d.control_path())
@@ -420,12 +486,14 @@ const ALL: Kinds = Kinds {
     stop: true,
     signals: true,
     scale: true,
+    hostile: true,
 };
 const GENTLE: Kinds = Kinds {
     kill: false,
     stop: false,
     signals: true,
     scale: true,
+    hostile: false,
 };
 
 #[test]
