@@ -104,7 +104,7 @@ fn sorted(mut v: Vec<i32>) -> Vec<i32> {
     v
 }
 
-fn py_worker(script: &str) -> Vec<String> {
+pub(crate) fn py_worker(script: &str) -> Vec<String> {
     vec![
         "--".into(),
         python3().to_string_lossy().into_owned(),
@@ -396,7 +396,7 @@ fn in_notify_mode_a_worker_is_ready_only_after_ready_1() {
 }
 
 /// utime + stime of `pid`, in clock ticks (100 a second).
-fn cpu_ticks(pid: i32) -> u64 {
+pub(crate) fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();

@@ -13,18 +13,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::harness::*;
-use crate::health::status_at;
+use crate::health::{cpu_ticks, py_worker, status_at};
 use crate::upgrade::Load;
-
-fn py(script: &str) -> Vec<String> {
-    vec![
-        "--".into(),
-        python3().to_string_lossy().into_owned(),
-        test_file(&format!("workers/{script}"))
-            .to_string_lossy()
-            .into_owned(),
-    ]
-}
 
 /// Every live descendant of `pid`.
 fn descendants(pid: i32) -> Vec<i32> {
@@ -103,7 +93,7 @@ fn has_cgroups(d: &Daemon) -> bool {
 #[test]
 fn a_worker_serving_from_its_child_reloads_5_times_under_load_without_a_failed_request() {
     let mut args: Vec<String> = ["-w", "2"].map(String::from).to_vec();
-    args.extend(py("trees_child_server.py"));
+    args.extend(py_worker("trees_child_server.py"));
     let d = Daemon::builder().args(&args).start();
     wait_ready(&d, 2);
     let load = Load::start(d.listener().clone());
@@ -148,7 +138,7 @@ fn a_term_ignoring_grandchild_is_gone_after_reload_and_after_stop() {
     let mut args: Vec<String> = ["-w", "1", "-b", &bind, "--graceful-timeout", "5"]
         .map(String::from)
         .to_vec();
-    args.extend(py("trees_stubborn_grandchild.py"));
+    args.extend(py_worker("trees_stubborn_grandchild.py"));
     args.push(kids.to_string_lossy().into_owned());
     let d = b.args(&args).start();
     wait_ready(&d, 1);
@@ -186,7 +176,7 @@ fn a_setsid_daemon_started_by_a_worker_is_gone_when_the_worker_is_retired() {
     let b = Daemon::builder();
     let file = b.path("daemons");
     let mut args: Vec<String> = ["-w", "1"].map(String::from).to_vec();
-    args.extend(py("trees_daemonizer.py"));
+    args.extend(py_worker("trees_daemonizer.py"));
     args.push(file.to_string_lossy().into_owned());
     let d = b.args(&args).start();
     wait_ready(&d, 1);
@@ -209,7 +199,7 @@ fn a_killed_worker_takes_its_whole_cgroup_and_status_has_the_tree_cpu() {
     let b = Daemon::builder();
     let file = b.path("daemons");
     let mut args: Vec<String> = ["-w", "1"].map(String::from).to_vec();
-    args.extend(py("trees_daemonizer.py"));
+    args.extend(py_worker("trees_daemonizer.py"));
     args.push(file.to_string_lossy().into_owned());
     let d = b.args(&args).start();
     let w = wait_ready(&d, 1)[0];
@@ -457,7 +447,7 @@ fn a_fresh_start_cleans_up_what_a_killed_master_and_guardian_left() {
     let b = Daemon::builder();
     let file = b.path("daemons");
     let mut args: Vec<String> = vec!["-n".into(), name.clone(), "-w".into(), "1".into()];
-    args.extend(py("trees_daemonizer.py"));
+    args.extend(py_worker("trees_daemonizer.py"));
     args.push(file.to_string_lossy().into_owned());
     let d = b.args(&args).start();
     wait_ready(&d, 1);
@@ -494,15 +484,6 @@ fn a_fresh_start_cleans_up_what_a_killed_master_and_guardian_left() {
         l.contains("was killed and left processes running") && l.contains(&daemon.to_string())
     });
     wait_gone(&again, &[daemon], SHORT, "what the killed master left");
-}
-
-/// utime + stime of `pid`, in clock ticks (100 a second).
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
 }
 
 /// A crash-looping slot whose restart then cannot even be started (its cgroup
