@@ -213,9 +213,17 @@ fn a_killed_worker_takes_its_whole_cgroup_and_status_has_the_tree_cpu() {
     if !has_cgroups(&d) {
         return;
     }
-    let st = status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
-    let cpu = &st["workers"][0]["cpu_secs"];
-    assert!(cpu.as_f64().is_some_and(|c| c > 0.0), "tree CPU: {st}");
+    // A reading is reused for up to a second, so the first may be from the
+    // worker's first instant: wait for the tree's CPU to show.
+    d.wait_until(LONG, "the tree's CPU time in status", || {
+        let st = status_at(&d.control_path())?;
+        let cpu = &st["workers"][0]["cpu_secs"];
+        if cpu.as_f64().is_some_and(|c| c > 0.0) {
+            Ok(())
+        } else {
+            Err(st["workers"].to_string())
+        }
+    });
     let out = d.ctl(["kill", &w.to_string(), "--signal", "KILL"]);
     assert_eq!(out.code(), Some(0), "{out:?}");
     wait_gone(
