@@ -135,6 +135,11 @@ pub fn families(st: &Status) -> Vec<Family> {
         "gauge",
         "Seconds since the worker's last heartbeat (absent if it never beat).",
     );
+    let mut cpu = family(
+        "arbiter_worker_cpu_seconds_total",
+        "counter",
+        "CPU seconds used by the worker's whole process tree (where it has a cgroup).",
+    );
     for w in &workers {
         up.samples.push(Sample {
             labels: ids(w),
@@ -152,8 +157,14 @@ pub fn families(st: &Status) -> Vec<Family> {
                 value: a,
             });
         }
+        if let Some(c) = w.cpu_secs {
+            cpu.samples.push(Sample {
+                labels: ids(w),
+                value: c,
+            });
+        }
     }
-    out.extend([up, rss, beat]);
+    out.extend([up, rss, beat, cpu]);
 
     let mut by_slot: BTreeMap<u64, u64> = BTreeMap::new();
     for w in &st.workers {
@@ -202,6 +213,18 @@ pub fn families(st: &Status) -> Vec<Family> {
         "counter",
         "Lines the master could not write to its log (a full disk, a stalled reader).",
         m.log.lines_dropped as f64,
+    ));
+    out.push(single(
+        "arbiter_worker_output_lines_dropped_total",
+        "counter",
+        "Lines of worker output dropped because a worker wrote faster than the relay passes on.",
+        m.output_lines_dropped as f64,
+    ));
+    out.push(single(
+        "arbiter_notify_dropped_total",
+        "counter",
+        "Notify datagrams dropped for coming from a uid no worker runs as.",
+        m.notify_dropped as f64,
     ));
     out.push(single(
         "arbiter_log_failing",
@@ -336,6 +359,8 @@ arbiter_worker_rss_bytes{id="11",slot="2",pid="100234"} 12900000
 arbiter_worker_heartbeat_age_seconds{id="9",slot="1",pid="999"} 75
 arbiter_worker_heartbeat_age_seconds{id="10",slot="0",pid="1001"} 0.42
 arbiter_worker_heartbeat_age_seconds{id="11",slot="2",pid="100234"} 0.42
+# HELP arbiter_worker_cpu_seconds_total CPU seconds used by the worker's whole process tree (where it has a cgroup).
+# TYPE arbiter_worker_cpu_seconds_total counter
 # HELP arbiter_worker_restarts Consecutive failures of the worker slot (0 once a worker of it stays up).
 # TYPE arbiter_worker_restarts gauge
 arbiter_worker_restarts{slot="0"} 0
@@ -357,6 +382,12 @@ arbiter_workers_spawned_total 12
 # HELP arbiter_log_lines_dropped_total Lines the master could not write to its log (a full disk, a stalled reader).
 # TYPE arbiter_log_lines_dropped_total counter
 arbiter_log_lines_dropped_total 0
+# HELP arbiter_worker_output_lines_dropped_total Lines of worker output dropped because a worker wrote faster than the relay passes on.
+# TYPE arbiter_worker_output_lines_dropped_total counter
+arbiter_worker_output_lines_dropped_total 0
+# HELP arbiter_notify_dropped_total Notify datagrams dropped for coming from a uid no worker runs as.
+# TYPE arbiter_notify_dropped_total counter
+arbiter_notify_dropped_total 0
 # HELP arbiter_log_failing 1 while the master's log is refusing lines.
 # TYPE arbiter_log_failing gauge
 arbiter_log_failing 0
