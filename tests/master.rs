@@ -87,6 +87,39 @@ fn ttin_three_times_adds_exactly_three_workers() {
     d.assert_workers_stay(&pids(&after), ms(500));
 }
 
+/// `--max-workers` in the config file, lowered by a reload below a count TTIN
+/// reached: the count comes down to the limit (the limit holds for the count as for
+/// TTIN and `scale`), where otherwise TTIN's workers would survive the reload.
+#[test]
+fn a_reload_lowering_max_workers_brings_the_count_down_to_it() {
+    let b = Daemon::builder();
+    let cfg = b.path("app.toml");
+    std::fs::write(&cfg, "workers = 2\nmax-workers = 3\n").unwrap();
+    let d = b.arg("-c").arg(&cfg).start();
+    d.wait_workers(2);
+    d.signal_delivered(Signal::SIGTTIN);
+    let three = d.wait_workers(3);
+    d.signal_delivered(Signal::SIGTTIN);
+    d.wait_log("TTIN at the limit logged", |l| {
+        l.contains("SIGTTIN ignored: already at --max-workers (3)")
+    });
+    d.assert_workers_stay(&pids(&three), ms(300));
+
+    std::fs::write(&cfg, "workers = 2\nmax-workers = 2\n").unwrap();
+    let out = d.ctl(["--timeout", "30", "reload"]);
+    assert_eq!(out.code(), Some(0), "reload: {out:?}");
+    d.wait_workers(2);
+    d.wait_log("the limit's change logged", |l| {
+        l.contains("max-workers 3 -> 2")
+    });
+    d.wait_log("the count's change logged", |l| {
+        l.contains("workers 3 -> 2: at most --max-workers")
+    });
+    let st = d.ctl(["--json", "status"]);
+    let st: Value = serde_json::from_str(&st.stdout).unwrap_or_else(|e| panic!("{e}: {st:?}"));
+    assert_eq!(st["master"]["target"], 2, "{st}");
+}
+
 #[test]
 fn ttou_stops_the_oldest_worker() {
     let (d, ws) = builtin(3);
@@ -660,6 +693,41 @@ fn a_busy_port_after_a_unix_bind_leaves_no_socket_file() {
     assert_startup_error("unix socket then a busy port", &out, &addr);
     assert_eq!(entries(dir.path()), Vec::<String>::new(), "left behind");
     drop(holder);
+}
+
+/// More workers than `--max-workers` (1024 unless told, or the config file's
+/// `max-workers`): nothing starts, and the one line names the limit.
+#[test]
+fn more_workers_than_max_workers_is_a_clean_startup_error() {
+    let dir = short_tempdir();
+    let cfg = dir.path().join("app.toml");
+    std::fs::write(&cfg, "max-workers = 3\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
+    for (args, line) in [
+        (
+            &["-w", "2000"][..],
+            "arbiterd: --workers 2000: more than --max-workers (1024)",
+        ),
+        (
+            &["-w", "4", "-c", cfg],
+            "arbiterd: --workers 4: more than --max-workers (3)",
+        ),
+        (
+            &["-w", "2", "--max-workers", "65537"],
+            "arbiterd: --max-workers must be from 1 to 65536",
+        ),
+    ] {
+        let out = Run::arbiterd()
+            .args(args)
+            .args(["-b", "127.0.0.1:0", "-p"])
+            .arg(dir.path().join("x.pid"))
+            .arg("--control")
+            .arg(dir.path().join("ctl.sock"))
+            .run();
+        assert_startup_error(&format!("{args:?}"), &out, "--max-workers");
+        assert_eq!(out.stderr.trim_end(), line, "{args:?}");
+    }
+    assert_eq!(entries(dir.path()), ["app.toml"], "left behind");
 }
 
 fn missing_command(cmd: &str) {

@@ -208,6 +208,14 @@ impl Arbiter {
         if new.workers != self.cfg.workers {
             // An explicit new count wins; otherwise TTIN/TTOU scaling survives.
             self.pool.set_target(new.workers);
+        } else if previous_target > new.max_workers {
+            // TTIN or scale took the count past the limit the file now lowers: the
+            // limit is what `scale` and TTIN are held to, so the count is too.
+            info!(
+                "workers {previous_target} -> {}: at most --max-workers",
+                new.max_workers
+            );
+            self.pool.set_target(new.max_workers);
         }
         // Keep what cannot change without a restart.
         let mut new = new;

@@ -555,6 +555,12 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     if old.workers != new.workers {
         changed.push(format!("workers {} -> {}", old.workers, new.workers));
     }
+    if old.max_workers != new.max_workers {
+        changed.push(format!(
+            "max-workers {} -> {}",
+            old.max_workers, new.max_workers
+        ));
+    }
     diff!("bind", binds);
     diff!("timeout", timeout);
     diff!("graceful-timeout", graceful_timeout);

@@ -183,3 +183,39 @@ fn command_after_double_dash_keeps_its_flags() {
     assert_eq!(cli.workers, 2);
     assert_eq!(cli.command, vec!["sh", "-w", "9"]);
 }
+
+#[test]
+fn max_workers_bounds_and_reload_changes() {
+    let load = |args: &[&str]| {
+        let mut argv = vec!["arbiterd"];
+        argv.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(argv).unwrap())
+    };
+    assert_eq!(load(&[]).unwrap().max_workers, DEFAULT_MAX_WORKERS);
+    assert_eq!(
+        load(&["-w", "2000"]).unwrap_err().0,
+        "--workers 2000: more than --max-workers (1024)"
+    );
+    assert_eq!(
+        load(&["-w", "2000", "--max-workers", "2000"])
+            .unwrap()
+            .workers,
+        2000
+    );
+    for bad in ["0", "65537"] {
+        assert_eq!(
+            load(&["--max-workers", bad]).unwrap_err().0,
+            format!("--max-workers must be from 1 to {MAX_WORKERS}")
+        );
+    }
+    let err = loader_with_file("max-workers = 3\n", &["-w", "4"])
+        .unwrap_err()
+        .0;
+    assert_eq!(err, "--workers 4: more than --max-workers (3)");
+    let old = loader_with_file("max_workers = 8\n", &[]).unwrap();
+    assert_eq!(old.max_workers, 8);
+    let new = loader_with_file("max-workers = 4\n", &[]).unwrap();
+    let (changed, restart) = describe_changes(&old, &new);
+    assert_eq!(changed, ["max-workers 8 -> 4"]);
+    assert!(restart.is_empty(), "{restart:?}");
+}
