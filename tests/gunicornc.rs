@@ -242,6 +242,33 @@ fn show_workers_and_scale() {
     );
 }
 
+/// `worker add` past `--max-workers` is refused in one line naming the limit, and
+/// adds nothing; up to the limit it adds as ever.
+#[test]
+fn worker_add_past_max_workers_is_refused() {
+    let d = Daemon::start(["-w", "2", "--max-workers", "3"]);
+    d.wait_workers(2);
+    let mut gc = Gc::connect(&d);
+    assert_eq!(
+        gc.call("worker add 5"),
+        json!({"id": gc.next_id, "status": "error",
+               "error": "Command failed: scale 7: more than --max-workers (3)"})
+    );
+    assert_eq!(gc.ok("show stats")["workers_target"], 2);
+    assert_eq!(
+        gc.ok("worker add 1"),
+        json!({"added": 1, "previous": 2, "total": 3})
+    );
+    let three: Vec<i32> = d.wait_workers(3).iter().map(|w| w.pid).collect();
+    assert_eq!(
+        gc.call("worker add"),
+        json!({"id": gc.next_id, "status": "error",
+               "error": "Command failed: scale 4: more than --max-workers (3)"})
+    );
+    assert_eq!(gc.ok("show stats")["workers_target"], 3);
+    d.assert_workers_stay(&three, ms(300));
+}
+
 #[test]
 fn kill_reload_reopen_and_errors() {
     let d = Daemon::start(["-w", "1"]);
