@@ -99,7 +99,8 @@ const ARBITERD_SECTIONS: &[Section] = &[
             ),
             Tp(
                 "TTIN, TTOU",
-                "One worker more, one fewer (the oldest first, never below 1).",
+                "One worker more, one fewer (the oldest first, never below 1). TTIN at \
+                 `--max-workers` is logged and ignored.",
             ),
             Tp(
                 "USR1",

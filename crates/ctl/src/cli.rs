@@ -63,7 +63,7 @@ pub enum Command {
     /// workers are ready than the target)
     Status,
     /// Change the number of workers: +N more, -N fewer, N or =N exactly (never
-    /// below 1)
+    /// below 1; the master refuses more than its --max-workers)
     Scale {
         /// +N, -N, N or =N
         #[arg(value_name = "+N|-N|N", allow_hyphen_values = true)]
