@@ -46,6 +46,7 @@
 mod accept;
 mod connection;
 mod http;
+mod response;
 mod session;
 
 use std::cmp::Reverse;
@@ -64,7 +65,7 @@ use crate::signals::SignalPipe;
 use accept::inherited_listeners;
 use accept::{AcceptAlarm, Listener};
 use connection::{Conn, Conns, DRAIN_GRACE, READ_CHUNK};
-use http::{Replies, identity_json};
+use response::{Replies, identity_json};
 
 /// Connections served at once; at the cap the listeners are left alone until one
 /// closes (the kernel's backlog holds the rest, or another worker takes them).

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use super::http::{CONTINUE, Method, Parse, Replies, Reply, Request, Route, parse};
+use super::http::{Method, Parse, Request, Route, parse};
+use super::response::{CONTINUE, Replies, Reply};
 
 /// Responses queued for a client that does not read them: past this, its further
 /// requests wait (and reading from it stops) until the socket drains.
