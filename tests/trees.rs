@@ -171,34 +171,13 @@ fn a_term_ignoring_grandchild_is_gone_after_reload_and_after_stop() {
     wait_ready(&again, 1);
 }
 
-#[test]
-fn a_setsid_daemon_started_by_a_worker_is_gone_when_the_worker_is_retired() {
+/// A master with one worker that starts a classic daemon (fork, setsid, fork):
+/// (the master, the worker's pid, the daemon's pid). `pre`: more flags first.
+fn with_a_daemonizing_worker(pre: &[&str]) -> (Daemon, i32, i32) {
     let b = Daemon::builder();
     let file = b.path("daemons");
-    let mut args: Vec<String> = ["-w", "1"].map(String::from).to_vec();
-    args.extend(py_worker("trees_daemonizer.py"));
-    args.push(file.to_string_lossy().into_owned());
-    let d = b.args(&args).start();
-    wait_ready(&d, 1);
-    let daemon = d.wait_until(SHORT, "the worker's daemon", || {
-        pids_in(&file)
-            .first()
-            .copied()
-            .ok_or("none yet".to_string())
-    });
-    d.register_pid(daemon);
-    if !has_cgroups(&d) {
-        return;
-    }
-    d.signal_delivered(Signal::SIGHUP);
-    wait_gone(&d, &[daemon], LONG, "the retired worker's setsid'd daemon");
-}
-
-#[test]
-fn a_killed_worker_takes_its_whole_cgroup_and_status_has_the_tree_cpu() {
-    let b = Daemon::builder();
-    let file = b.path("daemons");
-    let mut args: Vec<String> = ["-w", "1"].map(String::from).to_vec();
+    let mut args: Vec<String> = pre.iter().map(|a| a.to_string()).collect();
+    args.extend(["-w".to_string(), "1".to_string()]);
     args.extend(py_worker("trees_daemonizer.py"));
     args.push(file.to_string_lossy().into_owned());
     let d = b.args(&args).start();
@@ -210,6 +189,22 @@ fn a_killed_worker_takes_its_whole_cgroup_and_status_has_the_tree_cpu() {
             .ok_or("none yet".to_string())
     });
     d.register_pid(daemon);
+    (d, w, daemon)
+}
+
+#[test]
+fn a_setsid_daemon_started_by_a_worker_is_gone_when_the_worker_is_retired() {
+    let (d, _, daemon) = with_a_daemonizing_worker(&[]);
+    if !has_cgroups(&d) {
+        return;
+    }
+    d.signal_delivered(Signal::SIGHUP);
+    wait_gone(&d, &[daemon], LONG, "the retired worker's setsid'd daemon");
+}
+
+#[test]
+fn a_killed_worker_takes_its_whole_cgroup_and_status_has_the_tree_cpu() {
+    let (d, w, daemon) = with_a_daemonizing_worker(&[]);
     if !has_cgroups(&d) {
         return;
     }
@@ -452,20 +447,7 @@ fn pids_with_cmdline(needle: &str) -> Vec<i32> {
 #[test]
 fn a_fresh_start_cleans_up_what_a_killed_master_and_guardian_left() {
     let name = format!("fresh{}", std::process::id());
-    let b = Daemon::builder();
-    let file = b.path("daemons");
-    let mut args: Vec<String> = vec!["-n".into(), name.clone(), "-w".into(), "1".into()];
-    args.extend(py_worker("trees_daemonizer.py"));
-    args.push(file.to_string_lossy().into_owned());
-    let d = b.args(&args).start();
-    wait_ready(&d, 1);
-    let daemon = d.wait_until(SHORT, "the worker's daemon", || {
-        pids_in(&file)
-            .first()
-            .copied()
-            .ok_or("none yet".to_string())
-    });
-    d.register_pid(daemon);
+    let (d, _, daemon) = with_a_daemonizing_worker(&["-n", &name]);
     if !has_cgroups(&d) {
         return;
     }
