@@ -640,39 +640,36 @@ fn tasks_of_uid(uid: u32) -> usize {
     n
 }
 
-#[test]
-fn fork_failing_under_rlimit_nproc_is_logged_and_recovers() {
-    // Root ignores RLIMIT_NPROC: the master runs as an unprivileged uid, in a
-    // directory it can write, with a process limit; other processes of that uid
-    // (sleepers) use up the rest, and killing them clears the fault.
-    const LIMIT: usize = 24;
+/// arbiterd with `args`, run as `uid` under a process limit of `limit` (root
+/// ignores RLIMIT_NPROC), in a directory of its own: it holds the control
+/// socket, in world-writable /tmp, so nobody else may write to it.
+fn start_as_uid_with_nproc(uid: u32, limit: usize, args: &[&str]) -> Daemon {
     let b = Daemon::builder();
-    // The master's own directory (it holds the control socket, in
-    // world-writable /tmp): not writable by anyone else.
-    std::os::unix::fs::chown(b.dir(), Some(NPROC_UID), Some(NPROC_UID)).unwrap();
+    std::os::unix::fs::chown(b.dir(), Some(uid), Some(uid)).unwrap();
     fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o700)).unwrap();
-    let d = b
-        .program("prlimit")
-        .args([
-            format!("--nproc={LIMIT}:{LIMIT}"),
-            "setpriv".into(),
-            format!("--reuid={NPROC_UID}"),
-            format!("--regid={NPROC_UID}"),
-            "--clear-groups".into(),
-            ARBITERD.into(),
-            "-w".into(),
-            "1".into(),
-        ])
-        .start();
-    d.wait_workers(1);
-    let used = tasks_of_uid(NPROC_UID);
-    assert!(used < LIMIT, "the uid already runs {used} tasks");
-    let mut sleepers: Vec<Child> = (used..LIMIT)
+    let mut argv: Vec<String> = vec![
+        format!("--nproc={limit}:{limit}"),
+        "setpriv".into(),
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+        ARBITERD.into(),
+    ];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    b.program("prlimit").args(argv).start()
+}
+
+/// Use up the rest of `uid`'s process limit with sleepers of that uid (killing
+/// them clears the fault); they are registered with `d` for the cleanup.
+fn fill_process_limit(d: &Daemon, uid: u32, limit: usize) -> Vec<Child> {
+    let used = tasks_of_uid(uid);
+    assert!(used < limit, "the uid already runs {used} tasks");
+    let sleepers: Vec<Child> = (used..limit)
         .map(|_| {
             let c = Command::new("setpriv")
                 .args([
-                    &format!("--reuid={NPROC_UID}"),
-                    &format!("--regid={NPROC_UID}"),
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
                     "--clear-groups",
                     "sleep",
                     "60",
@@ -686,13 +683,24 @@ fn fork_failing_under_rlimit_nproc_is_logged_and_recovers() {
         })
         .collect();
     d.wait_until(SHORT, "the uid to be at its process limit", || {
-        let n = tasks_of_uid(NPROC_UID);
-        if n >= LIMIT {
+        let n = tasks_of_uid(uid);
+        if n >= limit {
             Ok(())
         } else {
             Err(format!("{n} tasks"))
         }
     });
+    sleepers
+}
+
+#[test]
+fn fork_failing_under_rlimit_nproc_is_logged_and_recovers() {
+    // The master runs as an unprivileged uid with a process limit; other
+    // processes of that uid use up the rest.
+    const LIMIT: usize = 24;
+    let d = start_as_uid_with_nproc(NPROC_UID, LIMIT, &["-w", "1"]);
+    d.wait_workers(1);
+    let mut sleepers = fill_process_limit(&d, NPROC_UID, LIMIT);
     scale_to(&d, 3);
     let line = d.wait_log("a fork failure logged", |l| {
         l.contains("fork failed") || l.contains("Resource temporarily unavailable")
@@ -724,53 +732,9 @@ const RELOAD_NPROC_UID: u32 = 54322;
 #[test]
 fn a_reload_that_cannot_fork_fails_at_the_boot_timeout() {
     const LIMIT: usize = 24;
-    let b = Daemon::builder();
-    std::os::unix::fs::chown(b.dir(), Some(RELOAD_NPROC_UID), Some(RELOAD_NPROC_UID)).unwrap();
-    fs::set_permissions(b.dir(), fs::Permissions::from_mode(0o700)).unwrap();
-    let d = b
-        .program("prlimit")
-        .args([
-            format!("--nproc={LIMIT}:{LIMIT}"),
-            "setpriv".into(),
-            format!("--reuid={RELOAD_NPROC_UID}"),
-            format!("--regid={RELOAD_NPROC_UID}"),
-            "--clear-groups".into(),
-            ARBITERD.into(),
-            "-w".into(),
-            "2".into(),
-            "--boot-timeout".into(),
-            "3".into(),
-        ])
-        .start();
+    let d = start_as_uid_with_nproc(RELOAD_NPROC_UID, LIMIT, &["-w", "2", "--boot-timeout", "3"]);
     let old: Vec<i32> = d.wait_workers(2).iter().map(|w| w.pid).collect();
-    let used = tasks_of_uid(RELOAD_NPROC_UID);
-    assert!(used < LIMIT, "the uid already runs {used} tasks");
-    let mut sleepers: Vec<Child> = (used..LIMIT)
-        .map(|_| {
-            let c = Command::new("setpriv")
-                .args([
-                    &format!("--reuid={RELOAD_NPROC_UID}"),
-                    &format!("--regid={RELOAD_NPROC_UID}"),
-                    "--clear-groups",
-                    "sleep",
-                    "60",
-                ])
-                .env(TAG_VAR, d.tag())
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn a sleeper");
-            d.register_pid(c.id() as i32);
-            c
-        })
-        .collect();
-    d.wait_until(SHORT, "the uid to be at its process limit", || {
-        let n = tasks_of_uid(RELOAD_NPROC_UID);
-        if n >= LIMIT {
-            Ok(())
-        } else {
-            Err(format!("{n} tasks"))
-        }
-    });
+    let mut sleepers = fill_process_limit(&d, RELOAD_NPROC_UID, LIMIT);
     let reload = std::thread::spawn({
         let ctl = d.control_path();
         move || {
