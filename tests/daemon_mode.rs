@@ -242,6 +242,57 @@ fn daemonize_on_a_busy_port_fails_in_the_foreground_with_the_reason() {
     assert!(!control.exists(), "a control socket was left behind");
 }
 
+/// `arbiterd -D --boot-timeout 2 ... -- sh -c SCRIPT` in a fresh directory: what
+/// the launcher did, and the directory (to check nothing is left in it).
+fn daemonize_failing_worker(script: &str) -> (Outcome, tempfile::TempDir) {
+    let dir = short_tempdir();
+    let out = Run::arbiterd()
+        .args(["-D", "-b", "127.0.0.1:0", "-w", "2", "--boot-timeout", "2"])
+        .arg("-p")
+        .arg(dir.path().join("a.pid"))
+        .arg("--control")
+        .arg(dir.path().join("a.sock"))
+        .arg("--log-file")
+        .arg(dir.path().join("a.log"))
+        .args(["--", "sh", "-c", script])
+        .timeout(LONG)
+        .run();
+    (out, dir)
+}
+
+#[test]
+fn daemonize_with_workers_that_never_become_ready_gives_up_at_the_boot_timeout() {
+    // Before, the launcher waited forever on a crash-looping first generation and
+    // init scripts hung with it.
+    let (out, dir) = daemonize_failing_worker("echo no database >&2; exit 1");
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("--boot-timeout (2s)") && out.stderr.contains("exited with code 1"),
+        "the launcher does not give the daemon's reason: {:?}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "one line: {:?}", out.stderr);
+    // Two seconds of boot timeout plus the start and a restart under backoff.
+    assert!(out.elapsed < secs(15), "took {:?}", out.elapsed);
+    assert!(out.leftovers.is_empty(), "left running: {:?}", out.leftovers);
+    assert!(!dir.path().join("a.pid").exists(), "a pidfile was left");
+    assert!(!dir.path().join("a.sock").exists(), "a control socket was left");
+    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(log.contains("no database"), "the worker's words: {log}");
+}
+
+#[test]
+fn daemonize_with_a_worker_that_fails_to_boot_exits_with_its_status() {
+    let (out, _dir) = daemonize_failing_worker("exit 3");
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("failed to boot"),
+        "no reason: {:?}",
+        out.stderr
+    );
+    assert!(out.leftovers.is_empty(), "left running: {:?}", out.leftovers);
+}
+
 #[test]
 fn the_daemon_is_detached_not_a_session_leader_with_stdio_on_dev_null() {
     let dz = Daemonized::start(Daemon::builder(), &[]);

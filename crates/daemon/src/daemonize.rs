@@ -5,8 +5,10 @@
 //! the launcher waits on the pipe; the child calls setsid and forks again (so the
 //! daemon is not a session leader and can never reacquire a terminal); the
 //! grandchild is the daemon. It writes `ready` into the pipe once the first
-//! generation is ready, or `error: ...` if startup fails; the launcher exits 0 or
-//! prints the error and exits 1. An EOF with no word means the daemon died.
+//! generation is ready, or `error: ...` (`error N: ...` for an exit status N other
+//! than 1) if startup fails, or no worker is ready within `--boot-timeout`; the
+//! launcher exits 0, or prints the error and exits with that status. An EOF with no
+//! word means the daemon died.
 
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -24,8 +26,14 @@ impl Report {
         self.say(&format!("ready {}\n", std::process::id()));
     }
 
-    pub fn error(self, msg: &str) {
-        self.say(&format!("error: {msg}\n"));
+    /// Startup failed; the master exits with `status`.
+    pub fn error(self, status: u8, msg: &str) {
+        // One line: the launcher and an old master read the first line only.
+        let msg = msg.replace('\n', " ");
+        match status {
+            1 => self.say(&format!("error: {msg}\n")),
+            n => self.say(&format!("error {n}: {msg}\n")),
+        }
     }
 
     fn say(self, line: &str) {
@@ -70,22 +78,76 @@ pub fn detach(chdir_root: bool) -> io::Result<Report> {
     Ok(Report(write))
 }
 
+/// What a starting master said on its report pipe: one complete line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Word<'a> {
+    Ready,
+    Error { status: u8, msg: &'a str },
+}
+
+impl Word<'_> {
+    /// The first line of `said`, once it is complete; `None` before that, or for a
+    /// line that is not a word of ours.
+    pub fn parse(said: &str) -> Option<Word<'_>> {
+        let (line, _) = said.split_once('\n')?;
+        if line.starts_with("ready") {
+            return Some(Word::Ready);
+        }
+        let rest = line.strip_prefix("error")?;
+        let (status, msg) = rest.split_once(": ")?;
+        let status = match status {
+            "" => 1,
+            n => n.trim().parse().ok().filter(|&n| n != 0)?,
+        };
+        Some(Word::Error { status, msg })
+    }
+}
+
 fn launcher_wait(read: OwnedFd) -> ! {
     let mut f = std::fs::File::from(read);
     let mut said = String::new();
     let _ = f.read_to_string(&mut said);
-    let line = said.lines().next().unwrap_or("");
-    let code = if line.starts_with("ready") {
-        0
-    } else if let Some(msg) = line.strip_prefix("error: ") {
-        eprintln!("arbiterd: {msg}");
-        1
-    } else {
-        eprintln!("arbiterd: the daemon exited during startup (see its log file)");
-        1
+    let code = match Word::parse(&said) {
+        Some(Word::Ready) => 0,
+        Some(Word::Error { status, msg }) => {
+            eprintln!("arbiterd: {msg}");
+            status
+        }
+        None => {
+            eprintln!("arbiterd: the daemon exited during startup (see its log file)");
+            1
+        }
     };
     let _ = io::stderr().flush();
     // SAFETY: _exit: the launcher must not run the master's destructors (they would
     // close what the daemon now owns).
-    unsafe { libc::_exit(code) }
+    unsafe { libc::_exit(code.into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Word;
+
+    #[test]
+    fn words() {
+        assert_eq!(Word::parse("ready 42\n"), Some(Word::Ready));
+        assert_eq!(
+            Word::parse("error: no bind\n"),
+            Some(Word::Error {
+                status: 1,
+                msg: "no bind"
+            })
+        );
+        assert_eq!(
+            Word::parse("error 3: Worker failed to boot.\n"),
+            Some(Word::Error {
+                status: 3,
+                msg: "Worker failed to boot."
+            })
+        );
+        // Incomplete, or not ours.
+        assert_eq!(Word::parse("error: no b"), None);
+        assert_eq!(Word::parse("hello\n"), None);
+        assert_eq!(Word::parse("error 0: x\n"), None);
+    }
 }

@@ -207,7 +207,7 @@ fn startup_failed(report: Option<daemonize::Report>, msg: impl std::fmt::Display
     match report {
         Some(r) => {
             error!("{msg}");
-            r.error(&msg.to_string());
+            r.error(1, &msg.to_string());
             ExitCode::from(1)
         }
         None => fail(msg),

@@ -22,6 +22,7 @@ use arbiter_proto::worker as contract;
 use super::events::{Events, Source};
 use super::pool::Death;
 use crate::control::ClientId;
+use crate::daemonize::Word;
 use crate::listeners::Listener;
 use crate::notify::ServiceManager;
 use crate::pidfile::Pidfile;
@@ -391,12 +392,13 @@ impl Lineage {
             return None;
         }
         let text = String::from_utf8_lossy(&self.said).to_string();
-        if text.starts_with("ready") && text.contains('\n') {
+        let word = Word::parse(&text);
+        if let Some(Word::Ready) = word {
             if let Some(fd) = u.step.pipe().take() {
                 ev.remove(fd.as_fd());
             }
             Some(self.ready())
-        } else if let Some(msg) = text.strip_prefix("error: ") {
+        } else if let Some(Word::Error { msg, .. }) = word {
             Some(PipeOutcome::Failed(format!(
                 "the new master failed to start: {}",
                 msg.trim()

@@ -244,6 +244,7 @@ impl Arbiter {
             self.manager.next_deadline(),
             self.lineage.next_deadline(),
             self.reload_gives_up_at(),
+            self.report_due(),
             self.pool.next_deadline(
                 &self.cfg,
                 self.reloads.is_running(),
@@ -530,6 +531,7 @@ impl Arbiter {
             self.upgrade_failed(reason);
         }
         self.check_reload(now);
+        self.check_report(now);
         self.manager.check(now, self.lineage.is_main_process());
         self.pool.check_deadlines(now, &self.cfg);
         if self.shutdown.as_ref().is_some_and(|s| now >= s.deadline) {
@@ -567,6 +569,35 @@ impl Arbiter {
             self.complete_reload();
         }
         self.tell_manager("");
+    }
+
+    /// Whoever waits to hear that we serve (`-D`'s launcher, an old master) hears
+    /// by then: a crash-looping first generation must not keep an init script or a
+    /// deploy waiting forever.
+    fn report_due(&self) -> Option<Instant> {
+        if self.shutdown.is_some() {
+            return None;
+        }
+        self.report.as_ref()?;
+        Some(self.started + self.cfg.boot_timeout)
+    }
+
+    /// No worker ready within `--boot-timeout` while someone waits: stop, and say
+    /// why in the workers' own words.
+    fn check_report(&mut self, now: Instant) {
+        if self.report_due().is_none_or(|t| now < t) {
+            return;
+        }
+        let mut reason = format!(
+            "no worker was ready within --boot-timeout ({}s)",
+            self.cfg.boot_timeout.as_secs_f64()
+        );
+        if let Some(trouble) = self.pool.spawn_trouble() {
+            reason += &format!(": workers cannot be started: {}", trouble.error);
+        } else if let Some(last) = self.pool.last_failure() {
+            reason += &format!("; the last {last}");
+        }
+        self.halt(1, &reason);
     }
 
     /// Send `extra` (if any) with the current `STATUS=` to systemd.
@@ -637,6 +668,7 @@ impl Arbiter {
         }
         if let Some(r) = self.report.take() {
             r.error(
+                self.exit_status.max(1),
                 self.exit_reason
                     .as_deref()
                     .unwrap_or("the master stopped before it served"),

@@ -157,6 +157,8 @@ pub struct Pool {
     /// Trees of workers that exited while some of their processes still ran:
     /// TERMed, KILLed at their deadline, forgotten once empty.
     remains: Vec<Remains>,
+    /// How the latest worker of the current generation failed, in words.
+    last_failure: Option<String>,
     pub worker_failures: u64,
     pub workers_spawned: u64,
 }
@@ -195,6 +197,7 @@ impl Pool {
             next_rss_check: None,
             spawn_pending: false,
             served: false,
+            last_failure: None,
             silence_counted_from: Instant::now(),
             ready_mode: ready_mode(cfg),
             heartbeat_dir: workers::heartbeat_dir(),
@@ -216,6 +219,11 @@ impl Pool {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// How the latest worker of the current generation failed, if one did.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.last_failure.as_deref()
     }
 
     /// Why workers cannot be started right now, if they cannot.
@@ -436,6 +444,13 @@ impl Pool {
         let failed = !was_ready || !matches!(death, Death::Code(0));
         if failed {
             self.worker_failures += 1;
+            if w.generation == self.generation {
+                self.last_failure = Some(format!(
+                    "worker (pid:{pid}) {}{}",
+                    death.describe(),
+                    if was_ready { "" } else { " before it was ready" }
+                ));
+            }
         }
         if let Death::Code(code @ (contract::EXIT_BOOT_ERROR | contract::EXIT_APP_LOAD_ERROR)) =
             death
