@@ -274,9 +274,16 @@ fn daemonize_with_workers_that_never_become_ready_gives_up_at_the_boot_timeout()
     assert_eq!(out.stderr.lines().count(), 1, "one line: {:?}", out.stderr);
     // Two seconds of boot timeout plus the start and a restart under backoff.
     assert!(out.elapsed < secs(15), "took {:?}", out.elapsed);
-    assert!(out.leftovers.is_empty(), "left running: {:?}", out.leftovers);
+    assert!(
+        out.leftovers.is_empty(),
+        "left running: {:?}",
+        out.leftovers
+    );
     assert!(!dir.path().join("a.pid").exists(), "a pidfile was left");
-    assert!(!dir.path().join("a.sock").exists(), "a control socket was left");
+    assert!(
+        !dir.path().join("a.sock").exists(),
+        "a control socket was left"
+    );
     let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(log.contains("no database"), "the worker's words: {log}");
 }
@@ -290,7 +297,11 @@ fn daemonize_with_a_worker_that_fails_to_boot_exits_with_its_status() {
         "no reason: {:?}",
         out.stderr
     );
-    assert!(out.leftovers.is_empty(), "left running: {:?}", out.leftovers);
+    assert!(
+        out.leftovers.is_empty(),
+        "left running: {:?}",
+        out.leftovers
+    );
 }
 
 #[test]
@@ -312,7 +323,11 @@ fn the_daemon_is_detached_not_a_session_leader_with_stdio_on_dev_null() {
         assert_eq!(fd_target(dz.pid, fd), "/dev/null", "fd {fd} of the daemon");
     }
     let cwd = std::fs::read_link(format!("/proc/{}/cwd", dz.pid)).unwrap();
-    assert_eq!(cwd, Path::new("/"), "the daemon's working directory");
+    assert_eq!(
+        cwd,
+        dz.d.dir(),
+        "the daemon keeps the directory it was started in, as gunicorn does"
+    );
     // Its workers are the daemon's, in their own groups, in the daemon's session.
     let ws = dz.wait_workers(1);
     let w = proc_stat(ws[0].pid).unwrap();
@@ -658,6 +673,65 @@ fn arbiterctl_pid_finds_a_daemons_relative_control_socket_from_anywhere() {
         assert_eq!(j["pid"].as_i64(), Some(i64::from(dz.pid)), "{j}");
     }
     dz.stop();
+}
+
+#[test]
+fn a_daemon_started_with_relative_paths_serves_and_upgrades() {
+    // `cd app && arbiterd -D -c rel.toml` with `command = python3 worker.py`: the
+    // master used to move to /, so workers crash-looped on `/worker.py` and an
+    // upgrade failed on `/rel.toml`.
+    let b = Daemon::builder();
+    for f in ["health_http.py", "health_lib.py"] {
+        std::fs::copy(test_file(&format!("workers/{f}")), b.path(f)).unwrap();
+    }
+    let py = python3();
+    std::fs::write(
+        b.path("rel.toml"),
+        format!(
+            "workers = 2\nready = \"notify\"\ncommand = [{:?}, \"health_http.py\", \"no-such-flag\", \"exit1\"]\n",
+            py.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let pidfile = b.path("arbiter.pid");
+    let args: Vec<String> = [
+        "-D",
+        "-p",
+        "arbiter.pid",
+        "--log-file",
+        "arbiter.log",
+        "-c",
+        "rel.toml",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let dz = Daemonized::launch(b, &args, pidfile.clone());
+    dz.wait_workers(2);
+    let out = Run::new(ARBITERCTL)
+        .arg("--pid")
+        .arg(&pidfile)
+        .args(["upgrade"])
+        .current_dir("/")
+        .timeout(LONG)
+        .run();
+    assert_eq!(out.code(), Some(0), "upgrade: {out:?}");
+    let new_pid: i32 = dz.d.wait_until(LONG, "the new master in the pidfile", || {
+        let text = std::fs::read_to_string(&pidfile).map_err(|e| e.to_string())?;
+        match text.trim().parse::<i32>() {
+            Ok(p) if p != dz.pid => Ok(p),
+            _ => Err(format!("pidfile says {text:?}")),
+        }
+    });
+    dz.d.register_pid(new_pid);
+    let upgraded = Daemonized {
+        d: dz.d,
+        pid: new_pid,
+        pidfile,
+        control: dz.control,
+    };
+    upgraded.wait_workers(2);
+    upgraded.stop();
 }
 
 // ------------------------------------------------------------------ WINCH

@@ -28,7 +28,7 @@ complete -c arbiterd -l umask -d 'File mode creation mask, octal' -r
 complete -c arbiterd -l chdir -d 'Change to this directory before anything else' -r -F
 complete -c arbiterd -l user -d 'Run workers as this user (name or uid)' -r
 complete -c arbiterd -l group -d 'Run workers as this group (name or gid)' -r
-complete -c arbiterd -s D -l daemon -d 'Detach: double fork, setsid, stdio to /dev/null'
+complete -c arbiterd -s D -l daemon -d 'Detach (double fork, setsid, stdio to /dev/null) once a worker serves, or fail with the reason within --boot-timeout; the working directory stays'
 complete -c arbiterd -l reuse-port -d 'Set SO_REUSEPORT on the listeners'
 complete -c arbiterd -l check-config -d 'Check the configuration (flags, config file, COMMAND) and exit: 0 if it is valid. Binds nothing; used before an upgrade to vet the new binary'
 complete -c arbiterd -s h -l help -d 'Print help (see more with \'--help\')'

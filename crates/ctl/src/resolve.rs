@@ -10,13 +10,13 @@
 //!    `arbiter`) gives the default path as arbiterd computes it, with the master's
 //!    own `XDG_RUNTIME_DIR` (from `/proc/PID/environ`) and uid.
 //! 3. Relative paths are taken from the master's working directory
-//!    (`/proc/PID/cwd`). A master started with `-D` and no `--chdir` has moved to
-//!    `/`, so its start directory is unknown: arbiterctl's own directory is used.
+//!    (`/proc/PID/cwd`: its start directory, or `--chdir`; `-D` keeps it), or
+//!    arbiterctl's own when that cannot be read.
 //! 4. The result is checked against the Unix sockets the master really listens on
 //!    (its fds, matched by inode in `/proc/PID/net/unix`, where paths are as bound,
 //!    absolute): if the computed path is not one of them but exactly one has the
-//!    same file name, that one is used. This is what finds the socket of a `-D`
-//!    master given a relative `--control`, or one whose config file changed since.
+//!    same file name, that one is used. This is what finds the socket of a master
+//!    whose config file changed since, or of an older `-D` master that moved to `/`.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -219,11 +219,7 @@ pub fn control_path_of(
     own_runtime_dir: Option<&OsStr>,
 ) -> PathBuf {
     let args = parse_master_cmdline(&proc.cmdline);
-    let base: PathBuf = if args.daemon && args.chdir.is_none() {
-        own_cwd.to_path_buf()
-    } else {
-        proc.cwd.clone().unwrap_or_else(|| own_cwd.to_path_buf())
-    };
+    let base: PathBuf = proc.cwd.clone().unwrap_or_else(|| own_cwd.to_path_buf());
     let abs = |p: &OsStr| base.join(p);
     if let Some(c) = &args.control {
         return abs(c);
@@ -540,10 +536,10 @@ mod tests {
             path(&m(&["arbiterd", "--control", "c.sock"], "/srv")),
             PathBuf::from("/srv/c.sock")
         );
-        // -D without --chdir: the start directory is lost; ours stands in.
+        // -D keeps the start directory.
         assert_eq!(
-            path(&m(&["arbiterd", "-D", "--control", "c.sock"], "/")),
-            PathBuf::from("/home/me/c.sock")
+            path(&m(&["arbiterd", "-D", "--control", "c.sock"], "/srv")),
+            PathBuf::from("/srv/c.sock")
         );
         // The master's uid and (unset) XDG_RUNTIME_DIR, not ours.
         assert_eq!(

@@ -44,7 +44,11 @@ impl Report {
 
 /// Detach. Returns in the daemon only; the launching process exits from here with
 /// the daemon's verdict.
-pub fn detach(chdir_root: bool) -> io::Result<Report> {
+///
+/// The working directory stays where it is (the start directory, or `--chdir`), as
+/// gunicorn's does: workers started as `python3 app.py` find `app.py`, and the
+/// relative paths a reload or an upgrade re-reads mean what they meant at start.
+pub fn detach() -> io::Result<Report> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: single-threaded; the child only continues the program.
     match unsafe { libc::fork() } {
@@ -64,9 +68,6 @@ pub fn detach(chdir_root: bool) -> io::Result<Report> {
         // The intermediate: leave without running any destructor of the master's.
         // SAFETY: _exit is always safe.
         _ => unsafe { libc::_exit(0) },
-    }
-    if chdir_root {
-        std::env::set_current_dir("/")?;
     }
     let null = std::fs::OpenOptions::new()
         .read(true)

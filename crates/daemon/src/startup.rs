@@ -159,7 +159,7 @@ pub fn main() -> ExitCode {
         info!("Not detaching (-D): started by systemd (NOTIFY_SOCKET or INVOCATION_ID is set)");
         None
     } else if cfg.daemon {
-        match daemonize::detach(cfg.chdir.is_none()) {
+        match daemonize::detach() {
             Ok(r) => Some(r),
             Err(e) => {
                 listeners::close_all(socks);

@@ -75,7 +75,8 @@ pub struct Cli {
     /// Control socket path
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// Detach: double fork, setsid, stdio to /dev/null
+    /// Detach (double fork, setsid, stdio to /dev/null) once a worker serves, or fail
+    /// with the reason within --boot-timeout; the working directory stays
     #[arg(short = 'D', long)]
     pub daemon: bool,
     /// Log file; `-` is stderr

@@ -448,7 +448,11 @@ impl Pool {
                 self.last_failure = Some(format!(
                     "worker (pid:{pid}) {}{}",
                     death.describe(),
-                    if was_ready { "" } else { " before it was ready" }
+                    if was_ready {
+                        ""
+                    } else {
+                        " before it was ready"
+                    }
                 ));
             }
         }
