@@ -680,32 +680,53 @@ fn a_daemon_started_with_relative_paths_serves_and_upgrades() {
     // `cd app && arbiterd -D -c rel.toml` with `command = python3 worker.py`: the
     // master used to move to /, so workers crash-looped on `/worker.py` and an
     // upgrade failed on `/rel.toml`.
+    relative_paths_survive_an_upgrade(None);
+}
+
+#[test]
+fn a_daemon_with_a_relative_chdir_upgrades() {
+    // The new master starts where the old one was started, so `--chdir app` does
+    // not become app/app.
+    relative_paths_survive_an_upgrade(Some("app"));
+}
+
+/// In the test's directory (or its `chdir` subdirectory): a notify worker given as
+/// `python3 health_http.py`, a relative `-c`, pidfile and log; -D, serve, upgrade
+/// through arbiterctl from `/`, and the new master serves.
+fn relative_paths_survive_an_upgrade(chdir: Option<&str>) {
     let b = Daemon::builder();
+    let app = chdir.map_or(b.dir().to_path_buf(), |c| b.path(c));
+    std::fs::create_dir_all(&app).unwrap();
     for f in ["health_http.py", "health_lib.py"] {
-        std::fs::copy(test_file(&format!("workers/{f}")), b.path(f)).unwrap();
+        std::fs::copy(test_file(&format!("workers/{f}")), app.join(f)).unwrap();
     }
     let py = python3();
     std::fs::write(
-        b.path("rel.toml"),
+        app.join("rel.toml"),
         format!(
             "workers = 2\nready = \"notify\"\ncommand = [{:?}, \"health_http.py\", \"no-such-flag\", \"exit1\"]\n",
             py.to_string_lossy()
         ),
     )
     .unwrap();
-    let pidfile = b.path("arbiter.pid");
-    let args: Vec<String> = [
-        "-D",
-        "-p",
-        "arbiter.pid",
-        "--log-file",
-        "arbiter.log",
-        "-c",
-        "rel.toml",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let pidfile = app.join("arbiter.pid");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(c) = chdir {
+        args.extend(["--chdir".into(), c.into()]);
+    }
+    args.extend(
+        [
+            "-D",
+            "-p",
+            "arbiter.pid",
+            "--log-file",
+            "arbiter.log",
+            "-c",
+            "rel.toml",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     let dz = Daemonized::launch(b, &args, pidfile.clone());
     dz.wait_workers(2);
     let out = Run::new(ARBITERCTL)
@@ -730,6 +751,8 @@ fn a_daemon_started_with_relative_paths_serves_and_upgrades() {
         pidfile,
         control: dz.control,
     };
+    let cwd = std::fs::read_link(format!("/proc/{new_pid}/cwd")).unwrap();
+    assert_eq!(cwd, app, "the new master's working directory");
     upgraded.wait_workers(2);
     upgraded.stop();
 }

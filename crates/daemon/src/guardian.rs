@@ -66,6 +66,7 @@ impl Guardian {
             credentials: None,
             // It must outlive the master: no PDEATHSIG.
             contained: false,
+            dir: None,
         })?;
         // Not our child (it forks once and its first process exits at once), so
         // it neither shows among the workers nor waits on our reaping; the

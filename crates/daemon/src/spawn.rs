@@ -10,6 +10,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
 
 use arbiter_proto::worker as contract;
 
@@ -24,6 +25,7 @@ pub enum ChildStep {
     Credentials = 4,
     Exec = 5,
     Cgroup = 6,
+    Chdir = 7,
 }
 
 impl ChildStep {
@@ -35,6 +37,7 @@ impl ChildStep {
             4 => ChildStep::Credentials,
             5 => ChildStep::Exec,
             6 => ChildStep::Cgroup,
+            7 => ChildStep::Chdir,
             _ => return None,
         })
     }
@@ -47,6 +50,7 @@ impl ChildStep {
             ChildStep::Credentials => "dropping privileges",
             ChildStep::Exec => "execve",
             ChildStep::Cgroup => "joining the worker's cgroup",
+            ChildStep::Chdir => "chdir",
         }
     }
 }
@@ -184,6 +188,7 @@ pub struct Prepared {
     stdio: Option<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
     contained: bool,
+    dir: Option<CString>,
     master_pid: libc::pid_t,
     /// The open-files limit the master started with: it raises its own for many
     /// workers, and a worker gets back what it would have had (some programs still
@@ -210,6 +215,8 @@ pub struct Plan<'a> {
     /// A worker: its own process group, and killed with the master. A new master
     /// (upgrade) is neither: it must outlive this one.
     pub contained: bool,
+    /// Where the child starts; `None`: the master's working directory.
+    pub dir: Option<&'a Path>,
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
@@ -219,6 +226,7 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
 impl Prepared {
     pub fn new(plan: Plan<'_>) -> io::Result<Prepared> {
         let path = cstring(plan.path)?;
+        let dir = plan.dir.map(|d| cstring(d.as_os_str())).transpose()?;
         let argv: Vec<CString> = plan
             .argv
             .iter()
@@ -268,6 +276,7 @@ impl Prepared {
             stdio: plan.stdio,
             credentials: plan.credentials,
             contained: plan.contained,
+            dir,
             master_pid: std::process::id() as libc::pid_t,
             nofile: ORIGINAL_NOFILE.get().copied(),
             cgroup: None,
@@ -460,6 +469,11 @@ impl Prepared {
             for &slot in &self.pid_slots {
                 write_decimal(slot, PID_ROOM, pid as u64);
             }
+            if let Some(dir) = &self.dir
+                && libc::chdir(dir.as_ptr()) != 0
+            {
+                fail(status_fd, ChildStep::Chdir);
+            }
             let empty: libc::sigset_t = std::mem::zeroed();
             let mut set = empty;
             libc::sigemptyset(&mut set);
@@ -585,6 +599,7 @@ mod tests {
             stdio: None,
             credentials: None,
             contained: true,
+            dir: None,
         })
         .unwrap();
         assert_eq!(p.env_entries()[0], b"A=1\0");

@@ -42,6 +42,8 @@ pub fn main() -> ExitCode {
             return fail(first.trim_start_matches("error: "));
         }
     };
+    // Before --chdir: where an upgrade must start the new master.
+    let start = upgrade::StartContext::capture();
     if let Some(dir) = loader.chdir()
         && let Err(e) = std::env::set_current_dir(dir)
     {
@@ -73,7 +75,6 @@ pub fn main() -> ExitCode {
     }
     // Set by an old master that execs us as its replacement.
     let mut inherited = upgrade::Inherited::from_env();
-    let start = upgrade::StartContext::capture();
 
     let opts = listeners::BindOptions {
         backlog: cfg.backlog,

@@ -31,6 +31,9 @@ pub const ENV_PARENT_FD: &str = "ARBITER_UPGRADE_PARENT_FD";
 pub struct StartContext {
     pub exe: PathBuf,
     pub argv: Vec<OsString>,
+    /// The directory it was started in, before `--chdir`: the same argv means the
+    /// same thing there (a relative `--chdir`, `-c` or `--pid`).
+    pub dir: Option<PathBuf>,
 }
 
 impl StartContext {
@@ -47,7 +50,8 @@ impl StartContext {
                 }
             })
             .unwrap_or_else(|| PathBuf::from(argv.first().cloned().unwrap_or_default()));
-        StartContext { exe, argv }
+        let dir = std::env::current_dir().ok();
+        StartContext { exe, argv, dir }
     }
 }
 

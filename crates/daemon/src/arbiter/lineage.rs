@@ -236,6 +236,7 @@ impl Lineage {
             stdio: Some(out_w.as_raw_fd()),
             credentials: None,
             contained: true,
+            dir: start.dir.as_deref(),
         })
         .map_err(|e| format!("{}: {e}", binary.display()))?;
         let (pid, _exec_status) = checker
@@ -321,6 +322,7 @@ impl Lineage {
             stdio: None,
             credentials: None,
             contained: false,
+            dir: start.dir.as_deref(),
         })
         .map_err(|e| format!("{}: {e}", binary.display()))?;
         // Move aside before the new master writes PIDFILE.2, as gunicorn and

@@ -159,6 +159,13 @@ impl Loader {
                 p
             }
         };
+        // A `--chdir` on the command line was applied before `base` was pinned:
+        // `base` is where it led. One from the file is relative to `base`.
+        if self.given("chdir") && !base.as_os_str().is_empty() {
+            cli.chdir = Some(base.clone());
+        } else {
+            cli.chdir = cli.chdir.map(rel);
+        }
         cli.pid = cli.pid.map(rel);
         cli.control = cli.control.map(rel);
         if cli.log_file.as_os_str() != "-" {

@@ -261,5 +261,6 @@ fn prepare(
         stdio: Some(stdio),
         credentials: cfg.worker_credentials(),
         contained: true,
+        dir: None,
     })
 }
