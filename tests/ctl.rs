@@ -530,6 +530,7 @@ fn upgrade_hands_over_to_a_new_master() {
         .stdout
         .trim_end()
         .strip_prefix(&format!("upgraded: master {} -> ", d.pid()))
+        .and_then(|rest| rest.strip_suffix(", 2 workers"))
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| d.fail(&format!("upgrade output: {out:?}")));
     d.register_pid(new_pid);

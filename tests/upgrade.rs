@@ -793,6 +793,39 @@ fn arbiterctl_upgrade_hands_over_and_rolls_back_a_bad_binary() {
     assert_eq!(wait_own_workers(&d, master, 1), ws, "the workers stay");
 }
 
+#[test]
+fn an_upgrade_keeps_the_scaled_worker_count_and_says_it() {
+    // It used to start the configured count, silently.
+    let b = Daemon::builder();
+    let pidfile = b.path("app.pid");
+    let d = b.args(["-w", "2", "-p"]).arg(&pidfile).start();
+    d.wait_workers(2);
+    let out = d.ctl(["scale", "3"]);
+    assert_eq!(out.code(), Some(0), "scale 3: {out:?}");
+    wait_own_workers(&d, d.pid(), 3);
+    let out = Run::new(ARBITERCTL)
+        .arg("--control")
+        .arg(d.control_path())
+        .arg("upgrade")
+        .timeout(UPGRADE_REPLY)
+        .run();
+    if out.code() != Some(0) {
+        d.fail(&format!("arbiterctl upgrade: {out:?}"));
+    }
+    assert!(
+        out.stdout.contains(", 3 workers"),
+        "the output gives the count: {out:?}"
+    );
+    let new = ping_pid(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    d.register_pid(new);
+    wait_promoted(&d, &pidfile, d.pid(), new);
+    wait_own_workers(&d, new, 3);
+    // And a reload of the new master keeps it too.
+    let out = d.ctl(["reload"]);
+    assert_eq!(out.code(), Some(0), "reload: {out:?}");
+    wait_own_workers(&d, new, 3);
+}
+
 // ------------------------------------------------------------------ listeners
 
 #[test]

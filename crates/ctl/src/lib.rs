@@ -521,8 +521,14 @@ fn upgrade(
         Some(Timeout(None)) => None,
         _ => Instant::now().checked_add(TAKEOVER_TIMEOUT),
     };
-    let (old_pid, new_pid, reply) = match ask(&mut client, &req, wait) {
-        Ok(r @ Reply::Upgraded { old_pid, new_pid }) => (old_pid, new_pid, r),
+    let (old_pid, new_pid, workers, reply) = match ask(&mut client, &req, wait) {
+        Ok(
+            r @ Reply::Upgraded {
+                old_pid,
+                new_pid,
+                workers,
+            },
+        ) => (old_pid, new_pid, workers, r),
         Ok(other) => return Err(unexpected("upgrade", &other)),
         // The request was taken, then the old master went (stopped mid-upgrade):
         // the upgrade may still have completed. Ask the masters, not the socket
@@ -547,8 +553,11 @@ fn upgrade(
             ),
         });
     }
+    let count = workers.map_or(String::new(), |n| {
+        format!(", {n} worker{}", if n == 1 { "" } else { "s" })
+    });
     Ok(Done::reply(
-        format!("upgraded: master {old_pid} -> {new_pid}"),
+        format!("upgraded: master {old_pid} -> {new_pid}{count}"),
         &reply,
     ))
 }
@@ -589,7 +598,11 @@ fn upgrade_outcome_unheard(
     let old_alive = resolve::pid_alive(old_pid);
     match serving {
         Some(new_pid) => {
-            let reply = Reply::Upgraded { old_pid, new_pid };
+            let reply = Reply::Upgraded {
+                old_pid,
+                new_pid,
+                workers: None,
+            };
             let mut done = Done::reply(
                 format!(
                     "upgraded: master {old_pid} -> {new_pid} (pid {new_pid} answers on {})",

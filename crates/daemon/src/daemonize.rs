@@ -22,8 +22,9 @@ impl Report {
         Report(fd)
     }
 
-    pub fn ready(self) {
-        self.say(&format!("ready {}\n", std::process::id()));
+    /// The first generation serves with `workers` workers.
+    pub fn ready(self, workers: usize) {
+        self.say(&format!("ready {} {workers}\n", std::process::id()));
     }
 
     /// Startup failed; the master exits with `status`.
@@ -82,8 +83,14 @@ pub fn detach() -> io::Result<Report> {
 /// What a starting master said on its report pipe: one complete line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Word<'a> {
-    Ready,
-    Error { status: u8, msg: &'a str },
+    /// With the worker count, when the master said it.
+    Ready {
+        workers: Option<usize>,
+    },
+    Error {
+        status: u8,
+        msg: &'a str,
+    },
 }
 
 impl Word<'_> {
@@ -91,8 +98,9 @@ impl Word<'_> {
     /// line that is not a word of ours.
     pub fn parse(said: &str) -> Option<Word<'_>> {
         let (line, _) = said.split_once('\n')?;
-        if line.starts_with("ready") {
-            return Some(Word::Ready);
+        if let Some(rest) = line.strip_prefix("ready") {
+            let workers = rest.split_whitespace().nth(1).and_then(|n| n.parse().ok());
+            return Some(Word::Ready { workers });
         }
         let rest = line.strip_prefix("error")?;
         let (status, msg) = rest.split_once(": ")?;
@@ -109,7 +117,7 @@ fn launcher_wait(read: OwnedFd) -> ! {
     let mut said = String::new();
     let _ = f.read_to_string(&mut said);
     let code = match Word::parse(&said) {
-        Some(Word::Ready) => 0,
+        Some(Word::Ready { .. }) => 0,
         Some(Word::Error { status, msg }) => {
             eprintln!("arbiterd: {msg}");
             status
@@ -131,7 +139,14 @@ mod tests {
 
     #[test]
     fn words() {
-        assert_eq!(Word::parse("ready 42\n"), Some(Word::Ready));
+        assert_eq!(
+            Word::parse("ready 42\n"),
+            Some(Word::Ready { workers: None })
+        );
+        assert_eq!(
+            Word::parse("ready 42 8\n"),
+            Some(Word::Ready { workers: Some(8) })
+        );
         assert_eq!(
             Word::parse("error: no bind\n"),
             Some(Word::Error {

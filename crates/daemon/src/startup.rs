@@ -194,6 +194,7 @@ pub fn main() -> ExitCode {
         report,
         daemonized,
         start,
+        scaled: inherited.as_ref().and_then(|i| i.scaled),
         predecessor: inherited.map(|i| (i.from, i.parent)),
     };
     match arbiter::Arbiter::new(setup) {

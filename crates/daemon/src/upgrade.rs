@@ -24,6 +24,41 @@ pub const ENV_FROM: &str = "ARBITER_UPGRADE_FROM";
 pub const ENV_SPECS: &str = "ARBITER_UPGRADE_SPECS";
 pub const ENV_READY_FD: &str = "ARBITER_UPGRADE_READY_FD";
 pub const ENV_PARENT_FD: &str = "ARBITER_UPGRADE_PARENT_FD";
+/// `TARGET CONFIGURED`: the old master's worker count and the count its
+/// configuration gave, so a `scale` or TTIN survives the upgrade as it survives a
+/// reload.
+pub const ENV_WORKERS: &str = "ARBITER_UPGRADE_WORKERS";
+
+/// The worker count the old master ran, and the one its configuration asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scaled {
+    pub target: usize,
+    pub configured: usize,
+}
+
+impl Scaled {
+    pub fn encode(self) -> String {
+        format!("{} {}", self.target, self.configured)
+    }
+
+    pub fn decode(s: &str) -> Option<Scaled> {
+        let (t, c) = s.split_once(' ')?;
+        Some(Scaled {
+            target: t.parse().ok()?,
+            configured: c.parse().ok()?,
+        })
+    }
+
+    /// The count for a new master whose configuration asks for `configured`, at
+    /// most `max`: an explicit new count wins, as in a reload.
+    pub fn target_for(self, configured: usize, max: usize) -> usize {
+        if configured == self.configured {
+            self.target.min(max)
+        } else {
+            configured
+        }
+    }
+}
 
 /// How this master was started, captured before anything can change it, so that an
 /// upgrade re-executes the same command line (and the binary now at that path).
@@ -62,6 +97,7 @@ pub struct Inherited {
     pub specs: Vec<Option<String>>,
     pub ready: Option<OwnedFd>,
     pub parent: Option<OwnedFd>,
+    pub scaled: Option<Scaled>,
 }
 
 fn take_fd(key: &str) -> Option<OwnedFd> {
@@ -90,9 +126,18 @@ impl Inherited {
             .unwrap_or_default();
         let ready = take_fd(ENV_READY_FD);
         let parent = take_fd(ENV_PARENT_FD);
+        let scaled = std::env::var(ENV_WORKERS)
+            .ok()
+            .and_then(|s| Scaled::decode(&s));
         // SAFETY: at startup, before any thread could exist.
         unsafe {
-            for k in [ENV_FROM, ENV_SPECS, ENV_READY_FD, ENV_PARENT_FD] {
+            for k in [
+                ENV_FROM,
+                ENV_SPECS,
+                ENV_READY_FD,
+                ENV_PARENT_FD,
+                ENV_WORKERS,
+            ] {
                 std::env::remove_var(k);
             }
         }
@@ -101,6 +146,7 @@ impl Inherited {
             specs,
             ready,
             parent,
+            scaled,
         })
     }
 }
@@ -117,4 +163,24 @@ pub fn oldbin(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".oldbin");
     PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scaled;
+
+    #[test]
+    fn a_scaled_count_survives_unless_the_configuration_changed() {
+        let s = Scaled {
+            target: 8,
+            configured: 4,
+        };
+        assert_eq!(Scaled::decode(&s.encode()), Some(s));
+        assert_eq!(Scaled::decode("8"), None);
+        // Same configuration: the old master's count, within the new limit.
+        assert_eq!(s.target_for(4, 1024), 8);
+        assert_eq!(s.target_for(4, 6), 6);
+        // The configuration names a new count: it wins, as in a reload.
+        assert_eq!(s.target_for(2, 1024), 2);
+    }
 }

@@ -132,6 +132,9 @@ pub enum Reply {
     Upgraded {
         old_pid: i32,
         new_pid: i32,
+        /// How many workers the new master runs (it keeps a `scale` or TTIN count).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workers: Option<usize>,
     },
     Pong {
         pid: i32,

@@ -33,11 +33,17 @@ impl Arbiter {
     }
 
     pub(super) fn start_new_master(&mut self) {
+        let mut env = self.child_env.clone();
+        let scaled = crate::upgrade::Scaled {
+            target: self.pool.target(),
+            configured: self.cfg.workers,
+        };
+        env.set(crate::upgrade::ENV_WORKERS, scaled.encode());
         let started = self.lineage.start_new_master(
             &mut self.events,
             &self.start,
             &self.listeners,
-            &self.child_env,
+            &env,
             self.manager.service_manager(),
             self.pidfile.as_mut(),
         );

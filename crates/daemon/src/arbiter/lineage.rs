@@ -51,7 +51,12 @@ enum Stage {
     },
     /// After `arbiterctl upgrade`: the new master serves, we drain and exit, and
     /// tell these clients it is done.
-    HandingOver { pid: Pid, waiters: Vec<ClientId> },
+    HandingOver {
+        pid: Pid,
+        waiters: Vec<ClientId>,
+        /// The new master's worker count, as it said when ready.
+        workers: Option<usize>,
+    },
 }
 
 struct Upgrade {
@@ -163,6 +168,14 @@ impl Lineage {
     pub fn successor(&self) -> Option<Pid> {
         match self.stage {
             Stage::Beside { pid, .. } | Stage::HandingOver { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// How many workers the master we hand over to runs, if it said.
+    pub fn successor_workers(&self) -> Option<usize> {
+        match self.stage {
+            Stage::HandingOver { workers, .. } => workers,
             _ => None,
         }
     }
@@ -395,11 +408,11 @@ impl Lineage {
         }
         let text = String::from_utf8_lossy(&self.said).to_string();
         let word = Word::parse(&text);
-        if let Some(Word::Ready) = word {
+        if let Some(Word::Ready { workers }) = word {
             if let Some(fd) = u.step.pipe().take() {
                 ev.remove(fd.as_fd());
             }
-            Some(self.ready())
+            Some(self.ready(workers))
         } else if let Some(Word::Error { msg, .. }) = word {
             Some(PipeOutcome::Failed(format!(
                 "the new master failed to start: {}",
@@ -414,7 +427,7 @@ impl Lineage {
         }
     }
 
-    fn ready(&mut self) -> PipeOutcome {
+    fn ready(&mut self, workers: Option<usize>) -> PipeOutcome {
         let Stage::Upgrading(u) = std::mem::replace(&mut self.stage, Stage::Solo) else {
             unreachable!("ready() is reached from the Upgrading stage only");
         };
@@ -432,6 +445,7 @@ impl Lineage {
             self.stage = Stage::HandingOver {
                 pid,
                 waiters: u.waiters,
+                workers,
             };
         } else {
             info!(

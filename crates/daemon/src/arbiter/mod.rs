@@ -90,6 +90,8 @@ pub struct Setup {
     /// When we are an upgrade: the old master's pid and the pipe whose EOF says it
     /// is gone.
     pub predecessor: Option<(i32, Option<std::os::fd::OwnedFd>)>,
+    /// The old master's worker count, when we replace one.
+    pub scaled: Option<crate::upgrade::Scaled>,
 }
 
 pub struct Arbiter {
@@ -139,6 +141,7 @@ impl Arbiter {
             daemonized,
             start,
             predecessor,
+            scaled,
         } = setup;
         let master_pid = nix::unistd::getpid();
         let parts = Events::new().and_then(|ev| {
@@ -155,7 +158,17 @@ impl Arbiter {
         events.add(notify.fd(), Source::Notify);
         let lineage = Lineage::new(predecessor, &mut events);
         let child_env = ChildEnv::inherited();
-        let pool = Pool::new(&cfg, master_pid, &child_env);
+        let mut pool = Pool::new(&cfg, master_pid, &child_env);
+        if let Some(s) = scaled {
+            let n = s.target_for(cfg.workers, cfg.max_workers);
+            if n != cfg.workers {
+                info!(
+                    "Running the old master's {n} workers (scaled from the configured {})",
+                    cfg.workers
+                );
+                pool.set_target(n);
+            }
+        }
         // Orphans of our workers' own children come back to us, to be reaped silently,
         // instead of going to init with nobody watching them. After the pool
         // started the guardian, which must not be one of them.
@@ -562,7 +575,7 @@ impl Arbiter {
                 self.tell_manager("READY=1");
             }
             if let Some(r) = self.report.take() {
-                r.ready();
+                r.ready(ready);
             }
         }
         if progress.settled && self.reloads.is_running() {
@@ -643,6 +656,7 @@ impl Arbiter {
             let done = Response::ok(Reply::Upgraded {
                 old_pid: self.master_pid.as_raw(),
                 new_pid: new_pid.as_raw(),
+                workers: self.lineage.successor_workers(),
             });
             for id in self.lineage.take_handover_waiters() {
                 self.reply(id, &done);
