@@ -830,3 +830,41 @@ fn a_healthy_reload_is_not_reported_degraded() {
     );
     std::fs::write(&gate, "").unwrap();
 }
+
+#[test]
+fn name_finds_a_master_outside_our_own_runtime_dir_and_lists_the_paths_tried() {
+    // A root SSH session has XDG_RUNTIME_DIR=/run/user/0; the master systemd started
+    // has none and sits at /run/arbiter. `--name` used to look only under the first.
+    let b = Daemon::builder();
+    let name = b.dir().file_name().unwrap().to_string_lossy().into_owned();
+    let uid = nix::unistd::getuid().as_raw();
+    let control =
+        arbiter_proto::paths::default_control_path_for(std::ffi::OsStr::new(&name), None, uid);
+    let d = b.args(["--name", &name, "--control"]).arg(&control).start();
+    d.wait_workers(1);
+    let our_runtime_dir = d.path("runtime");
+    std::fs::create_dir(&our_runtime_dir).unwrap();
+    let ping = || {
+        Run::new(ARBITERCTL)
+            .env("XDG_RUNTIME_DIR", &our_runtime_dir)
+            .args(["--name", &name, "ping"])
+            .run()
+    };
+    let out = ping();
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, format!("pong from {}\n", d.pid()));
+
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_exit(SHORT);
+    let out = ping();
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    let under_ours = our_runtime_dir.join("arbiter").join(format!("{name}.sock"));
+    for p in [&under_ours, &control] {
+        assert!(
+            out.stderr.contains(&*p.to_string_lossy()),
+            "the error does not list {}: {:?}",
+            p.display(),
+            out.stderr
+        );
+    }
+}

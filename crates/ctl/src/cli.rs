@@ -17,9 +17,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "arbiterctl", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
-    /// Instance name: talk to the master at its default control socket
-    /// ($XDG_RUNTIME_DIR/arbiter/NAME.sock, /run/arbiter/NAME.sock for root,
-    /// else /tmp/arbiter-UID/NAME.sock) [default: arbiter]
+    /// Instance name: talk to the master at its default control socket, trying
+    /// $XDG_RUNTIME_DIR/arbiter/NAME.sock, then /run/arbiter/NAME.sock for root or
+    /// /tmp/arbiter-UID/NAME.sock (where a master started without
+    /// XDG_RUNTIME_DIR, as by systemd, listens) [default: arbiter]
     #[arg(
         short = 'n',
         long,

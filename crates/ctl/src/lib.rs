@@ -232,22 +232,54 @@ fn run(cli: &Cli) -> Report {
     }
 }
 
-/// The socket to talk to.
-fn target(cli: &Cli) -> Result<Target, Fail> {
-    if let Some(p) = &cli.control {
-        return Ok(Target {
+/// The socket to talk to, connected.
+fn connect_target(cli: &Cli) -> Result<(Target, Client), Fail> {
+    let target = if let Some(p) = &cli.control {
+        Target {
             path: p.clone(),
             pid: None,
-        });
+        }
+    } else if let Some(pidfile) = &cli.pid {
+        resolve::from_pidfile(pidfile).map_err(Fail::Resolve)?
+    } else {
+        return connect_by_name(cli, cli.name.as_deref().unwrap_or("arbiter"));
+    };
+    let client = connect(cli, &target.path)?;
+    Ok((target, client))
+}
+
+/// The first place a master named `name` answers, whatever our own environment
+/// says the default is; when none does, every path tried and why.
+fn connect_by_name(cli: &Cli, name: &str) -> Result<(Target, Client), Fail> {
+    let candidates = arbiter_proto::paths::control_path_candidates(
+        std::ffi::OsStr::new(name),
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        nix::unistd::getuid().as_raw(),
+    );
+    let mut tried = Vec::new();
+    for path in candidates {
+        match connect(cli, &path) {
+            Ok(client) => return Ok((Target { path, pid: None }, client)),
+            Err(Fail::Client(ClientError::NoMaster { path, source })) => {
+                tried.push((path, source));
+            }
+            Err(e) => return Err(e),
+        }
     }
-    if let Some(pidfile) = &cli.pid {
-        return resolve::from_pidfile(pidfile).map_err(Fail::Resolve);
+    // One place only: the client's own words, as with --control.
+    if tried.len() == 1
+        && let Some((path, source)) = tried.pop()
+    {
+        return Err(Fail::Client(ClientError::NoMaster { path, source }));
     }
-    let name = cli.name.as_deref().unwrap_or("arbiter");
-    Ok(Target {
-        path: arbiter_proto::paths::default_control_path(name),
-        pid: None,
-    })
+    let shown: Vec<String> = tried
+        .iter()
+        .map(|(p, e)| format!("{} ({e})", p.display()))
+        .collect();
+    Err(Fail::Resolve(ResolveError::NoMaster(format!(
+        "no master named {name} answering; tried {}",
+        shown.join(", ")
+    ))))
 }
 
 /// `--timeout` if given (`None` inside: no bound), else `default`.
@@ -272,8 +304,7 @@ fn ask(client: &mut Client, req: &Request, timeout: Option<Duration>) -> Result<
 }
 
 fn execute(cli: &Cli) -> Result<Done, Fail> {
-    let target = target(cli)?;
-    let mut client = connect(cli, &target.path)?;
+    let (target, mut client) = connect_target(cli)?;
     let quick = bound(cli, DEFAULT_TIMEOUT);
     match &cli.command {
         Command::Status => match ask(&mut client, &Request::Status, quick)? {
@@ -358,10 +389,8 @@ fn version(cli: &Cli) -> Report {
     let ours = env!("CARGO_PKG_VERSION");
     let client_line = format!("arbiterctl {ours} (protocol {PROTOCOL_VERSION})\n");
     let client_json = json!({"version": ours, "protocol": PROTOCOL_VERSION});
-    let asked = target(cli).and_then(|t| {
-        let mut c = connect(cli, &t.path)?;
-        ask(&mut c, &Request::Version, bound(cli, DEFAULT_TIMEOUT))
-    });
+    let asked = connect_target(cli)
+        .and_then(|(_, mut c)| ask(&mut c, &Request::Version, bound(cli, DEFAULT_TIMEOUT)));
     match asked {
         Ok(Reply::Version { version, protocol }) => {
             let doc = VersionDoc {

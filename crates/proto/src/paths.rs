@@ -31,6 +31,23 @@ pub fn default_control_path_for(name: &OsStr, runtime_dir: Option<&OsStr>, uid: 
     }
 }
 
+/// Every place a master named `name` may have its control socket, as seen by a
+/// process with this `XDG_RUNTIME_DIR` and uid, the default first: a root SSH
+/// session usually has `XDG_RUNTIME_DIR=/run/user/0`, while the master systemd
+/// started for it has none and sits at `/run/arbiter`.
+pub fn control_path_candidates(
+    name: &OsStr,
+    runtime_dir: Option<&OsStr>,
+    uid: u32,
+) -> Vec<PathBuf> {
+    let mut all = vec![default_control_path_for(name, runtime_dir, uid)];
+    let without_runtime_dir = default_control_path_for(name, None, uid);
+    if !all.contains(&without_runtime_dir) {
+        all.push(without_runtime_dir);
+    }
+    all
+}
+
 /// Read a small regular file (a pidfile, a config file) without ever waiting: a
 /// FIFO at the path would block a plain open until someone writes to it, so the
 /// open is non-blocking and anything but a regular file is an error.
@@ -80,6 +97,29 @@ mod tests {
         assert_eq!(
             default_control_path_for(OsStr::new("web"), None, 1000),
             PathBuf::from("/tmp/arbiter-1000/web.sock")
+        );
+    }
+
+    #[test]
+    fn candidates() {
+        let web = OsStr::new("web");
+        assert_eq!(
+            control_path_candidates(web, Some(OsStr::new("/run/user/0")), 0),
+            [
+                PathBuf::from("/run/user/0/arbiter/web.sock"),
+                PathBuf::from("/run/arbiter/web.sock")
+            ]
+        );
+        assert_eq!(
+            control_path_candidates(web, Some(OsStr::new("/run/user/7")), 7),
+            [
+                PathBuf::from("/run/user/7/arbiter/web.sock"),
+                PathBuf::from("/tmp/arbiter-7/web.sock")
+            ]
+        );
+        assert_eq!(
+            control_path_candidates(web, None, 7),
+            [PathBuf::from("/tmp/arbiter-7/web.sock")]
         );
     }
 }
