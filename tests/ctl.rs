@@ -633,10 +633,13 @@ fn pid_follows_a_relative_control_path_and_the_name() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_socat),
+    ignore = "socat is not installed (apt-get install socat)"
+)]
 fn the_control_socket_speaks_json_lines_to_socat() {
     if !Path::new("/usr/bin/socat").exists() && Command::new("socat").arg("-V").output().is_err() {
-        eprintln!("SKIPPED: socat is not installed (apt-get install -y socat)");
-        return;
+        return tool_missing("socat is not installed (apt-get install socat)");
     }
     let (d, _) = builtin(1);
     let script = format!(

@@ -440,12 +440,13 @@ fn tick_pids(text: &str) -> std::collections::BTreeSet<i32> {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_logrotate),
+    ignore = "logrotate is not installed (apt-get install logrotate)"
+)]
 fn logrotate_with_the_packaged_config_moves_master_and_worker_lines_to_the_new_file() {
     let Some(logrotate) = find_logrotate() else {
-        eprintln!(
-            "SKIPPED logrotate_with_the_packaged_config...: no `logrotate` binary (apt-get install -y logrotate)"
-        );
-        return;
+        return tool_missing("logrotate is not installed (apt-get install logrotate)");
     };
     let b = Daemon::builder();
     let (logdir, rundir) = (b.path("log"), b.path("run"));

@@ -420,9 +420,9 @@ fn gunicornc() -> Option<PathBuf> {
 fn skip_without_gunicornc() -> Option<PathBuf> {
     let found = gunicornc();
     if found.is_none() {
-        eprintln!(
-            "SKIPPED: gunicornc is not installed (python3 -m pip install 'gunicorn>=25.1', \
-             or set GUNICORNC=/path/to/gunicornc)"
+        tool_missing(
+            "gunicornc is not installed (python3 -m pip install 'gunicorn>=25.1', \
+             or set GUNICORNC=/path/to/gunicornc)",
         );
     }
     found
@@ -444,6 +444,10 @@ fn ok_run(what: &str, out: &Outcome) {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_gunicornc),
+    ignore = "gunicornc is not installed (python3 -m pip install 'gunicorn>=25.1')"
+)]
 fn real_gunicornc_one_shot() {
     let Some(gc) = skip_without_gunicornc() else {
         return;
@@ -547,6 +551,10 @@ impl Drop for Group {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_gunicornc),
+    ignore = "gunicornc is not installed (python3 -m pip install 'gunicorn>=25.1')"
+)]
 fn real_gunicornc_interactive() {
     let Some(gc) = skip_without_gunicornc() else {
         return;

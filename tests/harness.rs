@@ -100,6 +100,26 @@ pub fn python3() -> OsString {
     "python3".into()
 }
 
+// ------------------------------------------------------------------ tools
+
+/// Under CI (`CI=true` or `ARBITER_REQUIRE_EXAMPLES=1`) every tool a test uses must
+/// be installed: build.rs then marks none of those tests ignored.
+pub fn tools_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("ARBITER_REQUIRE_EXAMPLES").is_ok_and(|v| v == "1")
+}
+
+/// A tool the test needs is missing at run time although the build saw it (it was
+/// removed since) or CI requires it: fail under CI, else say why and skip. Where
+/// the build already saw it missing, the test is `ignored` with the reason instead
+/// (build.rs).
+pub fn tool_missing(what: &str) {
+    if tools_required() {
+        panic!("{what}, and CI requires it (.ci/run installs it)");
+    }
+    eprintln!("skipped: {what}");
+}
+
 // ------------------------------------------------------------------ waiting
 
 /// Retry `probe` until it returns `Ok`, with a 5 -> 50 ms backoff. `Err` carries the

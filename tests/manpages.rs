@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::CommandFactory;
+
+use crate::harness::tool_missing;
 use clap_complete::Shell;
 use clap_mangen::Man;
 use clap_mangen::roff::{Inline, Roff, bold, roman};
@@ -559,13 +561,13 @@ fn man_pages_and_completions_are_current() {
 
 /// The committed man pages format without warnings, where a formatter is installed.
 #[test]
+#[cfg_attr(not(has_man), ignore = "man is not installed (apt-get install man-db)")]
 fn man_pages_format_cleanly() {
     let Some(man) = ["/usr/bin/man", "/bin/man"]
         .into_iter()
         .find(|p| Path::new(p).exists())
     else {
-        eprintln!("skipped: man(1) is not installed");
-        return;
+        return tool_missing("man is not installed (apt-get install man-db)");
     };
     for page in ["arbiterd.1", "arbiterctl.1"] {
         let path = root().join("packaging/man").join(page);
@@ -603,39 +605,54 @@ fn man_pages_format_cleanly() {
     }
 }
 
-/// The committed completion scripts parse, for each shell that is installed.
 #[test]
-fn completions_parse() {
+fn completions_parse_in_bash() {
+    completions_parse("bash", ".bash");
+}
+
+#[test]
+#[cfg_attr(not(has_zsh), ignore = "zsh is not installed (apt-get install zsh)")]
+fn completions_parse_in_zsh() {
+    completions_parse("zsh", "");
+}
+
+#[test]
+#[cfg_attr(not(has_fish), ignore = "fish is not installed (apt-get install fish)")]
+fn completions_parse_in_fish() {
+    completions_parse("fish", ".fish");
+}
+
+/// The committed completion scripts for `shell` parse (`shell -n`).
+fn completions_parse(shell: &str, suffix: &str) {
     let dir = root().join("packaging/completions");
-    for (shell, suffix) in [("bash", ".bash"), ("zsh", ""), ("fish", ".fish")] {
-        let Some(bin) = ["/usr/bin/", "/bin/"]
-            .iter()
-            .map(|d| PathBuf::from(format!("{d}{shell}")))
-            .find(|p| p.exists())
-        else {
-            eprintln!("skipped: {shell} is not installed");
-            continue;
+    let Some(bin) = ["/usr/bin/", "/bin/"]
+        .iter()
+        .map(|d| PathBuf::from(format!("{d}{shell}")))
+        .find(|p| p.exists())
+    else {
+        return tool_missing(&format!(
+            "{shell} is not installed (apt-get install {shell})"
+        ));
+    };
+    for name in ["arbiterd", "arbiterctl"] {
+        let file = if shell == "zsh" {
+            dir.join(format!("_{name}"))
+        } else {
+            dir.join(format!("{name}{suffix}"))
         };
-        for name in ["arbiterd", "arbiterctl"] {
-            let file = if shell == "zsh" {
-                dir.join(format!("_{name}"))
-            } else {
-                dir.join(format!("{name}{suffix}"))
-            };
-            if !file.exists() {
-                continue; // reported by man_pages_and_completions_are_current
-            }
-            let out = Command::new(&bin)
-                .arg("-n")
-                .arg(&file)
-                .output()
-                .expect("run the shell");
-            assert!(
-                out.status.success(),
-                "{shell} -n {}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if !file.exists() {
+            continue; // reported by man_pages_and_completions_are_current
         }
+        let out = Command::new(&bin)
+            .arg("-n")
+            .arg(&file)
+            .output()
+            .expect("run the shell");
+        assert!(
+            out.status.success(),
+            "{shell} -n {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
