@@ -1,6 +1,7 @@
 //! Black-box tests: the real `arbiterd` and `arbiterctl`, driven from outside.
 
 mod cli_table;
+mod config_file;
 mod control;
 mod ctl;
 mod daemon_mode;

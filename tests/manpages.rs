@@ -41,8 +41,10 @@ enum Block {
     Tqs(&'static [&'static str], &'static str),
     /// Literal lines (commands), kept as they are.
     Ex(&'static [&'static str]),
+    /// A whole file's text as literal lines (the example config file).
+    File(&'static str),
 }
-use Block::{Ex, P, Tp, Tqs};
+use Block::{Ex, File, P, Tp, Tqs};
 
 struct Section {
     title: &'static str,
@@ -75,8 +77,8 @@ const ARBITERD_DESCRIPTION: &[Block] = &[
     ),
     P(
         "Every long option can also be set in the `--config` file (TOML, the long option \
-         names as keys, `command` as an array); the command line wins over the file, and \
-         the file is re-read on every reload.",
+         names as keys, and `command`); the command line wins over the file, and the file \
+         is re-read on every reload. See CONFIG FILE below.",
     ),
 ];
 
@@ -138,9 +140,15 @@ const ARBITERD_SECTIONS: &[Section] = &[
             ),
             Tp(
                 "1",
-                "Startup error: a bad flag or config file, an address that cannot be bound, a \
-                 COMMAND that is not found or not executable, a pidfile held by a live master. \
-                 One line on stderr names the thing at fault; nothing is left behind.",
+                "Startup error: a bad config file (`PATH line N: key: ...`), an address that \
+                 cannot be bound, a COMMAND that is not found or not executable, a pidfile \
+                 held by a live master. One line on stderr names the thing at fault; nothing \
+                 is left behind.",
+            ),
+            Tp(
+                "2",
+                "Usage error: an unknown flag or a bad flag value. stderr has the reason, a \
+                 tip where there is one (did you mean ...), and the usage.",
             ),
             Tp(
                 "3, 4",
@@ -221,6 +229,23 @@ const ARBITERD_SECTIONS: &[Section] = &[
         ],
     },
     Section {
+        title: "CONFIG FILE",
+        blocks: &[
+            P(
+                "TOML. The keys are the long options (`graceful-timeout`, or \
+                 `graceful_timeout`) and `command`, the worker program: a list of words, or \
+                 one string split into words as sh(1) splits them (quotes and backslashes) \
+                 with no expansion, and shell operators refused unless quoted. A value of \
+                 the wrong type, an unknown key or a key given twice is refused with the \
+                 file, the line and the key: at start-up (exit status 1), and at a reload \
+                 (the reload fails, the running workers keep serving). This example, with \
+                 every key, is installed as \
+                 /usr/share/doc/arbiter/examples/arbiter.toml:",
+            ),
+            File(include_str!("../packaging/arbiter.toml")),
+        ],
+    },
+    Section {
         title: "EXAMPLES",
         blocks: &[
             Ex(&["arbiterd -w 4 -b 127.0.0.1:8000"]),
@@ -248,7 +273,11 @@ const ARBITERCTL_SECTIONS: &[Section] = &[
                 "1",
                 "The master refused or the action failed (the reason on stderr).",
             ),
-            Tp("2", "Usage error."),
+            Tp(
+                "2",
+                "Usage error. With `--json`, stdout has \
+                 {\"error\":{\"kind\":\"usage\",\"message\":...}} too.",
+            ),
             Tp("3", "No master answering at the control socket."),
             Tp(
                 "4",
@@ -322,18 +351,22 @@ fn render_blocks(roff: &mut Roff, blocks: &[Block]) {
                 }
                 roff.text(inlines(text));
             }
-            Ex(lines) => {
-                roff.control("PP", []);
-                roff.control("RS", ["4"]);
-                roff.control("nf", []);
-                for l in lines.iter() {
-                    roff.text([roman(*l)]);
-                }
-                roff.control("fi", []);
-                roff.control("RE", []);
-            }
+            Ex(lines) => literal(roff, lines.iter().copied()),
+            File(text) => literal(roff, text.lines()),
         }
     }
+}
+
+/// Lines set as they are, indented, unfilled.
+fn literal<'a>(roff: &mut Roff, lines: impl Iterator<Item = &'a str>) {
+    roff.control("PP", []);
+    roff.control("RS", ["4"]);
+    roff.control("nf", []);
+    for l in lines {
+        roff.text([roman(l)]);
+    }
+    roff.control("fi", []);
+    roff.control("RE", []);
 }
 
 /// A rendered piece without the preamble each `Roff::render` repeats.
@@ -476,7 +509,126 @@ fn render_completions(cmd: &clap::Command, bin: &str, out: &mut BTreeMap<PathBuf
     ] {
         let mut buf = Vec::new();
         clap_complete::generate(shell, &mut cmd.clone(), bin, &mut buf);
-        out.insert(PathBuf::from("packaging/completions").join(file), buf);
+        let script = String::from_utf8(buf).expect("completions are UTF-8");
+        let script = complete_instance_names(shell, bin, &script);
+        out.insert(
+            PathBuf::from("packaging/completions").join(file),
+            script.into_bytes(),
+        );
+    }
+}
+
+/// `--name` completes to the names of the running masters: the control sockets
+/// in the default directories (`NAME.sock`, see FILES in arbiterd(1)). clap has
+/// no way to say so for a static script; `--name` has `ValueHint::Other` (no file
+/// names), and its empty completion is replaced here, in each shell's terms.
+fn complete_instance_names(shell: Shell, bin: &str, script: &str) -> String {
+    let (helper, out) = match shell {
+        Shell::Bash => {
+            let helper = "# The names of the running masters: their control sockets.\n\
+                 __arbiter_names() {\n\
+                 \x20   local d f\n\
+                 \x20   for d in ${XDG_RUNTIME_DIR:+\"$XDG_RUNTIME_DIR/arbiter\"} /run/arbiter \"/tmp/arbiter-$UID\"; do\n\
+                 \x20       for f in \"$d\"/*.sock; do\n\
+                 \x20           [[ -S $f ]] || continue\n\
+                 \x20           f=${f##*/}\n\
+                 \x20           printf '%s\\n' \"${f%.sock}\"\n\
+                 \x20       done\n\
+                 \x20   done\n\
+                 }\n\n";
+            let mut out = String::new();
+            let mut lines = script.lines().peekable();
+            while let Some(line) = lines.next() {
+                out.push_str(line);
+                out.push('\n');
+                let label = line.trim();
+                if (label == "--name)" || label == "-n)")
+                    && let Some(next) = lines.peek()
+                    && next.trim() == "COMPREPLY=(\"${cur}\")"
+                {
+                    let indent = &next[..next.len() - next.trim_start().len()];
+                    out.push_str(&format!(
+                        "{indent}COMPREPLY=($(compgen -W \"$(__arbiter_names)\" -- \"${{cur}}\"))\n"
+                    ));
+                    lines.next();
+                    // clap's `nospace` is for a value being typed; a listed name
+                    // is whole.
+                    if lines.peek().is_some_and(|l| l.contains("BASH_VERSINFO")) {
+                        let block: Vec<&str> = lines.by_ref().take(3).collect();
+                        assert!(
+                            block
+                                .get(1)
+                                .is_some_and(|l| l.contains("compopt -o nospace")),
+                            "{bin}: unexpected lines after --name: {block:?}"
+                        );
+                    }
+                }
+            }
+            (helper, out)
+        }
+        Shell::Zsh => {
+            let helper = "# The names of the running masters: their control sockets.\n\
+                 (( $+functions[__arbiter_names] )) ||\n\
+                 __arbiter_names() {\n\
+                 \x20   local -a names\n\
+                 \x20   local d\n\
+                 \x20   for d in ${XDG_RUNTIME_DIR:+$XDG_RUNTIME_DIR/arbiter} /run/arbiter /tmp/arbiter-$UID; do\n\
+                 \x20       names+=( $d/*.sock(N=:t:r) )\n\
+                 \x20   done\n\
+                 \x20   compadd -a names\n\
+                 }\n\n";
+            let out = script
+                .lines()
+                .map(|l| {
+                    // `'-n+[...`, `'(--control --pid)--name=[...`.
+                    let name =
+                        l.starts_with('\'') && (l.contains("-n+[") || l.contains("--name=["));
+                    if name && l.ends_with(":NAME:' \\") {
+                        l.replace(":NAME:' \\", ":NAME:__arbiter_names' \\")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n";
+            (helper, out)
+        }
+        Shell::Fish => {
+            let helper = "# The names of the running masters: their control sockets.\n\
+                 function __arbiter_names\n\
+                 \x20   for d in $XDG_RUNTIME_DIR/arbiter /run/arbiter /tmp/arbiter-(id -u)\n\
+                 \x20       for f in $d/*.sock\n\
+                 \x20           test -S $f; and string replace -r '\\.sock$' '' -- (basename $f)\n\
+                 \x20       end\n\
+                 \x20   end\n\
+                 end\n\n";
+            let out = script
+                .lines()
+                .map(|l| {
+                    if l.contains(" -l name ") && l.ends_with(" -r -f") {
+                        format!("{l} -a \"(__arbiter_names)\"")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n";
+            (helper, out)
+        }
+        _ => unreachable!("only bash, zsh and fish are generated"),
+    };
+    assert!(
+        out.contains("__arbiter_names"),
+        "{bin} {shell}: no --name completion found to replace; has clap_complete's output changed?"
+    );
+    // The helper after zsh's `#compdef` line, which must stay the first.
+    match out.split_once('\n') {
+        Some((first, rest)) if first.starts_with("#compdef") => {
+            format!("{first}\n\n{helper}{}", rest.trim_start_matches('\n'))
+        }
+        _ => format!("{helper}{out}"),
     }
 }
 

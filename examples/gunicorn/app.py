@@ -1,4 +1,7 @@
-"""A plain WSGI app for `gunicorn -b fd://3 --workers 1 app:app` under arbiterd.
+"""A plain WSGI app for `gunicorn --workers 1 app:app` under arbiterd.
+
+No `-b`: gunicorn adopts the listener from LISTEN_FDS by itself, as under systemd;
+`-b fd://3` on top of that makes it take fd 3 twice and die with EBADF.
 
 The process answering is gunicorn's own worker, a child of the gunicorn master
 that arbiterd started (so a grandchild of arbiterd): both pids are in the answer.

@@ -1,3 +1,15 @@
+# The names of the running masters: their control sockets.
+__arbiter_names() {
+    local d f
+    for d in ${XDG_RUNTIME_DIR:+"$XDG_RUNTIME_DIR/arbiter"} /run/arbiter "/tmp/arbiter-$UID"; do
+        for f in "$d"/*.sock; do
+            [[ -S $f ]] || continue
+            f=${f##*/}
+            printf '%s\n' "${f%.sock}"
+        done
+    done
+}
+
 _arbiterctl() {
     local i cur prev opts cmd
     COMPREPLY=()
@@ -96,11 +108,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -302,19 +314,19 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --signal)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "HUP INT QUIT ILL TRAP ABRT BUS FPE KILL USR1 SEGV USR2 PIPE ALRM TERM STKFLT CHLD CONT STOP TSTP TTIN TTOU URG XCPU XFSZ VTALRM PROF WINCH IO PWR SYS" -- "${cur}"))
                     return 0
                     ;;
                 -s)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "HUP INT QUIT ILL TRAP ABRT BUS FPE KILL USR1 SEGV USR2 PIPE ALRM TERM STKFLT CHLD CONT STOP TSTP TTIN TTOU URG XCPU XFSZ VTALRM PROF WINCH IO PWR SYS" -- "${cur}"))
                     return 0
                     ;;
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -348,11 +360,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -386,11 +398,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -424,11 +436,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -462,11 +474,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -500,11 +512,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -538,11 +550,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -576,11 +588,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -618,11 +630,11 @@ _arbiterctl() {
                     return 0
                     ;;
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)
@@ -656,11 +668,11 @@ _arbiterctl() {
             fi
             case "${prev}" in
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --control)

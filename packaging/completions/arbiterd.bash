@@ -1,3 +1,15 @@
+# The names of the running masters: their control sockets.
+__arbiter_names() {
+    local d f
+    for d in ${XDG_RUNTIME_DIR:+"$XDG_RUNTIME_DIR/arbiter"} /run/arbiter "/tmp/arbiter-$UID"; do
+        for f in "$d"/*.sock; do
+            [[ -S $f ]] || continue
+            f=${f##*/}
+            printf '%s\n' "${f%.sock}"
+        done
+    done
+}
+
 _arbiterd() {
     local i cur prev opts cmd
     COMPREPLY=()
@@ -78,11 +90,11 @@ _arbiterd() {
                     return 0
                     ;;
                 --name)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 -n)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0
                     ;;
                 --pid)

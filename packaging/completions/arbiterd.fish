@@ -1,3 +1,12 @@
+# The names of the running masters: their control sockets.
+function __arbiter_names
+    for d in $XDG_RUNTIME_DIR/arbiter /run/arbiter /tmp/arbiter-(id -u)
+        for f in $d/*.sock
+            test -S $f; and string replace -r '\.sock$' '' -- (basename $f)
+        end
+    end
+end
+
 complete -c arbiterd -s b -l bind -d 'Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)' -r
 complete -c arbiterd -s w -l workers -d 'Number of workers' -r
 complete -c arbiterd -l max-workers -d 'The most workers `scale`, TTIN and the config may ask for' -r
@@ -11,7 +20,7 @@ group\t'Every signal to the whole tree at once'
 process\t'Signals to the main process only; the rest of the tree is left running'"
 complete -c arbiterd -l cgroup -d '`auto`: each worker in a cgroup v2 of its own where the hierarchy is writable (its whole tree is then known and killed at once); `off`: process groups only' -r -f -a "auto\t''
 off\t''"
-complete -c arbiterd -s n -l name -d 'Instance name: process titles, default paths, logs' -r
+complete -c arbiterd -s n -l name -d 'Instance name: process titles, default paths, logs' -r -f -a "(__arbiter_names)"
 complete -c arbiterd -s p -l pid -d 'Pidfile' -r -F
 complete -c arbiterd -l control -d 'Control socket path' -r -F
 complete -c arbiterd -l log-file -d 'Log file; `-` is stderr' -r -F

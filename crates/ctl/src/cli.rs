@@ -26,6 +26,7 @@ pub struct Cli {
         long,
         global = true,
         value_name = "NAME",
+        value_hint = clap::ValueHint::Other,
         conflicts_with_all = ["control", "pidfile"]
     )]
     pub name: Option<String>,
@@ -95,7 +96,14 @@ pub enum Command {
         #[arg(value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
         /// TERM, SIGTERM, term or 15
-        #[arg(short, long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
+        #[arg(
+            short,
+            long,
+            value_name = "SIG",
+            default_value = "TERM",
+            value_parser = SignalParser,
+            hide_possible_values = true
+        )]
         signal: SignalName,
     },
     /// Prometheus text exposition of the status: worker states, RSS, heartbeat
@@ -206,6 +214,35 @@ impl ScaleSpec {
 /// A signal name as the master takes it: `TERM`, `KILL`, `USR1`...
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignalName(pub String);
+
+/// `--signal`'s parser: [`parse_signal`], which takes more spellings than it
+/// lists; the list (the short names) is what completions offer.
+#[derive(Clone)]
+struct SignalParser;
+
+impl clap::builder::TypedValueParser for SignalParser {
+    type Value = SignalName;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<SignalName, clap::Error> {
+        clap::builder::StringValueParser::new()
+            .try_map(|s| parse_signal(&s))
+            .parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            arbiter_proto::signal::NamedSignal::all()
+                .map(|s| clap::builder::PossibleValue::new(s.name)),
+        ))
+    }
+}
 
 /// `TERM`, `SIGTERM`, `term`, `sigterm` or `15` -> `TERM`.
 pub fn parse_signal(s: &str) -> Result<SignalName, String> {
@@ -320,6 +357,24 @@ mod tests {
         );
         let c = parse(&["stop", "--fast"]).unwrap();
         assert_eq!(c.command, Command::Stop { fast: true });
+
+        // Completions offer the signal names, not file names.
+        let cmd = Cli::command();
+        let kill = cmd.find_subcommand("kill").unwrap();
+        let sig = kill
+            .get_arguments()
+            .find(|a| a.get_long() == Some("signal"));
+        let names: Vec<String> = sig
+            .unwrap()
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        assert!(names.iter().any(|n| n == "TERM") && names.iter().any(|n| n == "USR1"));
+        assert!(
+            parse(&["kill", "1", "--signal", "9"]).is_ok(),
+            "numbers still parse"
+        );
 
         use clap::error::ErrorKind as K;
         for (args, kind) in [

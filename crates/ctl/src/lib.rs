@@ -60,9 +60,39 @@ pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The program: parse the command line (usage errors exit 2), run, print.
 pub fn main() -> ExitCode {
-    let cli = Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_checked(&args) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&args, e),
+    };
     let report = run(&cli);
     report.emit()
+}
+
+/// A command line clap refused (or `--help`, `--version`). With `--json` a script
+/// reads stdout, so it gets the error as JSON there, as for any other failure:
+/// `{"error":{"kind":"usage","message":..}}`. stderr has clap's text either way
+/// (with its tip), and the exit status is 2.
+fn usage_error(args: &[std::ffi::OsString], e: clap::Error) -> ExitCode {
+    // `--json` as given, before any `--` (after it, it would be a value).
+    let json = args
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json");
+    if !json || !e.use_stderr() {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    let _ = e.print();
+    Report {
+        stdout: json_line(&json!({"error": {"kind": "usage", "message": message}})),
+        stderr: Vec::new(),
+        code: EXIT_USAGE,
+    }
+    .emit()
 }
 
 /// What a run prints and how it exits.

@@ -1,6 +1,7 @@
-//! Start-up: from the command line to a running [`Arbiter`]. Every failure here is
-//! one line and exit status 1, with nothing left behind (no socket file, no
-//! pidfile, no half-started daemon).
+//! Start-up: from the command line to a running [`Arbiter`]. A usage error (a bad
+//! flag or flag value) is clap's message and exit status 2; every other failure
+//! here is one line and exit status 1. Either way nothing is left behind (no
+//! socket file, no pidfile, no half-started daemon).
 
 use crate::arbiter;
 use crate::{
@@ -36,10 +37,11 @@ pub fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // SPEC: a bad flag is one line and exit status 1 (clap's default is 2).
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            return fail(first.trim_start_matches("error: "));
+            // A usage error: clap's own words, its "tip:" (did you mean ...) and
+            // usage line included, and its exit status 2, as arbiterctl's. A bad
+            // config file or an unbindable address stays exit status 1.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     // Before --chdir: where an upgrade must start the new master.

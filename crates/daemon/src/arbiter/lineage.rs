@@ -475,6 +475,10 @@ impl Lineage {
                 (Step::Checking { .. }, Death::Code(0)) => ChildExit::CheckPassed,
                 (Step::Checking { .. }, _) => {
                     let said = String::from_utf8_lossy(&self.said);
+                    // Up to the first blank line: a usage error is clap's message,
+                    // then its tip and usage after blank lines, which a reply's
+                    // reason does not need.
+                    let said = said.trim().split("\n\n").next().unwrap_or_default();
                     let said = said.trim();
                     ChildExit::Failed(if said.is_empty() {
                         format!("the new binary's configuration check {}", death.describe())

@@ -1,75 +1,390 @@
 //! The config file, and the [`Loader`] that lays it under the command line, again
 //! at every reload.
+//!
+//! The file is read by hand, key by key, rather than by a serde derive: a wrong
+//! type is then reported in the file's own words (the key, its line, what was
+//! expected, what was found), not as serde's internal names.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory, FromArgMatches};
-use serde::Deserialize;
+use clap::{CommandFactory, FromArgMatches, ValueEnum};
+use toml::{Spanned, Value};
 
 use super::{CgroupMode, Cli, Config, ConfigError, KillMode, parse_log_level, parse_ready};
 
-/// A number of seconds in the file: `30` or `0.5`.
-#[derive(Deserialize, Clone, Copy, Debug)]
-#[serde(untagged)]
-enum Number {
-    Int(i64),
-    Float(f64),
+/// Every key the file takes: the long options of arbiterd that configure a
+/// master (not `--config` itself, nor `--check-config`), and `command`. `_` may be
+/// written for `-`. packaging/arbiter.toml documents each of them (a unit test
+/// checks both ways).
+pub const KEYS: &[&str] = &[
+    "bind",
+    "workers",
+    "max-workers",
+    "timeout",
+    "graceful-timeout",
+    "ready",
+    "boot-timeout",
+    "kill-mode",
+    "cgroup",
+    "name",
+    "pid",
+    "control",
+    "daemon",
+    "log-file",
+    "log-level",
+    "max-worker-rss",
+    "max-worker-age",
+    "reuse-port",
+    "backlog",
+    "umask",
+    "chdir",
+    "user",
+    "group",
+    "command",
+];
+
+/// A value from the file and the line it is on, for errors found later (a bad
+/// `ready`, say, is only an error if the command line does not override it).
+#[derive(Clone, Debug)]
+struct At<T> {
+    value: T,
+    line: usize,
 }
 
-impl Number {
-    fn get(self) -> f64 {
-        match self {
-            Number::Int(i) => i as f64,
-            Number::Float(f) => f,
-        }
+/// The file, its keys checked for type.
+#[derive(Default, Debug)]
+struct FileConfig {
+    bind: Option<At<Vec<String>>>,
+    workers: Option<At<usize>>,
+    max_workers: Option<At<usize>>,
+    timeout: Option<At<f64>>,
+    graceful_timeout: Option<At<f64>>,
+    ready: Option<At<String>>,
+    boot_timeout: Option<At<f64>>,
+    kill_mode: Option<At<String>>,
+    cgroup: Option<At<String>>,
+    name: Option<At<String>>,
+    pid: Option<At<PathBuf>>,
+    control: Option<At<PathBuf>>,
+    daemon: Option<At<bool>>,
+    log_file: Option<At<PathBuf>>,
+    log_level: Option<At<String>>,
+    max_worker_rss: Option<At<u64>>,
+    max_worker_age: Option<At<f64>>,
+    reuse_port: Option<At<bool>>,
+    backlog: Option<At<i32>>,
+    umask: Option<At<String>>,
+    chdir: Option<At<PathBuf>>,
+    user: Option<At<String>>,
+    group: Option<At<String>>,
+    command: Option<At<Vec<String>>>,
+}
+
+/// Why the file was refused: a line (when known) and a message for a person.
+#[derive(Debug, PartialEq)]
+struct FileError {
+    line: Option<usize>,
+    message: String,
+}
+
+fn at<T>(line: usize, value: T) -> Option<At<T>> {
+    Some(At { value, line })
+}
+
+/// The 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].matches('\n').count() + 1
+}
+
+/// A TOML value as an error message shows it: its type, and the value if short.
+fn found(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.chars().count() <= 60 => format!("string {s:?}"),
+        Value::String(_) => "a long string".into(),
+        Value::Integer(i) => format!("integer {i}"),
+        Value::Float(f) => format!("number {f}"),
+        Value::Boolean(b) => format!("boolean {b}"),
+        Value::Datetime(d) => format!("date-time {d}"),
+        Value::Array(a) if a.is_empty() => "an empty list".into(),
+        Value::Array(_) => "a list".into(),
+        Value::Table(_) => "a table".into(),
     }
 }
 
-#[derive(Deserialize, Clone, Debug)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+/// `key: expected WHAT, found ...`.
+fn mismatch(key: &str, what: &str, v: &Value) -> String {
+    format!("{key}: expected {what}, found {}", found(v))
 }
 
-/// The config file: the long option names as keys (`graceful-timeout`, or
-/// `graceful_timeout`), `command` as an array.
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    bind: Option<OneOrMany>,
-    workers: Option<usize>,
-    #[serde(alias = "max_workers")]
-    max_workers: Option<usize>,
-    timeout: Option<Number>,
-    #[serde(alias = "graceful_timeout")]
-    graceful_timeout: Option<Number>,
-    ready: Option<String>,
-    #[serde(alias = "boot_timeout")]
-    boot_timeout: Option<Number>,
-    #[serde(alias = "kill_mode")]
-    kill_mode: Option<KillMode>,
-    cgroup: Option<CgroupMode>,
-    name: Option<String>,
-    pid: Option<PathBuf>,
-    control: Option<PathBuf>,
-    daemon: Option<bool>,
-    #[serde(alias = "log_file")]
-    log_file: Option<PathBuf>,
-    #[serde(alias = "log_level")]
-    log_level: Option<String>,
-    #[serde(alias = "max_worker_rss")]
-    max_worker_rss: Option<u64>,
-    #[serde(alias = "max_worker_age")]
-    max_worker_age: Option<Number>,
-    #[serde(alias = "reuse_port")]
-    reuse_port: Option<bool>,
-    backlog: Option<i32>,
-    umask: Option<String>,
-    chdir: Option<PathBuf>,
-    user: Option<String>,
-    group: Option<String>,
-    command: Option<Vec<String>>,
+fn string(key: &str, v: &Value, what: &str) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        _ => Err(mismatch(key, what, v)),
+    }
+}
+
+/// `user`, `group`: a name, or a number (`33` or `"33"`).
+fn name_or_id(key: &str, v: &Value, what: &str) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Integer(i) if *i >= 0 => Ok(i.to_string()),
+        _ => Err(mismatch(key, what, v)),
+    }
+}
+
+fn boolean(key: &str, v: &Value) -> Result<bool, String> {
+    match v {
+        Value::Boolean(b) => Ok(*b),
+        _ => Err(mismatch(key, "true or false", v)),
+    }
+}
+
+/// A whole number in `T`'s range (`workers`, `backlog`, ...).
+fn whole<T: TryFrom<i64>>(key: &str, v: &Value, what: &str) -> Result<T, String> {
+    match v {
+        Value::Integer(i) => T::try_from(*i).map_err(|_| mismatch(key, what, v)),
+        _ => Err(mismatch(key, what, v)),
+    }
+}
+
+/// A number of seconds: `30` or `0.5`.
+fn seconds(key: &str, v: &Value) -> Result<f64, String> {
+    match v {
+        Value::Integer(i) => Ok(*i as f64),
+        Value::Float(f) => Ok(*f),
+        _ => Err(mismatch(key, "a number of seconds such as 30 or 0.5", v)),
+    }
+}
+
+/// One string or a list of strings (`bind`).
+fn strings(key: &str, v: &Value, what: &str) -> Result<Vec<String>, String> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(format!(
+                    "{key}: expected {what}, found a list holding {}",
+                    found(other)
+                )),
+            })
+            .collect(),
+        _ => Err(mismatch(key, what, v)),
+    }
+}
+
+/// `command`: a list of strings as they are, or one string split as a POSIX
+/// shell splits words.
+fn command(v: &Value) -> Result<Vec<String>, String> {
+    const WHAT: &str = "a command line such as \"python3 app.py\" or a list such as \
+                        [\"python3\", \"app.py\"]";
+    match v {
+        Value::String(s) => match split_words(s) {
+            Ok(words) if words.is_empty() => Err(format!(
+                "command: expected {WHAT}, found an empty command line"
+            )),
+            Ok(words) => Ok(words),
+            Err(e) => Err(format!("command: {e}")),
+        },
+        Value::Array(_) => strings("command", v, WHAT),
+        _ => Err(mismatch("command", WHAT, v)),
+    }
+}
+
+/// Split a command line into words as a POSIX shell does, without any expansion:
+/// blanks separate words; `'...'` is literal; in `"..."` a backslash escapes only
+/// `$`, `` ` ``, `"`, `\` and a newline; elsewhere a backslash makes the next
+/// character literal; backslash-newline joins lines. Since no shell runs the
+/// result, the operators that would make a different command of it (`|`, `&`,
+/// `;`, `<`, `>`, `(`, `)`) and a `#` comment are refused unless quoted, rather
+/// than passed to the program as words.
+pub fn split_words(s: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    // The word being built; `None` between words (so `""` is an empty word).
+    let mut word: Option<String> = None;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' | '\n' => words.extend(word.take()),
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => return Err("unbalanced single quote (')".into()),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some('\n') => {}
+                            Some(c @ ('$' | '`' | '"' | '\\')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => return Err("unbalanced double quote (\")".into()),
+                        },
+                        Some(c) => w.push(c),
+                        None => return Err("unbalanced double quote (\")".into()),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some('\n') => {}
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => return Err("ends with a backslash that escapes nothing".into()),
+            },
+            '|' | '&' | ';' | '<' | '>' | '(' | ')' => {
+                return Err(format!(
+                    "'{c}' is a shell operator, and no shell runs the command: quote it to \
+                     pass it as an argument, or write [\"sh\", \"-c\", \"...\"]"
+                ));
+            }
+            '#' if word.is_none() => {
+                return Err(
+                    "'#' would start a comment in a shell: quote it to pass it as an argument"
+                        .into(),
+                );
+            }
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
+
+/// The closest key to a misspelt one, if it is close.
+fn suggest(key: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    KEYS.iter()
+        .map(|k| (distance(key, k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// Parse the file's text: its syntax, its keys, the type of each value.
+fn parse_file(text: &str) -> Result<FileConfig, FileError> {
+    let table: BTreeMap<Spanned<String>, Spanned<Value>> =
+        toml::from_str(text).map_err(|e| FileError {
+            line: e.span().map(|s| line_of(text, s.start)),
+            // toml's messages may run over several lines; ours are one.
+            message: e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+    let mut entries: Vec<_> = table.into_iter().collect();
+    // In the order of the file, so the first bad key is the one reported.
+    entries.sort_by_key(|(k, _)| k.span().start);
+    let mut f = FileConfig::default();
+    let mut seen: Vec<(&'static str, usize)> = Vec::new();
+    for (key, value) in entries {
+        let line = line_of(text, key.span().start);
+        let err = |message: String| FileError {
+            line: Some(line),
+            message,
+        };
+        let spelt = key.get_ref().as_str();
+        let normal = spelt.replace('_', "-");
+        let Some(&name) = KEYS.iter().find(|k| **k == normal) else {
+            let hint = match suggest(&normal) {
+                Some(k) => format!("; did you mean {k:?}?"),
+                None => "; the keys are arbiterd's long options (see arbiterd(1))".into(),
+            };
+            return Err(err(format!("unknown key {spelt:?}{hint}")));
+        };
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == name) {
+            return Err(err(format!("{name}: given twice (also on line {first})")));
+        }
+        seen.push((name, line));
+        let v = value.get_ref();
+        const COUNT: &str = "a whole number such as 4";
+        const PATH: &str = "a path string";
+        const NAME: &str = "a name string";
+        match name {
+            "bind" => {
+                let what = "an address string like \"127.0.0.1:8000\" or a list of them";
+                f.bind = at(line, strings(name, v, what).map_err(err)?);
+            }
+            "workers" => f.workers = at(line, whole(name, v, COUNT).map_err(err)?),
+            "max-workers" => f.max_workers = at(line, whole(name, v, COUNT).map_err(err)?),
+            "timeout" => f.timeout = at(line, seconds(name, v).map_err(err)?),
+            "graceful-timeout" => f.graceful_timeout = at(line, seconds(name, v).map_err(err)?),
+            "boot-timeout" => f.boot_timeout = at(line, seconds(name, v).map_err(err)?),
+            "max-worker-age" => f.max_worker_age = at(line, seconds(name, v).map_err(err)?),
+            "ready" => {
+                f.ready = at(
+                    line,
+                    string(name, v, "\"exec\" or \"notify\"").map_err(err)?,
+                )
+            }
+            "kill-mode" => {
+                let what = "\"mixed\", \"group\" or \"process\"";
+                f.kill_mode = at(line, string(name, v, what).map_err(err)?);
+            }
+            "cgroup" => f.cgroup = at(line, string(name, v, "\"auto\" or \"off\"").map_err(err)?),
+            "log-level" => {
+                let what = "\"debug\", \"info\", \"warning\", \"error\" or \"critical\"";
+                f.log_level = at(line, string(name, v, what).map_err(err)?);
+            }
+            "name" => f.name = at(line, string(name, v, NAME).map_err(err)?),
+            "user" => {
+                f.user = at(
+                    line,
+                    name_or_id(name, v, "a user name or uid").map_err(err)?,
+                )
+            }
+            "group" => {
+                f.group = at(
+                    line,
+                    name_or_id(name, v, "a group name or gid").map_err(err)?,
+                );
+            }
+            "umask" => {
+                f.umask = at(
+                    line,
+                    string(name, v, "an octal mode string such as \"022\"").map_err(err)?,
+                );
+            }
+            "pid" => f.pid = at(line, string(name, v, PATH).map_err(err)?.into()),
+            "control" => f.control = at(line, string(name, v, PATH).map_err(err)?.into()),
+            "log-file" => f.log_file = at(line, string(name, v, PATH).map_err(err)?.into()),
+            "chdir" => f.chdir = at(line, string(name, v, PATH).map_err(err)?.into()),
+            "daemon" => f.daemon = at(line, boolean(name, v).map_err(err)?),
+            "reuse-port" => f.reuse_port = at(line, boolean(name, v).map_err(err)?),
+            "max-worker-rss" => {
+                f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB").map_err(err)?);
+            }
+            "backlog" => f.backlog = at(line, whole(name, v, COUNT).map_err(err)?),
+            "command" => f.command = at(line, command(v).map_err(err)?),
+            other => unreachable!("key {other} is in KEYS but not read"),
+        }
+    }
+    Ok(f)
 }
 
 /// How to build the [`Config`], again and again: the command line as given, which
@@ -135,21 +450,13 @@ impl Loader {
             let path = self.base_dir.join(path);
             let text = crate::userpath::read_to_string(&path, crate::userpath::CONFIG_LIMIT)
                 .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-            let file: FileConfig = toml::from_str(&text).map_err(|e| {
-                let place = e
-                    .span()
-                    .map(|s| {
-                        let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                        format!(", line {line}")
-                    })
-                    .unwrap_or_default();
-                ConfigError(format!(
-                    "config file {}{place}: {}",
-                    path.display(),
-                    e.message()
-                ))
-            })?;
-            self.overlay(&mut cli, file)?;
+            // `PATH line N: key: what is wrong`, one line.
+            let located = |e: FileError| {
+                let place = e.line.map(|l| format!(" line {l}")).unwrap_or_default();
+                ConfigError(format!("{}{place}: {}", path.display(), e.message))
+            };
+            let file = parse_file(&text).map_err(located)?;
+            self.overlay(&mut cli, file).map_err(located)?;
         }
         let base = &self.base_dir;
         let rel = |p: PathBuf| {
@@ -174,61 +481,93 @@ impl Loader {
         Config::from_cli(cli)
     }
 
-    /// The file's values where the command line did not set them; a value the
-    /// command line would refuse is refused in the same words.
-    fn overlay(&self, cli: &mut Cli, f: FileConfig) -> Result<(), ConfigError> {
+    /// The file's values where the command line did not set them. A value of the
+    /// right type but not one of the accepted words is refused here, and only if
+    /// the command line does not override it.
+    fn overlay(&self, cli: &mut Cli, f: FileConfig) -> Result<(), FileError> {
         macro_rules! take {
             ($field:ident, $id:literal, $conv:expr) => {
-                if let Some(v) = f.$field
+                if let Some(At { value, .. }) = f.$field
                     && !self.given($id)
                 {
-                    cli.$field = $conv(v);
+                    cli.$field = $conv(value);
                 }
             };
         }
         take!(workers, "workers", |v| v);
         take!(max_workers, "max_workers", |v| v);
-        take!(timeout, "timeout", |v: Number| v.get());
-        take!(graceful_timeout, "graceful_timeout", |v: Number| v.get());
-        take!(boot_timeout, "boot_timeout", |v: Number| v.get());
-        take!(kill_mode, "kill_mode", |v| v);
-        take!(cgroup, "cgroup", |v| v);
+        take!(timeout, "timeout", |v| v);
+        take!(graceful_timeout, "graceful_timeout", |v| v);
+        take!(boot_timeout, "boot_timeout", |v| v);
         take!(name, "name", |v| v);
         take!(pid, "pid", Some);
         take!(control, "control", Some);
         take!(daemon, "daemon", |v| v);
         take!(log_file, "log_file", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);
-        take!(max_worker_age, "max_worker_age", |v: Number| Some(v.get()));
+        take!(max_worker_age, "max_worker_age", Some);
         take!(reuse_port, "reuse_port", |v| v);
         take!(backlog, "backlog", |v| v);
         take!(umask, "umask", Some);
         take!(chdir, "chdir", Some);
         take!(user, "user", Some);
         take!(group, "group", Some);
-        if let Some(v) = f.ready
+        take!(bind, "bind", |v| v);
+        take!(command, "command", |v: Vec<String>| v
+            .into_iter()
+            .map(Into::into)
+            .collect());
+        // The words of these keys are checked by the same parsers as the flags',
+        // reported in the file's terms.
+        let word = |at: At<String>, key: &str, what: &str| FileError {
+            line: Some(at.line),
+            message: mismatch(key, what, &Value::String(at.value)),
+        };
+        if let Some(at) = f.ready
             && !self.given("ready")
         {
-            cli.ready = Some(parse_ready(&v).map_err(ConfigError)?);
+            match parse_ready(&at.value) {
+                Ok(v) => cli.ready = Some(v),
+                Err(_) => return Err(word(at, "ready", "\"exec\" or \"notify\"")),
+            }
         }
-        if let Some(v) = f.log_level
+        if let Some(at) = f.log_level
             && !self.given("log_level")
         {
-            cli.log_level = parse_log_level(&v).map_err(ConfigError)?;
+            match parse_log_level(&at.value) {
+                Ok(v) => cli.log_level = v,
+                Err(_) => {
+                    let what = "\"debug\", \"info\", \"warning\", \"error\" or \"critical\"";
+                    return Err(word(at, "log-level", what));
+                }
+            }
         }
-        if let Some(b) = f.bind
-            && !self.given("bind")
+        if let Some(at) = f.kill_mode
+            && !self.given("kill_mode")
         {
-            cli.bind = match b {
-                OneOrMany::One(s) => vec![s],
-                OneOrMany::Many(v) => v,
-            };
+            match KillMode::from_str(&at.value, false) {
+                Ok(v) => cli.kill_mode = v,
+                Err(_) => return Err(word(at, "kill-mode", "\"mixed\", \"group\" or \"process\"")),
+            }
         }
-        if let Some(c) = f.command
-            && !self.given("command")
+        if let Some(at) = f.cgroup
+            && !self.given("cgroup")
         {
-            cli.command = c.into_iter().map(Into::into).collect();
+            match CgroupMode::from_str(&at.value, false) {
+                Ok(v) => cli.cgroup = v,
+                Err(_) => return Err(word(at, "cgroup", "\"auto\" or \"off\"")),
+            }
         }
         Ok(())
     }
+}
+
+/// Read `text` as a config file and lay it over the defaults, without resolving
+/// anything (users, the command): the example file's values are checked this way.
+#[cfg(test)]
+pub(super) fn check_file(text: &str) -> Result<(), String> {
+    let loader = Loader::from_argv(["arbiterd"]).map_err(|e| e.to_string())?;
+    let mut cli = loader.cli.clone();
+    let f = parse_file(text).map_err(|e| e.message)?;
+    loader.overlay(&mut cli, f).map_err(|e| e.message)
 }

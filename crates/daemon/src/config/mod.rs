@@ -67,7 +67,13 @@ pub struct Cli {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = CgroupMode::Auto)]
     pub cgroup: CgroupMode,
     /// Instance name: process titles, default paths, logs
-    #[arg(short, long, value_name = "NAME", default_value = "arbiter")]
+    #[arg(
+        short,
+        long,
+        value_name = "NAME",
+        default_value = "arbiter",
+        value_hint = clap::ValueHint::Other
+    )]
     pub name: String,
     /// Pidfile
     #[arg(short, long, value_name = "PATH")]

@@ -164,13 +164,19 @@ fn ready_and_log_level_from_the_file() {
     let cfg = loader_with_file("ready = \"notify\"\n", &["--ready", "exec"]).unwrap();
     assert_eq!(cfg.ready, Some(ReadyMode::Exec), "the command line wins");
     let err = loader_with_file("ready = \"x\"\n", &[]).unwrap_err().0;
-    assert_eq!(err, "--ready x: expected 'exec' or 'notify'");
-    let err = loader_with_file("log_level = \"loud\"\n", &[])
+    assert!(
+        err.ends_with(" line 1: ready: expected \"exec\" or \"notify\", found string \"x\""),
+        "{err}"
+    );
+    let err = loader_with_file("workers = 2\nlog_level = \"loud\"\n", &[])
         .unwrap_err()
         .0;
-    assert_eq!(
-        err,
-        "--log-level loud: expected debug, info, warning, error or critical"
+    assert!(
+        err.ends_with(
+            " line 2: log-level: expected \"debug\", \"info\", \"warning\", \"error\" or \
+             \"critical\", found string \"loud\""
+        ),
+        "{err}"
     );
     // A bad value the command line overrides is not looked at.
     let cfg = loader_with_file("log-level = \"loud\"\n", &["--log-level", "debug"]).unwrap();
@@ -218,4 +224,199 @@ fn max_workers_bounds_and_reload_changes() {
     let (changed, restart) = describe_changes(&old, &new);
     assert_eq!(changed, ["max-workers 8 -> 4"]);
     assert!(restart.is_empty(), "{restart:?}");
+}
+
+/// The error of a file with `text`, without the temp path in front.
+fn file_error(text: &str) -> String {
+    let err = loader_with_file(text, &[]).unwrap_err().0;
+    let (path, rest) = err.split_once(".toml").expect("the error names the file");
+    assert!(path.starts_with('/'), "{err}");
+    rest.to_string()
+}
+
+#[test]
+fn type_errors_name_the_key_and_the_line_in_plain_words() {
+    for (text, want) in [
+        (
+            "workers = 2\n\nbind = 18000\n",
+            " line 3: bind: expected an address string like \"127.0.0.1:8000\" or a list of \
+             them, found integer 18000",
+        ),
+        (
+            "bind = [\"127.0.0.1:1\", 2]\n",
+            " line 1: bind: expected an address string like \"127.0.0.1:8000\" or a list of \
+             them, found a list holding integer 2",
+        ),
+        (
+            "workers = \"4\"\n",
+            " line 1: workers: expected a whole number such as 4, found string \"4\"",
+        ),
+        (
+            "workers = -1\n",
+            " line 1: workers: expected a whole number such as 4, found integer -1",
+        ),
+        (
+            "graceful_timeout = true\n",
+            " line 1: graceful-timeout: expected a number of seconds such as 30 or 0.5, found \
+             boolean true",
+        ),
+        (
+            "daemon = \"yes\"\n",
+            " line 1: daemon: expected true or false, found string \"yes\"",
+        ),
+        (
+            "command = 3\n",
+            " line 1: command: expected a command line such as \"python3 app.py\" or a list \
+             such as [\"python3\", \"app.py\"], found integer 3",
+        ),
+        (
+            "kill-mode = \"all\"\n",
+            " line 1: kill-mode: expected \"mixed\", \"group\" or \"process\", found string \
+             \"all\"",
+        ),
+        (
+            "[server]\nworkers = 2\n",
+            " line 1: unknown key \"server\"; the keys are arbiterd's long options (see \
+             arbiterd(1))",
+        ),
+        (
+            "wokers = 2\n",
+            " line 1: unknown key \"wokers\"; did you mean \"workers\"?",
+        ),
+        (
+            "log-file = \"a\"\nlog_file = \"b\"\n",
+            " line 2: log-file: given twice (also on line 1)",
+        ),
+        (
+            "command = \"python3 'app.py\"\n",
+            " line 1: command: unbalanced single quote (')",
+        ),
+    ] {
+        assert_eq!(file_error(text), want, "{text:?}");
+    }
+    // A syntax error: toml's words, on one line, with the line.
+    let err = file_error("workers = 2\ntimeout = = 5\n");
+    assert!(err.starts_with(" line 2: "), "{err}");
+    assert!(!err.contains('\n'), "{err:?}");
+}
+
+#[test]
+fn a_command_string_is_split_as_a_shell_would() {
+    let cfg = loader_with_file("command = \"/bin/sh -c 'echo \\\"$x\\\"' arg\"\n", &[]).unwrap();
+    match cfg.program {
+        WorkerProgram::Command { path, argv } => {
+            assert_eq!(path, Path::new("/bin/sh"));
+            assert_eq!(argv, ["/bin/sh", "-c", "echo \"$x\"", "arg"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // user and group as numbers too.
+    let cfg = loader_with_file("user = 0\ngroup = 0\n", &[]);
+    if nix::unistd::Uid::effective().is_root() {
+        assert_eq!(cfg.unwrap().worker_credentials(), Some((0, 0)));
+    } else {
+        cfg.unwrap();
+    }
+}
+
+#[test]
+fn split_words_follows_the_shell() {
+    let ok = |s: &str| file::split_words(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    for (s, want) in [
+        ("python3 app.py", &["python3", "app.py"][..]),
+        ("  a\t b \n c  ", &["a", "b", "c"]),
+        ("'a b' c", &["a b", "c"]),
+        ("\"a b\" c", &["a b", "c"]),
+        ("a' 'b", &["a b"]),
+        ("'' x", &["", "x"]),
+        ("\"\"", &[""]),
+        ("a\\ b", &["a b"]),
+        ("a\\\\b", &["a\\b"]),
+        ("'a\\b'", &["a\\b"]),
+        ("\"a\\b\"", &["a\\b"]),
+        ("\"a\\\"b\"", &["a\"b"]),
+        ("\"\\$HOME\"", &["$HOME"]),
+        ("$HOME ~ *.py", &["$HOME", "~", "*.py"]),
+        ("a\\\nb", &["ab"]),
+        ("'it'\\''s'", &["it's"]),
+        ("x#y", &["x#y"]),
+        ("'|' \">\" \\;", &["|", ">", ";"]),
+        ("", &[]),
+    ] {
+        assert_eq!(ok(s), want, "{s:?}");
+    }
+    assert_eq!(ok("'app:create_app()'"), ["app:create_app()"]);
+    for (s, want) in [
+        ("'a", "unbalanced single quote (')"),
+        ("\"a", "unbalanced double quote (\")"),
+        ("\"a\\\"", "unbalanced double quote (\")"),
+        ("a\\", "ends with a backslash that escapes nothing"),
+    ] {
+        assert_eq!(file::split_words(s).unwrap_err(), want, "{s:?}");
+    }
+    for s in ["a | b", "a > log", "a; b", "a &", "f()", "a #comment"] {
+        let e = file::split_words(s).unwrap_err();
+        assert!(e.contains("quote it"), "{s:?}: {e}");
+    }
+}
+
+/// The shipped example, packaging/arbiter.toml.
+const EXAMPLE: &str = include_str!("../../../../packaging/arbiter.toml");
+
+/// The keys the example sets or shows (`key = ...` lines, commented out or not).
+fn example_keys(text: &str) -> Vec<String> {
+    let mut keys: Vec<String> = text
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim())
+        .filter_map(|l| {
+            let (k, _) = l.split_once(" = ")?;
+            k.chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-' || c == '_')
+                .then(|| k.to_string())
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[test]
+fn the_example_file_parses_and_shows_every_key() {
+    // As shipped: a valid configuration of its own.
+    let cfg = loader_with_file(EXAMPLE, &[]).unwrap();
+    assert_eq!(cfg.workers, 2);
+    // Every key the parser takes is shown, and nothing else.
+    let mut want: Vec<String> = file::KEYS.iter().map(|k| k.to_string()).collect();
+    want.sort();
+    assert_eq!(example_keys(EXAMPLE), want);
+    // Every example value, commented out or not, has the type its key takes.
+    // One file per key: a key shown twice (bind, command) is checked each time.
+    for line in EXAMPLE.lines() {
+        let l = line.trim_start_matches('#').trim();
+        let Some((k, _)) = l.split_once(" = ") else {
+            continue;
+        };
+        if !file::KEYS.contains(&k) {
+            continue;
+        }
+        if let Err(e) = file::check_file(l) {
+            panic!("{l:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn the_file_takes_every_long_option() {
+    // A new flag must be readable from the file too (and so be in the example).
+    let cmd = Cli::command();
+    let mut longs: Vec<&str> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| !["config", "check-config", "help", "version"].contains(l))
+        .collect();
+    longs.push("command");
+    longs.sort();
+    let mut keys = file::KEYS.to_vec();
+    keys.sort();
+    assert_eq!(longs, keys);
 }
