@@ -210,6 +210,26 @@ fn daemonize_then_arbiterctl_status_with_no_sleep_in_between() {
 }
 
 #[test]
+fn daemonize_without_a_log_file_says_where_the_log_goes() {
+    let dir = short_tempdir();
+    let out = Run::arbiterd()
+        .args(["-D", "-b", "127.0.0.1:0", "-w", "1"])
+        .arg("-p")
+        .arg(dir.path().join("a.pid"))
+        .arg("--control")
+        .arg(dir.path().join("a.sock"))
+        .timeout(LONG)
+        .run();
+    // The daemon carries the run's tag: `run` killed it once the launcher exited.
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("-D without --log-file") && out.stderr.contains("/dev/null"),
+        "no word about the log: {:?}",
+        out.stderr
+    );
+}
+
+#[test]
 fn daemonize_on_a_busy_port_fails_in_the_foreground_with_the_reason() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();

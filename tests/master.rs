@@ -787,3 +787,19 @@ fn the_pidfile_holds_the_master_pid_and_goes_with_it() {
     assert_eq!(st.code(), Some(0));
     assert!(!pidfile.exists(), "the pidfile must be removed on exit");
 }
+
+#[test]
+fn built_in_workers_carry_a_title_not_exe() {
+    // Exec'd through /proc/self/exe, they showed as `exe` in top.
+    let b = Daemon::builder();
+    let name = b.dir().file_name().unwrap().to_string_lossy().into_owned();
+    let d = b.args(["--name", &name, "-w", "1"]).start();
+    let w = d.wait_workers(1)[0].pid;
+    let comm = std::fs::read_to_string(format!("/proc/{w}/comm")).unwrap();
+    assert_eq!(comm.trim(), "arbiterd-worker");
+    let title = cmdline(w);
+    assert!(
+        title.starts_with(&format!("arbiterd: worker {name} id:1")),
+        "{title:?}"
+    );
+}

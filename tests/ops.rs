@@ -298,6 +298,20 @@ fn a_broken_config_file_fails_the_reload_and_changes_nothing() {
         ws.contains(&(r["pid"].as_i64().unwrap_or(0) as i32)),
         "GET / from {r}, not one of {ws:?}"
     );
+    // No generation was started: the status must not blame the serving one (it
+    // used to say `generation 1 FAILED`).
+    assert_eq!(master["last_reload"]["generation"], json!(null), "{master}");
+    let out = d.ctl(["status"]);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("last reload"))
+        .unwrap_or_else(|| d.fail(&format!("no last reload line: {out:?}")));
+    assert!(
+        line.contains("before starting a generation (generation 1 serves on)")
+            && line.contains("line 2"),
+        "{line:?}"
+    );
 }
 
 #[test]

@@ -97,12 +97,19 @@ pub fn status_header(st: &Status) -> String {
     }
     if let Some(r) = &m.last_reload {
         let outcome = if r.ok { "ok" } else { "FAILED" };
-        let _ = write!(
-            out,
-            "last reload: generation {} {outcome} at {}",
-            r.generation,
-            human_time(&r.at)
-        );
+        let _ = match r.generation {
+            Some(g) => write!(
+                out,
+                "last reload: generation {g} {outcome} at {}",
+                human_time(&r.at)
+            ),
+            None => write!(
+                out,
+                "last reload: {outcome} at {}, before starting a generation (generation {} serves on)",
+                human_time(&r.at),
+                m.generation
+            ),
+        };
         if !r.message.is_empty() {
             let _ = write!(out, ": {}", r.message);
         }
@@ -277,7 +284,7 @@ pub(crate) mod tests {
                 ],
                 reload: None,
                 last_reload: Some(ReloadOutcome {
-                    generation: 2,
+                    generation: Some(2),
                     ok: true,
                     message: "4 workers ready in 1.2s".into(),
                     at: "2026-11-24T09:58:01.123Z".into(),

@@ -162,6 +162,12 @@ pub fn main() -> ExitCode {
         info!("Not detaching (-D): started by systemd (NOTIFY_SOCKET or INVOCATION_ID is set)");
         None
     } else if cfg.daemon {
+        if cfg.log_file.as_os_str() == "-" {
+            // stderr becomes /dev/null: say so while someone can still read it.
+            eprintln!(
+                "arbiterd: warning: -D without --log-file: the daemon's log goes to /dev/null (give --log-file PATH to keep it)"
+            );
+        }
         match daemonize::detach() {
             Ok(r) => Some(r),
             Err(e) => {

@@ -100,7 +100,9 @@ pub struct ReloadInFlight {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReloadOutcome {
-    pub generation: u64,
+    /// The generation the reload started; `None` when it failed before starting
+    /// one (the config file did not parse): the serving generation is untouched.
+    pub generation: Option<u64>,
     pub ok: bool,
     pub message: String,
     /// RFC 3339, UTC.

@@ -40,7 +40,9 @@ pub enum ReloadOutcome {
         at: SystemTime,
     },
     Failed {
-        generation: u64,
+        /// The generation it started; `None`: refused before starting one (a
+        /// config file that does not parse), the serving one untouched.
+        generation: Option<u64>,
         reason: String,
         at: SystemTime,
     },
@@ -100,7 +102,7 @@ impl Arbiter {
             Err(e) => {
                 error!("Reload failed: {e}; the running configuration stays");
                 self.reloads.last = Some(ReloadOutcome::Failed {
-                    generation: self.pool.generation(),
+                    generation: None,
                     reason: e.clone(),
                     at: SystemTime::now(),
                 });
@@ -254,7 +256,7 @@ impl Arbiter {
             ),
         ));
         self.reloads.last = Some(ReloadOutcome::Failed {
-            generation: r.to,
+            generation: Some(r.to),
             reason,
             at: SystemTime::now(),
         });

@@ -141,7 +141,7 @@ fn reload_outcome(r: &ReloadOutcome) -> snapshot::ReloadOutcome {
             took,
             at,
         } => snapshot::ReloadOutcome {
-            generation: *generation,
+            generation: Some(*generation),
             ok: true,
             message: format!("succeeded in {:.2}s", took.as_secs_f64()),
             at: rfc3339(*at),

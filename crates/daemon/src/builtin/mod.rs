@@ -79,6 +79,9 @@ const TOKEN_SIGNALS: u64 = u64::MAX;
 const TOKEN_LISTENER_0: u64 = u64::MAX - 1;
 
 pub fn run() -> ExitCode {
+    // Exec'd through /proc/self/exe, the process would be named `exe` in top and
+    // in `ps -o comm` (argv[0] carries the full title).
+    let _ = nix::sys::prctl::set_name(c"arbiterd-worker");
     match Worker::boot() {
         Ok(w) => w.serve(),
         Err(msg) => {

@@ -238,7 +238,9 @@ fn prepare(
     let builtin_title;
     let (path, argv): (&std::ffi::OsStr, Vec<&std::ffi::OsStr>) = match &cfg.program {
         WorkerProgram::Builtin => {
-            builtin_title = std::ffi::OsString::from(format!("arbiter: worker [{}]", cfg.name));
+            // What ps, top -c and htop show for it, as gunicorn's setproctitle does.
+            builtin_title =
+                std::ffi::OsString::from(format!("arbiterd: worker {} id:{id}", cfg.name));
             (
                 std::ffi::OsStr::new("/proc/self/exe"),
                 vec![
