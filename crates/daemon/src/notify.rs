@@ -1,14 +1,19 @@
 //! sd_notify from workers: the master's own datagram socket.
 //!
 //! Workers find it in `NOTIFY_SOCKET`, so libraries that already speak to systemd
-//! (`READY=1`, `WATCHDOG=1`, `STATUS=...`) speak to us unchanged. The socket lives
-//! in the abstract namespace (no file to clean up, reachable by workers that run as
-//! another user), and every datagram is attributed by the kernel-checked sender
-//! credentials (SO_PASSCRED), never by what the message says: a datagram from a
-//! process that is not one of our workers (or in one's process group) is dropped.
+//! (`READY=1`, `WATCHDOG=1`, `STATUS=...`) speak to us unchanged. The socket is a
+//! file in a private directory (mode 0700, or 0710 with the workers' group when
+//! they run as another user): another user cannot even send to it, so a flood from
+//! one costs the master nothing. (An abstract socket, as before, is open to every
+//! uid: dropping each datagram after reading it still cost a core.) Every datagram
+//! is attributed by the kernel-checked sender credentials (SO_PASSCRED), never by
+//! what the message says: a datagram from a process that is not one of our workers
+//! (or in one's process group) is dropped.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
     self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -30,14 +35,39 @@ const FOREIGN_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10
 
 pub struct NotifySocket {
     fd: OwnedFd,
-    /// The value for `NOTIFY_SOCKET`: `@` and the abstract name.
+    /// The value for `NOTIFY_SOCKET`: the socket's path.
     pub address: String,
-    /// The uids our workers run as: datagrams from any other uid are dropped
-    /// before they are parsed (an abstract socket is open to every uid).
+    /// The private directory holding the socket; removed with it on drop.
+    dir: PathBuf,
+    /// The uids our workers run as: datagrams from any other uid (root, who can
+    /// reach any file) are dropped before they are parsed.
     uids: Vec<u32>,
     /// Datagrams dropped for coming from another uid, since the start.
     pub foreign_dropped: u64,
     foreign_log: Repeated,
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh directory only we (and root) can enter: `$XDG_RUNTIME_DIR` (a tmpfs of
+/// our own) or `/tmp`, `arbiter-NAME.XXXXXX`.
+fn private_dir(name: &str) -> std::io::Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty() && Path::new(d).is_dir())
+        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    // Short: the socket path must fit in 108 bytes.
+    let short: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(16)
+        .collect();
+    let template = base.join(format!("arbiter-{short}.XXXXXX"));
+    // mkdtemp makes it 0700, with a name nobody could have prepared.
+    Ok(nix::unistd::mkdtemp(&template)?)
 }
 
 /// One thing a worker said.
@@ -55,11 +85,9 @@ pub enum Message {
 
 impl NotifySocket {
     /// `worker_uid`: the uid workers run as when not the master's (`--user`).
-    pub fn bind(
-        master_pid: i32,
-        name: &str,
-        worker_uid: Option<u32>,
-    ) -> std::io::Result<NotifySocket> {
+    /// `workers`: the uid and gid workers run as when not the master's (`--user`,
+    /// `--group`): they get into the directory through its group.
+    pub fn bind(name: &str, workers: Option<(u32, u32)>) -> std::io::Result<NotifySocket> {
         let fd = socket::socket(
             AddressFamily::Unix,
             SockType::Datagram,
@@ -67,20 +95,33 @@ impl NotifySocket {
             None,
         )?;
         socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-        // The pid namespace too: abstract names are per network namespace, which
-        // masters in different pid namespaces (both pid 1) may share.
-        let pidns = std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| {
-            use std::os::unix::fs::MetadataExt;
-            m.ino()
-        });
-        let abstract_name = format!("arbiter/{name}/{pidns}/{master_pid}/notify");
-        let addr = UnixAddr::new_abstract(abstract_name.as_bytes())?;
-        socket::bind(fd.as_raw_fd(), &addr)?;
+        let dir = private_dir(name)?;
+        let bound = (|| {
+            let me = nix::unistd::geteuid().as_raw();
+            if let Some((_, gid)) = workers.filter(|&(uid, _)| uid != me) {
+                nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(gid)))?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o710))?;
+            }
+            let path = dir.join("notify");
+            socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path)?)?;
+            // The directory keeps others out; a worker running as another user
+            // must be able to write to the socket itself.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+            Ok::<_, std::io::Error>(path)
+        })();
+        let path = match bound {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let mut uids = vec![nix::unistd::geteuid().as_raw()];
-        uids.extend(worker_uid);
+        uids.extend(workers.map(|(uid, _)| uid));
         Ok(NotifySocket {
             fd,
-            address: format!("@{abstract_name}"),
+            address: path.to_string_lossy().into_owned(),
+            dir,
             uids,
             foreign_dropped: 0,
             foreign_log: Repeated::new(FOREIGN_LOG_EVERY),
@@ -273,7 +314,7 @@ mod tests {
 
     #[test]
     fn receives_with_credentials() {
-        let mut sock = NotifySocket::bind(std::process::id() as i32, "unit-test", None).unwrap();
+        let mut sock = NotifySocket::bind("unit-test", None).unwrap();
         assert!(arbiter_proto::worker::notify_to(
             &sock.address,
             "READY=1\nSTATUS=hi"
@@ -282,5 +323,17 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, std::process::id() as i32);
         assert_eq!(got[0].1, vec![Message::Ready, Message::Status("hi".into())]);
+    }
+
+    #[test]
+    fn the_socket_is_private_and_goes_with_the_master() {
+        use std::os::unix::fs::MetadataExt;
+        let sock = NotifySocket::bind("unit-test", None).unwrap();
+        let dir = Path::new(&sock.address).parent().unwrap().to_path_buf();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700, "{}", dir.display());
+        assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+        drop(sock);
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }

@@ -146,8 +146,7 @@ impl Arbiter {
         let master_pid = nix::unistd::getpid();
         let parts = Events::new().and_then(|ev| {
             let signals = SignalPipe::install(HANDLED_SIGNALS)?;
-            let worker_uid = cfg.worker_credentials().map(|(uid, _)| uid);
-            let notify = NotifySocket::bind(master_pid.as_raw(), &cfg.name, worker_uid)?;
+            let notify = NotifySocket::bind(&cfg.name, cfg.worker_credentials())?;
             Ok((ev, signals, notify))
         });
         let (mut events, signals, notify) = match parts {
