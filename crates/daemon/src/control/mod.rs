@@ -34,6 +34,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// a person; gunicorn's own server allows 300 s.
 pub const GUNICORN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const BUSY: &str = "too many control connections; try again";
+const OUT_OF_FDS: &str = "the master is out of file descriptors (see its log); try again";
 /// A repeating accept error is logged at most this often.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long the listener is left alone when the master is out of fds.
@@ -85,7 +86,16 @@ pub struct ControlServer {
     retired: Vec<OwnedFd>,
     /// Out of fds: the listener is not watched until then.
     accept_paused_until: Option<Instant>,
+    /// An fd held in reserve (`/dev/null`): out of fds, it is given up for a moment
+    /// to accept a waiting client and tell it `busy`, instead of leaving it hanging
+    /// until its timeout says "no master answering".
+    reserve: Option<std::fs::File>,
     accept_errors: Repeated,
+}
+
+/// The reserve fd: anything that costs one descriptor and nothing else.
+fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// What the poll loop should watch for one fd of the control server.
@@ -153,6 +163,9 @@ impl ControlServer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if self.refuse_with_reserve() {
+                        continue;
+                    }
                     self.out_of_fds(e, now);
                     return;
                 }
@@ -228,11 +241,41 @@ impl ControlServer {
         }
     }
 
-    /// Out of fds: the connection stays in the backlog, and the listener is left
-    /// alone for a moment, so the loop does not spin on a listener it cannot
-    /// accept from; the waiting client is served once fds are free again.
+    /// Out of fds: give up the reserve fd, accept one waiting client, tell it
+    /// `busy` at once (JSON lines: it has not written yet) and close it, then take
+    /// the reserve back. False when there is no reserve or no client came.
+    fn refuse_with_reserve(&mut self) -> bool {
+        let Some(reserve) = self.reserve.take() else {
+            return false;
+        };
+        drop(reserve);
+        let answered = match self.listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(true);
+                if let Ok(mut line) =
+                    serde_json::to_vec(&Response::err(ErrorKind::Busy, OUT_OF_FDS))
+                {
+                    line.push(b'\n');
+                    let _ = io::Write::write(&mut stream, &line);
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        self.reserve = open_reserve();
+        answered
+    }
+
+    /// Out of fds and no reserve to answer with: the connection stays in the
+    /// backlog, and the listener is left alone for a moment, so the loop does not
+    /// spin on a listener it cannot accept from; the waiting client is served
+    /// once fds are free again.
     fn out_of_fds(&mut self, e: io::Error, now: Instant) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+        if self.reserve.is_none() {
+            // Lost at some EMFILE: try to take it again now that time has passed.
+            self.reserve = open_reserve();
+        }
         if let Some(n) = self.accept_errors.note(now) {
             warning!(
                 "Control socket: accept failed: {e}; trying again every {} ms{}",
