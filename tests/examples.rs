@@ -53,10 +53,16 @@ fn python_with(module: &str, pip_name: &str) -> Option<PathBuf> {
             return Some(PathBuf::from(exe));
         }
     }
-    let msg = format!(
+    skip(&format!(
         "the Python package `{pip_name}` is not installed for {candidates:?} \
          (`python3 -m pip install {pip_name}`)"
-    );
+    ))
+}
+
+/// Skip a test whose worker's runtime is missing, saying why; under
+/// `ARBITER_REQUIRE_EXAMPLES=1` (CI installs them all) fail instead, so a broken
+/// install cannot hide as a skip.
+fn skip<T>(msg: &str) -> Option<T> {
     if std::env::var_os(REQUIRE_VAR).is_some_and(|v| v == "1") {
         panic!("{msg}, and {REQUIRE_VAR}=1 requires it");
     }
@@ -261,6 +267,29 @@ impl Losses {
     }
 }
 
+/// For a daemon started with `--timeout 3`: `workers` workers serve, and past
+/// the timeout the same ones still do, each with a beat the master saw less than
+/// 3 s ago. (A worker that never beats is never killed for silence, so the
+/// recent beat is what shows the heartbeat works; one that stopped beating would
+/// be replaced.) Returns the `arbiterctl --json status` document.
+fn assert_beating(d: &Daemon, workers: usize) -> serde_json::Value {
+    let pids: Vec<i32> = d.wait_workers(workers).iter().map(|w| w.pid).collect();
+    d.assert_workers_stay(&pids, ms(4000));
+    let out = d.ctl(["--json", "status"]);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| d.fail(&format!("arbiterctl --json status: {e}: {out:?}")));
+    let beats: Vec<Option<f64>> = json["workers"]
+        .as_array()
+        .map(|ws| ws.iter().map(|w| w["last_beat_secs"].as_f64()).collect())
+        .unwrap_or_default();
+    if beats.len() != workers || beats.iter().any(|b| !b.is_some_and(|s| s < 3.0)) {
+        d.fail(&format!(
+            "expected {workers} workers with a recent beat, got {beats:?} in {json}"
+        ));
+    }
+    json
+}
+
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
@@ -333,22 +362,7 @@ fn python_notify_example_reloads_under_load_and_beats() {
     args.push(py);
     args.push(dir.join("worker.py").into());
     let d = Daemon::builder().args(&args).start();
-    let workers = d.wait_workers(2);
-    // Past the timeout, the same workers serve, and the master saw their beats.
-    let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
-    d.assert_workers_stay(&pids, ms(4000));
-    let out = d.ctl(["--json", "status"]);
-    let json: serde_json::Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| d.fail(&format!("arbiterctl --json status: {e}: {out:?}")));
-    let beats: Vec<Option<f64>> = json["workers"]
-        .as_array()
-        .map(|ws| ws.iter().map(|w| w["last_beat_secs"].as_f64()).collect())
-        .unwrap_or_default();
-    if beats.len() != 2 || beats.iter().any(|b| !b.is_some_and(|s| s < 3.0)) {
-        d.fail(&format!(
-            "expected two workers with a recent beat, got {beats:?} in {json}"
-        ));
-    }
+    assert_beating(&d, 2);
     drop(d);
     let t = reload_under_load(&args, 2, Losses::None);
     eprintln!(
