@@ -10,7 +10,8 @@
 //! uvicorn and gunicorn come from PyPI: when the Python package is missing the
 //! test says so and passes, unless `ARBITER_REQUIRE_EXAMPLES=1` (CI installs them
 //! and sets it, so a broken install cannot hide as a skip). The Rust example is
-//! built with cargo into `target/examples-rust-listenfd` (a few seconds).
+//! built with cargo into `target/examples-rust-listenfd` (a few seconds); the Node
+//! one runs as it is, and when `node` is missing that test skips the same way.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -57,6 +58,23 @@ fn python_with(module: &str, pip_name: &str) -> Option<PathBuf> {
         "the Python package `{pip_name}` is not installed for {candidates:?} \
          (`python3 -m pip install {pip_name}`)"
     ))
+}
+
+/// `program` as PATH finds it, if `program VERSION_ARG` runs. `None`, with the
+/// reason printed, when it does not (a failure instead under
+/// `ARBITER_REQUIRE_EXAMPLES=1`); `debian` names the package that has it.
+fn tool(program: &str, version_arg: &str, debian: &str) -> Option<OsString> {
+    match Command::new(program).arg(version_arg).output() {
+        Ok(out) if out.status.success() => Some(program.into()),
+        Ok(out) => skip(&format!(
+            "`{program} {version_arg}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => skip(&format!(
+            "`{program}` cannot be run ({e}; Debian's package is `{debian}`)"
+        )),
+    }
 }
 
 /// Skip a test whose worker's runtime is missing, saying why; under
@@ -290,6 +308,27 @@ fn assert_beating(d: &Daemon, workers: usize) -> serde_json::Value {
     json
 }
 
+/// A request in flight when arbiterd gets TERM is answered by the worker that
+/// holds it (TERMed meanwhile), then arbiterd exits 0 and nothing is left.
+fn assert_term_finishes_in_flight(d: &Daemon) {
+    // Long enough that the worker's TERM surely comes while it sleeps: the
+    // master passes it on at once.
+    let slow = d.spawn_get("/sleep?ms=2000");
+    let holder = d.wait_accepted(&slow);
+    d.signal(Signal::SIGTERM);
+    match slow.join() {
+        Ok(r) if r.status == 200 && r.json()["pid"].as_i64() == Some(i64::from(holder)) => {}
+        other => d.fail(&format!(
+            "the request in flight at TERM, held by worker {holder}, got {other:?}"
+        )),
+    }
+    let status = d.wait_exit(LONG);
+    if status.code() != Some(0) {
+        d.fail(&format!("arbiterd exited with {status} after TERM, not 0"));
+    }
+    d.wait_no_leftovers(SHORT);
+}
+
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
@@ -398,6 +437,27 @@ fn rust_listenfd_example_reloads_under_load_without_a_failed_request() {
     let t = reload_under_load(&args, 2, Losses::None);
     eprintln!(
         "rust-listenfd: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+/// The Node example (core modules only) as its README runs it: the default
+/// `--ready exec`, the heartbeat through `ARBITER_HEARTBEAT_FD`.
+#[test]
+fn node_example_beats_drains_on_term_and_reloads_under_load() {
+    let Some(node) = tool("node", "--version", "nodejs") else {
+        return;
+    };
+    let mut args = os(&["-w", "2", "--timeout", "3", "--"]);
+    args.push(node);
+    args.push(example_dir("node").join("worker.js").into());
+    let d = Daemon::builder().args(&args).start();
+    assert_beating(&d, 2);
+    assert_term_finishes_in_flight(&d);
+    drop(d);
+    let t = reload_under_load(&args, 2, Losses::None);
+    eprintln!(
+        "node: {} answers, 0 failed, generations {:?}",
         t.ok, t.generations
     );
 }
