@@ -10,8 +10,9 @@
 //! uvicorn and gunicorn come from PyPI: when the Python package is missing the
 //! test says so and passes, unless `ARBITER_REQUIRE_EXAMPLES=1` (CI installs them
 //! and sets it, so a broken install cannot hide as a skip). The Rust example is
-//! built with cargo into `target/examples-rust-listenfd` (a few seconds); the Node
-//! one runs as it is, and when `node` is missing that test skips the same way.
+//! built with cargo into `target/examples-rust-listenfd` (a few seconds), the Go
+//! one with `go build` into `target/examples-go`; the Node one runs as it is. When
+//! `node` or `go` is missing those tests skip the same way.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -458,6 +459,73 @@ fn node_example_beats_drains_on_term_and_reloads_under_load() {
     let t = reload_under_load(&args, 2, Losses::None);
     eprintln!(
         "node: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+/// `go build` of `examples/go` into `target/examples-go/go-worker`, offline and
+/// for any user: the build cache and GOPATH live there too, no proxy, no user
+/// go.env, no go.work, no cgo (so no C compiler needed). `None` (skip) without go.
+fn build_go_example() -> Option<PathBuf> {
+    let go = tool("go", "version", "golang-go")?;
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/examples-go");
+    let bin = target.join("go-worker");
+    let start = Instant::now();
+    let out = Command::new(go)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(example_dir("go"))
+        .env("GOCACHE", target.join("cache"))
+        .env("GOPATH", target.join("gopath"))
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "")
+        .env("GOENV", "off")
+        .env("GOWORK", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .expect("run go build");
+    assert!(
+        out.status.success(),
+        "go build of examples/go failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("go: built in {:.1?}", start.elapsed());
+    Some(bin)
+}
+
+/// The Go example (standard library only): `--ready notify` (its `READY=1`
+/// gates the reload), the heartbeat as `WATCHDOG=1`, `STATUS=` shown by
+/// arbiterctl, `http.Server.Shutdown` on TERM.
+#[test]
+fn go_example_beats_drains_on_term_and_reloads_under_load() {
+    let Some(bin) = build_go_example() else {
+        return;
+    };
+    let mut args = os(&["-w", "2", "--ready", "notify", "--timeout", "3", "--"]);
+    args.push(bin.into());
+    let d = Daemon::builder().args(&args).start();
+    let json = assert_beating(&d, 2);
+    // STATUS= rides on the WATCHDOG=1 datagrams: the master read them as sd_notify.
+    let texts: Vec<&str> = json["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|w| w["status_text"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if texts.len() != 2 || !texts.iter().all(|t| t.starts_with("served ")) {
+        d.fail(&format!(
+            "expected each worker's STATUS=served N requests, got {texts:?} in {json}"
+        ));
+    }
+    assert_term_finishes_in_flight(&d);
+    drop(d);
+    let t = reload_under_load(&args, 2, Losses::None);
+    eprintln!(
+        "go: {} answers, 0 failed, generations {:?}",
         t.ok, t.generations
     );
 }
