@@ -10,7 +10,9 @@
 //! uvicorn and gunicorn come from PyPI: when the Python package is missing the
 //! test says so and passes, unless `ARBITER_REQUIRE_EXAMPLES=1` (CI installs them
 //! and sets it, so a broken install cannot hide as a skip). The Rust example is
-//! built with cargo into `target/examples-rust-listenfd` (a few seconds).
+//! built with cargo into `target/examples-rust-listenfd` (a few seconds), the Go
+//! one with `go build` into `target/examples-go`; the Node one runs as it is. When
+//! `node` or `go` is missing those tests skip the same way.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -51,10 +53,33 @@ fn python_with(module: &str, pip_name: &str) -> Option<PathBuf> {
             return Some(PathBuf::from(exe));
         }
     }
-    harness::tool_missing(&format!(
+    skip(&format!(
         "the Python package `{pip_name}` is not installed for {candidates:?} \
          (`python3 -m pip install {pip_name}`)"
-    ));
+    ))
+}
+
+/// `program` as PATH finds it, if `program VERSION_ARG` runs. `None`, with the
+/// reason printed, when it does not (a failure instead under
+/// `ARBITER_REQUIRE_EXAMPLES=1`); `debian` names the package that has it.
+fn tool(program: &str, version_arg: &str, debian: &str) -> Option<OsString> {
+    match Command::new(program).arg(version_arg).output() {
+        Ok(out) if out.status.success() => Some(program.into()),
+        Ok(out) => skip(&format!(
+            "`{program} {version_arg}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => skip(&format!(
+            "`{program}` cannot be run ({e}; Debian's package is `{debian}`)"
+        )),
+    }
+}
+
+/// Skip a test whose worker's runtime is missing, saying why; under CI fail
+/// instead (see `harness::tool_missing`).
+fn skip<T>(msg: &str) -> Option<T> {
+    harness::tool_missing(msg);
     None
 }
 
@@ -255,6 +280,50 @@ impl Losses {
     }
 }
 
+/// For a daemon started with `--timeout 3`: `workers` workers serve, and past
+/// the timeout the same ones still do, each with a beat the master saw less than
+/// 3 s ago. (A worker that never beats is never killed for silence, so the
+/// recent beat is what shows the heartbeat works; one that stopped beating would
+/// be replaced.) Returns the `arbiterctl --json status` document.
+fn assert_beating(d: &Daemon, workers: usize) -> serde_json::Value {
+    let pids: Vec<i32> = d.wait_workers(workers).iter().map(|w| w.pid).collect();
+    d.assert_workers_stay(&pids, ms(4000));
+    let out = d.ctl(["--json", "status"]);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| d.fail(&format!("arbiterctl --json status: {e}: {out:?}")));
+    let beats: Vec<Option<f64>> = json["workers"]
+        .as_array()
+        .map(|ws| ws.iter().map(|w| w["last_beat_secs"].as_f64()).collect())
+        .unwrap_or_default();
+    if beats.len() != workers || beats.iter().any(|b| !b.is_some_and(|s| s < 3.0)) {
+        d.fail(&format!(
+            "expected {workers} workers with a recent beat, got {beats:?} in {json}"
+        ));
+    }
+    json
+}
+
+/// A request in flight when arbiterd gets TERM is answered by the worker that
+/// holds it (TERMed meanwhile), then arbiterd exits 0 and nothing is left.
+fn assert_term_finishes_in_flight(d: &Daemon) {
+    // Long enough that the worker's TERM surely comes while it sleeps: the
+    // master passes it on at once.
+    let slow = d.spawn_get("/sleep?ms=2000");
+    let holder = d.wait_accepted(&slow);
+    d.signal(Signal::SIGTERM);
+    match slow.join() {
+        Ok(r) if r.status == 200 && r.json()["pid"].as_i64() == Some(i64::from(holder)) => {}
+        other => d.fail(&format!(
+            "the request in flight at TERM, held by worker {holder}, got {other:?}"
+        )),
+    }
+    let status = d.wait_exit(LONG);
+    if status.code() != Some(0) {
+        d.fail(&format!("arbiterd exited with {status} after TERM, not 0"));
+    }
+    d.wait_no_leftovers(SHORT);
+}
+
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
@@ -339,22 +408,7 @@ fn python_notify_example_reloads_under_load_and_beats() {
     args.push(py);
     args.push(dir.join("worker.py").into());
     let d = Daemon::builder().args(&args).start();
-    let workers = d.wait_workers(2);
-    // Past the timeout, the same workers serve, and the master saw their beats.
-    let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
-    d.assert_workers_stay(&pids, ms(4000));
-    let out = d.ctl(["--json", "status"]);
-    let json: serde_json::Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| d.fail(&format!("arbiterctl --json status: {e}: {out:?}")));
-    let beats: Vec<Option<f64>> = json["workers"]
-        .as_array()
-        .map(|ws| ws.iter().map(|w| w["last_beat_secs"].as_f64()).collect())
-        .unwrap_or_default();
-    if beats.len() != 2 || beats.iter().any(|b| !b.is_some_and(|s| s < 3.0)) {
-        d.fail(&format!(
-            "expected two workers with a recent beat, got {beats:?} in {json}"
-        ));
-    }
+    assert_beating(&d, 2);
     drop(d);
     let t = reload_under_load(&args, 2, Losses::None);
     eprintln!(
@@ -390,6 +444,102 @@ fn rust_listenfd_example_reloads_under_load_without_a_failed_request() {
     let t = reload_under_load(&args, 2, Losses::None);
     eprintln!(
         "rust-listenfd: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+/// The Node example (core modules only) as its README runs it: the default
+/// `--ready exec`, the heartbeat through `ARBITER_HEARTBEAT_FD`.
+#[test]
+#[cfg_attr(
+    not(has_node),
+    ignore = "node is not installed (apt-get install nodejs)"
+)]
+fn node_example_beats_drains_on_term_and_reloads_under_load() {
+    let Some(node) = tool("node", "--version", "nodejs") else {
+        return;
+    };
+    let mut args = os(&["-w", "2", "--timeout", "3", "--"]);
+    args.push(node);
+    args.push(example_dir("node").join("worker.js").into());
+    let d = Daemon::builder().args(&args).start();
+    assert_beating(&d, 2);
+    assert_term_finishes_in_flight(&d);
+    drop(d);
+    let t = reload_under_load(&args, 2, Losses::None);
+    eprintln!(
+        "node: {} answers, 0 failed, generations {:?}",
+        t.ok, t.generations
+    );
+}
+
+/// `go build` of `examples/go` into `target/examples-go/go-worker`, offline and
+/// for any user: the build cache and GOPATH live there too, no proxy, no user
+/// go.env, no go.work, no cgo (so no C compiler needed). `None` (skip) without go.
+fn build_go_example() -> Option<PathBuf> {
+    let go = tool("go", "version", "golang-go")?;
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/examples-go");
+    let bin = target.join("go-worker");
+    let start = Instant::now();
+    let out = Command::new(go)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(example_dir("go"))
+        .env("GOCACHE", target.join("cache"))
+        .env("GOPATH", target.join("gopath"))
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "")
+        .env("GOENV", "off")
+        .env("GOWORK", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .expect("run go build");
+    assert!(
+        out.status.success(),
+        "go build of examples/go failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("go: built in {:.1?}", start.elapsed());
+    Some(bin)
+}
+
+/// The Go example (standard library only): `--ready notify` (its `READY=1`
+/// gates the reload), the heartbeat as `WATCHDOG=1`, `STATUS=` shown by
+/// arbiterctl, `http.Server.Shutdown` on TERM.
+#[test]
+#[cfg_attr(
+    not(has_go),
+    ignore = "go is not installed (apt-get install golang-go)"
+)]
+fn go_example_beats_drains_on_term_and_reloads_under_load() {
+    let Some(bin) = build_go_example() else {
+        return;
+    };
+    let mut args = os(&["-w", "2", "--ready", "notify", "--timeout", "3", "--"]);
+    args.push(bin.into());
+    let d = Daemon::builder().args(&args).start();
+    let json = assert_beating(&d, 2);
+    // STATUS= rides on the WATCHDOG=1 datagrams: the master read them as sd_notify.
+    let texts: Vec<&str> = json["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|w| w["status_text"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if texts.len() != 2 || !texts.iter().all(|t| t.starts_with("served ")) {
+        d.fail(&format!(
+            "expected each worker's STATUS=served N requests, got {texts:?} in {json}"
+        ));
+    }
+    assert_term_finishes_in_flight(&d);
+    drop(d);
+    let t = reload_under_load(&args, 2, Losses::None);
+    eprintln!(
+        "go: {} answers, 0 failed, generations {:?}",
         t.ok, t.generations
     );
 }

@@ -1,0 +1,3 @@
+module arbiter.example/go-worker
+
+go 1.19
