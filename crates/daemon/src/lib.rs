@@ -16,6 +16,7 @@ pub mod listeners;
 pub mod log;
 pub mod notify;
 pub mod pidfile;
+pub mod queue;
 pub mod ratelimit;
 pub mod relay;
 pub mod signals;
