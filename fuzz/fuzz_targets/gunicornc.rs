@@ -19,7 +19,7 @@ fn check(out: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let responses = [
-        Response::ok(Reply::Scaled { from: 2, to: 5 }),
+        Response::ok(Reply::Scaled { from: 2, to: 5, min: None, max: None }),
         Response::ok(Reply::Killed {
             pid: 1234,
             signal: "TERM".into(),

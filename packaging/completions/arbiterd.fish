@@ -8,7 +8,7 @@ function __arbiter_names
 end
 
 complete -c arbiterd -s b -l bind -d 'Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)' -r
-complete -c arbiterd -s w -l workers -d 'Number of workers' -r
+complete -c arbiterd -s w -l workers -d 'Number of workers: N, or MIN..MAX to adapt the count to the load (one more while connections wait in the accept queue or every worker is busy, one fewer after a long idle spell)' -r
 complete -c arbiterd -l max-workers -d 'The most workers `scale`, TTIN and the config may ask for' -r
 complete -c arbiterd -s t -l timeout -d 'Heartbeat timeout in seconds; 0 disables' -r
 complete -c arbiterd -l graceful-timeout -d 'How long TERMed workers may drain before KILL, in seconds' -r

@@ -67,8 +67,9 @@ pub enum Command {
     /// Change the number of workers: +N more, -N fewer, N or =N exactly (never
     /// below 1; the master refuses more than its --max-workers)
     Scale {
-        /// +N, -N, N or =N
-        #[arg(value_name = "+N|-N|N", allow_hyphen_values = true)]
+        /// +N, -N, N or =N (a fixed count: stops adapting), or MIN..MAX (adapt to
+        /// the load within these bounds)
+        #[arg(value_name = "+N|-N|N|MIN..MAX", allow_hyphen_values = true)]
         spec: ScaleSpec,
     },
     /// Reload (as HUP): start a new generation, retire the old one once the new one
@@ -175,12 +176,23 @@ pub enum ScaleSpec {
     Down(u32),
     /// `N` or `=N`
     To(u32),
+    /// `MIN..MAX`: adapt to the load within these bounds.
+    Range(u32, u32),
 }
 
 impl FromStr for ScaleSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<ScaleSpec, String> {
+        if let Some((a, b)) = s.split_once("..") {
+            let bound = |d: &str| {
+                if d.is_empty() || !d.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!("{s}: expected MIN..MAX (whole numbers)"));
+                }
+                d.parse::<u32>().map_err(|_| format!("{d} is too large"))
+            };
+            return Ok(ScaleSpec::Range(bound(a)?, bound(b)?));
+        }
         let (ctor, digits): (fn(u32) -> ScaleSpec, &str) = if let Some(d) = s.strip_prefix('+') {
             (ScaleSpec::Up, d)
         } else if let Some(d) = s.strip_prefix('-') {
@@ -191,7 +203,7 @@ impl FromStr for ScaleSpec {
             (ScaleSpec::To, s)
         };
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("expected +N, -N, N or =N (N a whole number)".into());
+            return Err("expected +N, -N, N, =N or MIN..MAX (whole numbers)".into());
         }
         digits
             .parse()
@@ -201,13 +213,16 @@ impl FromStr for ScaleSpec {
 }
 
 impl ScaleSpec {
-    /// The request's `(by, to)` fields.
-    pub fn by_to(self) -> (Option<i64>, Option<u64>) {
+    /// The request for it.
+    pub fn request(self) -> arbiter_proto::control::Request {
+        let (mut by, mut to, mut min, mut max) = (None, None, None, None);
         match self {
-            ScaleSpec::Up(n) => (Some(i64::from(n)), None),
-            ScaleSpec::Down(n) => (Some(-i64::from(n)), None),
-            ScaleSpec::To(n) => (None, Some(u64::from(n))),
+            ScaleSpec::Up(n) => by = Some(i64::from(n)),
+            ScaleSpec::Down(n) => by = Some(-i64::from(n)),
+            ScaleSpec::To(n) => to = Some(u64::from(n)),
+            ScaleSpec::Range(a, b) => (min, max) = (Some(u64::from(a)), Some(u64::from(b))),
         }
+        arbiter_proto::control::Request::Scale { by, to, min, max }
     }
 }
 
@@ -263,6 +278,7 @@ mod tests {
             ("0", ScaleSpec::To(0)),
             ("+0", ScaleSpec::Up(0)),
             ("007", ScaleSpec::To(7)),
+            ("2..16", ScaleSpec::Range(2, 16)),
         ] {
             assert_eq!(s.parse::<ScaleSpec>(), Ok(want), "{s}");
         }
@@ -280,12 +296,20 @@ mod tests {
             "+ 3",
             "=+3",
             "99999999999",
+            "2..",
+            "..4",
+            "2..x",
         ] {
             assert!(s.parse::<ScaleSpec>().is_err(), "{s:?} should be rejected");
         }
-        assert_eq!(ScaleSpec::Up(2).by_to(), (Some(2), None));
-        assert_eq!(ScaleSpec::Down(3).by_to(), (Some(-3), None));
-        assert_eq!(ScaleSpec::To(4).by_to(), (None, Some(4)));
+        let json = |s: ScaleSpec| serde_json::to_value(s.request()).unwrap().to_string();
+        assert_eq!(json(ScaleSpec::Up(2)), r#"{"by":2,"cmd":"scale"}"#);
+        assert_eq!(json(ScaleSpec::Down(3)), r#"{"by":-3,"cmd":"scale"}"#);
+        assert_eq!(json(ScaleSpec::To(4)), r#"{"cmd":"scale","to":4}"#);
+        assert_eq!(
+            json(ScaleSpec::Range(2, 16)),
+            r#"{"cmd":"scale","max":16,"min":2}"#
+        );
     }
 
     #[test]

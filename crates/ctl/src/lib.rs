@@ -360,15 +360,16 @@ fn execute(cli: &Cli) -> Result<Done, Fail> {
             }
             other => Err(unexpected("status", &other)),
         },
-        Command::Scale { spec } => {
-            let (by, to) = spec.by_to();
-            match ask(&mut client, &Request::Scale { by, to }, quick)? {
-                r @ Reply::Scaled { from, to } => {
-                    Ok(Done::reply(format!("workers {from} -> {to}"), &r))
-                }
-                other => Err(unexpected("scale", &other)),
+        Command::Scale { spec } => match ask(&mut client, &spec.request(), quick)? {
+            r @ Reply::Scaled { from, to, min, max } => {
+                let adapting = match (min, max) {
+                    (Some(a), Some(b)) if a < b => format!(", adapting within {a}..{b}"),
+                    _ => String::new(),
+                };
+                Ok(Done::reply(format!("workers {from} -> {to}{adapting}"), &r))
             }
-        }
+            other => Err(unexpected("scale", &other)),
+        },
         Command::Reload => match ask(&mut client, &Request::Reload, bound(cli, LONG_TIMEOUT))? {
             r @ Reply::Reloaded {
                 generation,

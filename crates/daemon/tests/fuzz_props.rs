@@ -115,10 +115,17 @@ fn gc_valid(rng: &mut Rng) -> Vec<u8> {
 
 fn canned_responses() -> Vec<Response> {
     vec![
-        Response::ok(Reply::Scaled { from: 2, to: 5 }),
+        Response::ok(Reply::Scaled {
+            from: 2,
+            to: 5,
+            min: None,
+            max: None,
+        }),
         Response::ok(Reply::Scaled {
             from: u64::MAX,
             to: 0,
+            min: Some(1),
+            max: Some(u64::MAX),
         }),
         Response::ok(Reply::Killed {
             pid: 1234,

@@ -42,12 +42,17 @@ pub const MAX_WORKERS: usize = 65536;
 pub enum Request {
     /// The status snapshot.
     Status,
-    /// Change the target worker count, relatively (`by`) or absolutely (`to`).
+    /// Change the target worker count, relatively (`by`) or absolutely (`to`), or
+    /// adapt it to the load within `min`..`max` (both given).
     Scale {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<i64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<u64>,
     },
     /// As SIGHUP; answered once the reload succeeded or failed.
     Reload,
@@ -114,6 +119,11 @@ pub enum Reply {
     Scaled {
         from: u64,
         to: u64,
+        /// Set when the master now adapts the count within these bounds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<u64>,
     },
     Reloaded {
         generation: u64,
@@ -251,6 +261,8 @@ mod tests {
         let line = serde_json::to_string(&RequestEnvelope::new(Request::Scale {
             by: Some(2),
             to: None,
+            min: None,
+            max: None,
         }))
         .unwrap();
         assert_eq!(line, r#"{"v":1,"cmd":"scale","by":2}"#);
@@ -286,7 +298,12 @@ mod tests {
 
     #[test]
     fn response_round_trip() {
-        let r = Response::ok(Reply::Scaled { from: 1, to: 3 });
+        let r = Response::ok(Reply::Scaled {
+            from: 1,
+            to: 3,
+            min: None,
+            max: None,
+        });
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(
             s,
@@ -295,7 +312,12 @@ mod tests {
         let back: Response = serde_json::from_str(&s).unwrap();
         assert_eq!(
             back.into_result().unwrap(),
-            Reply::Scaled { from: 1, to: 3 }
+            Reply::Scaled {
+                from: 1,
+                to: 3,
+                min: None,
+                max: None
+            }
         );
     }
 }

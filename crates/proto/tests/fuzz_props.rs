@@ -95,6 +95,8 @@ fn random_request(rng: &mut Rng) -> Request {
         1 => Request::Scale {
             by: opt_i64(rng),
             to: opt_u64(rng),
+            min: None,
+            max: None,
         },
         2 => Request::Reload,
         3 => Request::Reopen,

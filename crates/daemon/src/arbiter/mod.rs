@@ -14,6 +14,7 @@
 //! verbs `reload`, `scale_to`, `begin_shutdown` and `halt` are shared by signals
 //! and control requests, so `kill -HUP` and `arbiterctl reload` cannot differ.
 
+mod autoscale;
 mod events;
 mod handover;
 mod lineage;
@@ -23,6 +24,7 @@ mod reload;
 mod requests;
 mod status;
 
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
@@ -42,6 +44,7 @@ use crate::spawn::ChildEnv;
 use crate::upgrade::StartContext;
 use crate::{debug, error, info, warning};
 
+use autoscale::Autoscaler;
 use events::{Events, Source};
 use lineage::{ChildExit, Lineage};
 use manager::Manager;
@@ -98,6 +101,8 @@ pub struct Arbiter {
     // The parts.
     events: Events,
     pool: Pool,
+    /// `--workers MIN..MAX`: moves the pool's target with the load.
+    autoscaler: Autoscaler,
     reloads: Reloads,
     lineage: Lineage,
     manager: Manager,
@@ -173,6 +178,7 @@ impl Arbiter {
         // started the guardian, which must not be one of them.
         let _ = nix::sys::prctl::set_child_subreaper(true);
         Ok(Arbiter {
+            autoscaler: Autoscaler::new(cfg.autoscale, Instant::now()),
             pool,
             reloads: Reloads::default(),
             lineage,
@@ -257,6 +263,7 @@ impl Arbiter {
             self.lineage.next_deadline(),
             self.reload_gives_up_at(),
             self.report_due(),
+            self.autoscaler.next_deadline(),
             self.pool.next_deadline(
                 &self.cfg,
                 self.reloads.is_running(),
@@ -413,10 +420,17 @@ impl Arbiter {
 
     // ---------------------------------------------------------------- verbs
 
+    /// A count set by hand (TTIN, TTOU, `scale N`): it also stops adapting.
     pub fn scale_to(&mut self, n: usize) {
         if self.shutdown.is_some() {
             info!("Scale ignored: shutting down");
             return;
+        }
+        if let Some(b) = self.autoscaler.bounds() {
+            info!(
+                "Autoscaling within {b} is off: the count was set by hand (scale MIN..MAX or a reload turns it on again)"
+            );
+            self.autoscaler.set_bounds(None, Instant::now());
         }
         let n = n.max(1);
         if n != self.pool.target() {
@@ -544,6 +558,7 @@ impl Arbiter {
         }
         self.check_reload(now);
         self.check_report(now);
+        self.autoscale(now);
         self.manager.check(now, self.lineage.is_main_process());
         self.pool.check_deadlines(now, &self.cfg);
         if self.shutdown.as_ref().is_some_and(|s| now >= s.deadline) {
@@ -610,6 +625,38 @@ impl Arbiter {
             reason += &format!("; the last {last}");
         }
         self.halt(1, &reason);
+    }
+
+    /// `--workers MIN..MAX`: sample the queues (and who is busy) when due, and
+    /// move the target one step if the load says so.
+    fn autoscale(&mut self, now: Instant) {
+        if !self.autoscaler.is_due(now) {
+            return;
+        }
+        let queued = self
+            .listeners
+            .iter()
+            .filter_map(|l| crate::queue::of(l.as_fd()).ok())
+            .map(|q| u64::from(q.len))
+            .sum();
+        let sample = autoscale::Sample {
+            queued,
+            busy: 0,
+            idle: 0,
+            target: self.pool.target(),
+        };
+        // Not while stopping or reloading: the pool is busy changing already.
+        if self.shutdown.is_some() || self.reloads.is_running() {
+            self.autoscaler.set_bounds(self.autoscaler.bounds(), now);
+            return;
+        }
+        if let Some(d) = self.autoscaler.sample(sample, now) {
+            info!(
+                "Autoscale: workers {} -> {}: {}",
+                sample.target, d.to, d.reason
+            );
+            self.pool.set_target(d.to);
+        }
     }
 
     /// Send `extra` (if any) with the current `STATUS=` to systemd.

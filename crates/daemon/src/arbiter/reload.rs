@@ -226,6 +226,12 @@ impl Arbiter {
         new.control = self.cfg.control.clone();
         new.daemon = self.cfg.daemon;
         self.pool.configure(&new);
+        if new.autoscale != self.cfg.autoscale {
+            // New bounds from the file; a count set by hand survives a reload of an
+            // unchanged file, as a plain count does.
+            self.autoscaler
+                .set_bounds(new.autoscale, std::time::Instant::now());
+        }
         let cfg = std::mem::replace(&mut self.cfg, new);
         let listeners = listeners.map(|l| std::mem::replace(&mut self.listeners, l));
         if listeners.is_some() {

@@ -34,7 +34,22 @@ impl Arbiter {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 protocol: arbiter_proto::control::PROTOCOL_VERSION,
             }),
-            Request::Scale { by, to } => self.scale_request(by, to),
+            Request::Scale {
+                by,
+                to,
+                min: None,
+                max: None,
+            } => self.scale_request(by, to),
+            Request::Scale {
+                by: None,
+                to: None,
+                min: Some(min),
+                max: Some(max),
+            } => self.autoscale_request(min, max),
+            Request::Scale { .. } => Response::err(
+                ErrorKind::BadRequest,
+                "scale takes \"by\", \"to\", or both \"min\" and \"max\"",
+            ),
             Request::Reopen => reopen_request(),
             Request::Kill { pid, signal } => self.kill_request(pid, signal.as_deref()),
             Request::Reload => match self.reload() {
@@ -103,6 +118,39 @@ impl Arbiter {
         Response::ok(Reply::Scaled {
             from: from as u64,
             to: n as u64,
+            min: None,
+            max: None,
+        })
+    }
+
+    /// `scale MIN..MAX`: adapt the count to the load within the bounds, starting
+    /// from the current count brought inside them.
+    fn autoscale_request(&mut self, min: u64, max: u64) -> Response {
+        if self.shutdown.is_some() {
+            return Response::err(ErrorKind::Refused, "the master is shutting down");
+        }
+        let limit = self.cfg.max_workers as u64;
+        if min == 0 || min > max || max > limit {
+            return Response::err(
+                ErrorKind::Refused,
+                format!("scale {min}..{max}: expected 1 <= MIN <= MAX <= --max-workers ({limit})"),
+            );
+        }
+        let bounds = crate::config::WorkerCount {
+            min: min as usize,
+            max: max as usize,
+        };
+        let from = self.pool.target();
+        let to = from.clamp(bounds.min, bounds.max);
+        info!("Autoscaling within {bounds} (asked by a control client); workers {from} -> {to}");
+        self.autoscaler
+            .set_bounds(bounds.range(), std::time::Instant::now());
+        self.pool.set_target(to);
+        Response::ok(Reply::Scaled {
+            from: from as u64,
+            to: to as u64,
+            min: Some(min),
+            max: Some(max),
         })
     }
 

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use clap::{CommandFactory, FromArgMatches, ValueEnum};
 use toml::{Spanned, Value};
 
-use super::{CgroupMode, Cli, Config, ConfigError, KillMode, parse_log_level, parse_ready};
+use super::{
+    CgroupMode, Cli, Config, ConfigError, KillMode, WorkerCount, parse_log_level, parse_ready,
+};
 
 /// Every key the file takes: the long options of arbiterd that configure a
 /// master (not `--config` itself, nor `--check-config`), and `command`. `_` may be
@@ -56,7 +58,7 @@ struct At<T> {
 #[derive(Default, Debug)]
 struct FileConfig {
     bind: Option<At<Vec<String>>>,
-    workers: Option<At<usize>>,
+    workers: Option<At<WorkerCount>>,
     max_workers: Option<At<usize>>,
     timeout: Option<At<f64>>,
     graceful_timeout: Option<At<f64>>,
@@ -330,7 +332,18 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
                 let what = "an address string like \"127.0.0.1:8000\" or a list of them";
                 f.bind = at(line, strings(name, v, what).map_err(err)?);
             }
-            "workers" => f.workers = at(line, whole(name, v, COUNT).map_err(err)?),
+            "workers" => {
+                let count = match v {
+                    Value::String(s) => WorkerCount::parse(s).map_err(|e| format!("{name}: {e}")),
+                    _ => whole(
+                        name,
+                        v,
+                        "a whole number such as 4, or a range such as \"2..16\"",
+                    )
+                    .map(|n| WorkerCount { min: n, max: n }),
+                };
+                f.workers = at(line, count.map_err(err)?);
+            }
             "max-workers" => f.max_workers = at(line, whole(name, v, COUNT).map_err(err)?),
             "timeout" => f.timeout = at(line, seconds(name, v).map_err(err)?),
             "graceful-timeout" => f.graceful_timeout = at(line, seconds(name, v).map_err(err)?),

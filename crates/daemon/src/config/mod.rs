@@ -32,9 +32,11 @@ pub struct Cli {
     /// Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH or fd://N (repeatable)
     #[arg(short, long = "bind", value_name = "ADDR")]
     pub bind: Vec<String>,
-    /// Number of workers
-    #[arg(short, long, value_name = "N", default_value_t = 1)]
-    pub workers: usize,
+    /// Number of workers: N, or MIN..MAX to adapt the count to the load (one more
+    /// while connections wait in the accept queue or every worker is busy, one
+    /// fewer after a long idle spell)
+    #[arg(short, long, value_name = "N|MIN..MAX", default_value = "1", value_parser = WorkerCount::parse)]
+    pub workers: WorkerCount,
     /// The most workers `scale`, TTIN and the config may ask for
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_WORKERS)]
     pub max_workers: usize,
@@ -235,12 +237,59 @@ pub enum WorkerProgram {
     Command { path: PathBuf, argv: Vec<OsString> },
 }
 
+/// `--workers`: a fixed count, or bounds to adapt within.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerCount {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl WorkerCount {
+    /// `4`, or `2..16`.
+    pub fn parse(s: &str) -> Result<WorkerCount, String> {
+        let number = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("expected N or MIN..MAX (whole numbers), got {s:?}"))
+        };
+        let (min, max) = match s.split_once("..") {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let n = number(s)?;
+                (n, n)
+            }
+        };
+        if min > max {
+            return Err(format!("{s}: MIN is more than MAX"));
+        }
+        Ok(WorkerCount { min, max })
+    }
+
+    /// Bounds to adapt within; `None` for a fixed count.
+    pub fn range(self) -> Option<WorkerCount> {
+        (self.min < self.max).then_some(self)
+    }
+}
+
+impl std::fmt::Display for WorkerCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..{}", self.min, self.max)
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub binds: Vec<BindSpec>,
     /// True when `--bind` was not given and `binds` holds the default.
     pub default_bind: bool,
+    /// The count to start with (MIN of a range).
     pub workers: usize,
+    /// `--workers MIN..MAX`: adapt the count within these bounds.
+    pub autoscale: Option<WorkerCount>,
     pub max_workers: usize,
     pub timeout: Option<Duration>,
     pub graceful_timeout: Duration,
@@ -444,13 +493,13 @@ impl Config {
             Some(a) => Some(seconds("--max-worker-age", a)?),
             None => None,
         };
-        if cli.workers == 0 {
+        if cli.workers.min == 0 {
             bail!("--workers must be at least 1");
         }
         if cli.max_workers == 0 || cli.max_workers > MAX_WORKERS {
             bail!("--max-workers must be from 1 to {MAX_WORKERS}");
         }
-        if cli.workers > cli.max_workers {
+        if cli.workers.max > cli.max_workers {
             bail!(
                 "--workers {}: more than --max-workers ({})",
                 cli.workers,
@@ -519,7 +568,8 @@ impl Config {
         Ok(Config {
             binds,
             default_bind,
-            workers: cli.workers,
+            workers: cli.workers.min,
+            autoscale: cli.workers.range(),
             max_workers: cli.max_workers,
             timeout: (!timeout.is_zero()).then_some(timeout),
             graceful_timeout: seconds("--graceful-timeout", cli.graceful_timeout)?,
@@ -559,8 +609,9 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
             }
         };
     }
-    if old.workers != new.workers {
-        changed.push(format!("workers {} -> {}", old.workers, new.workers));
+    let count = |c: &Config| c.autoscale.map_or(c.workers.to_string(), |r| r.to_string());
+    if count(old) != count(new) {
+        changed.push(format!("workers {} -> {}", count(old), count(new)));
     }
     if old.max_workers != new.max_workers {
         changed.push(format!(

@@ -186,8 +186,41 @@ fn ready_and_log_level_from_the_file() {
 #[test]
 fn command_after_double_dash_keeps_its_flags() {
     let cli = Cli::try_parse_from(["arbiterd", "-w", "2", "--", "sh", "-w", "9"]).unwrap();
-    assert_eq!(cli.workers, 2);
+    assert_eq!(cli.workers, WorkerCount { min: 2, max: 2 });
     assert_eq!(cli.command, vec!["sh", "-w", "9"]);
+}
+
+#[test]
+fn workers_is_a_count_or_a_range() {
+    assert_eq!(WorkerCount::parse("4"), Ok(WorkerCount { min: 4, max: 4 }));
+    assert_eq!(
+        WorkerCount::parse("2..16"),
+        Ok(WorkerCount { min: 2, max: 16 })
+    );
+    assert_eq!(WorkerCount::parse("4").unwrap().range(), None);
+    assert!(WorkerCount::parse("16..2").is_err());
+    assert!(WorkerCount::parse("2..").is_err());
+    assert!(WorkerCount::parse("x").is_err());
+    let cfg = |args: &[&str]| {
+        let mut all = vec!["arbiterd"];
+        all.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(all).unwrap())
+    };
+    let c = cfg(&["-w", "2..8"]).unwrap();
+    assert_eq!(
+        (c.workers, c.autoscale),
+        (2, Some(WorkerCount { min: 2, max: 8 }))
+    );
+    assert!(cfg(&["-w", "0..8"]).is_err());
+    assert!(cfg(&["-w", "2..2000"]).is_err(), "past --max-workers");
+    // The file takes a range as a string, a count as a number.
+    let c = loader_with_file("workers = \"3..5\"\n", &[]).unwrap();
+    assert_eq!(
+        (c.workers, c.autoscale),
+        (3, Some(WorkerCount { min: 3, max: 5 }))
+    );
+    let c = loader_with_file("workers = 3\n", &[]).unwrap();
+    assert_eq!((c.workers, c.autoscale), (3, None));
 }
 
 #[test]
@@ -248,12 +281,12 @@ fn type_errors_name_the_key_and_the_line_in_plain_words() {
              them, found a list holding integer 2",
         ),
         (
-            "workers = \"4\"\n",
-            " line 1: workers: expected a whole number such as 4, found string \"4\"",
+            "workers = \"many\"\n",
+            " line 1: workers: expected N or MIN..MAX (whole numbers), got \"many\"",
         ),
         (
             "workers = -1\n",
-            " line 1: workers: expected a whole number such as 4, found integer -1",
+            " line 1: workers: expected a whole number such as 4, or a range such as \"2..16\", found integer -1",
         ),
         (
             "graceful_timeout = true\n",

@@ -42,12 +42,12 @@ pub fn render(shape: &Shape, resp: &Response) -> Vec<u8> {
         (Kind::ShowStats, Reply::Status(s)) => show_stats(s),
         (Kind::ShowConfig, Reply::Status(s)) => show_config(s),
         (Kind::ShowListeners, Reply::Status(s)) => show_listeners(s),
-        (Kind::WorkerAdd, Reply::Scaled { from, to }) => obj([
+        (Kind::WorkerAdd, Reply::Scaled { from, to, .. }) => obj([
             ("added", J::uint(to.saturating_sub(*from))),
             ("previous", J::uint(*from)),
             ("total", J::uint(*to)),
         ]),
-        (Kind::WorkerRemove, Reply::Scaled { from, to }) => obj([
+        (Kind::WorkerRemove, Reply::Scaled { from, to, .. }) => obj([
             ("removed", J::uint(from.saturating_sub(*to))),
             ("previous", J::uint(*from)),
             ("total", J::uint(*to)),

@@ -160,6 +160,8 @@ fn worker(args: &[String]) -> Result<Action, String> {
             Request::Scale {
                 by: Some(count(args)?),
                 to: None,
+                min: None,
+                max: None,
             },
         )),
         "remove" => Ok(Action::Master(
@@ -167,6 +169,8 @@ fn worker(args: &[String]) -> Result<Action, String> {
             Request::Scale {
                 by: Some(-count(args)?),
                 to: None,
+                min: None,
+                max: None,
             },
         )),
         "kill" => {

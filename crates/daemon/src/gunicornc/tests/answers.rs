@@ -76,12 +76,22 @@ fn render_show() {
 
 #[test]
 fn render_actions() {
-    let scaled = Response::ok(Reply::Scaled { from: 2, to: 5 });
+    let scaled = Response::ok(Reply::Scaled {
+        from: 2,
+        to: 5,
+        min: None,
+        max: None,
+    });
     assert_eq!(
         rendered("worker add 3", &scaled)["data"],
         serde_json::json!({"added": 3, "previous": 2, "total": 5})
     );
-    let scaled = Response::ok(Reply::Scaled { from: 1, to: 1 });
+    let scaled = Response::ok(Reply::Scaled {
+        from: 1,
+        to: 1,
+        min: None,
+        max: None,
+    });
     assert_eq!(
         rendered("worker remove 4", &scaled)["data"],
         serde_json::json!({"removed": 0, "previous": 1, "total": 1})

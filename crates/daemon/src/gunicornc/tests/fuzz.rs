@@ -51,7 +51,12 @@ fn responses() -> Vec<Response> {
     vec![
         Response::ok(Reply::Status(Box::new(status()))),
         Response::ok(Reply::Status(Box::new(odd))),
-        Response::ok(Reply::Scaled { from: 5, to: 2 }),
+        Response::ok(Reply::Scaled {
+            from: 5,
+            to: 2,
+            min: None,
+            max: None,
+        }),
         Response::ok(Reply::Killed {
             pid: -1,
             signal: String::new(),

@@ -134,6 +134,8 @@ fn translations() {
             Request::Scale {
                 by: Some(1),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -141,6 +143,8 @@ fn translations() {
             Request::Scale {
                 by: Some(3),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -148,6 +152,8 @@ fn translations() {
             Request::Scale {
                 by: Some(1),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -155,6 +161,8 @@ fn translations() {
             Request::Scale {
                 by: Some(1),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -162,6 +170,8 @@ fn translations() {
             Request::Scale {
                 by: Some(10),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -169,6 +179,8 @@ fn translations() {
             Request::Scale {
                 by: Some(i64::MAX),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -176,6 +188,8 @@ fn translations() {
             Request::Scale {
                 by: Some(-1),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -183,6 +197,8 @@ fn translations() {
             Request::Scale {
                 by: Some(-2),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -204,6 +220,8 @@ fn translations() {
             Request::Scale {
                 by: Some(2),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
     ];
@@ -217,6 +235,8 @@ fn translations() {
             Request::Scale {
                 by: Some(2),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
@@ -231,6 +251,8 @@ fn translations() {
             Request::Scale {
                 by: Some(5),
                 to: None,
+                min: None,
+                max: None,
             },
         ),
         (
