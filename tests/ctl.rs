@@ -112,7 +112,7 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
     assert_eq!(
         lines[at].split_whitespace().collect::<Vec<_>>(),
         [
-            "ID", "SLOT", "PID", "GEN", "STATE", "UP", "LAST", "BEAT", "RSS"
+            "ID", "SLOT", "PID", "GEN", "STATE", "UP", "LAST", "BEAT", "↺", "CPU%", "RSS", "STATUS"
         ],
         "table header: {:?}",
         lines[at]
@@ -121,16 +121,16 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
     assert_eq!(rows.len(), 3, "one row per worker:\n{}", out.stdout);
     let mut table_pids = BTreeSet::new();
     for row in rows {
-        // LAST BEAT is `0.4s ago` or `-`.
+        // LAST BEAT is `0.4s/30s` or `-`; the built-in worker says no STATUS=.
         let f: Vec<&str> = row.split_whitespace().collect();
         assert!(
-            f.len() == 9 && f[7] == "ago" || f.len() == 8 && f[6] == "-",
+            f.len() == 11 && (f[6].ends_with("s/30s") || f[6] == "-") && f[10] == "-",
             "row {row:?}"
         );
         table_pids.insert(f[2].parse::<i32>().unwrap());
         assert_eq!(f[3], "1", "GEN of {row:?}");
         assert_eq!(f[4], "ready", "STATE of {row:?}");
-        let rss = f.last().unwrap();
+        let rss = f[9];
         assert!(rss.ends_with(['K', 'M', 'G']), "RSS of {row:?}");
     }
     for line in &lines {
@@ -484,15 +484,21 @@ fn ping_version_reopen_and_metrics() {
             "no HELP/TYPE for {name}:\n{text}"
         );
     }
-    assert!(text.contains("\narbiter_workers_target 2\n"), "{text}");
-    assert!(text.contains("\narbiter_workers_ready 2\n"), "{text}");
     assert!(
-        text.contains("\narbiter_workers{state=\"ready\"} 2\n"),
+        text.contains("\narbiter_workers_target{arbiter=\"arbiter\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\narbiter_workers_ready{arbiter=\"arbiter\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\narbiter_workers{arbiter=\"arbiter\",state=\"ready\"} 2\n"),
         "{text}"
     );
     for w in &ws {
         let labels = format!(
-            "{{id=\"{}\",slot=\"{}\",pid=\"{}\"}}",
+            "{{arbiter=\"arbiter\",id=\"{}\",slot=\"{}\",pid=\"{}\"}}",
             w.worker_id.unwrap(),
             w.slot.unwrap(),
             w.pid
@@ -824,10 +830,18 @@ fn a_healthy_reload_is_not_reported_degraded() {
             .unwrap_or_default()
             .to_string()
     };
-    assert_eq!(value("arbiter_workers_ready "), "3", "{metrics}");
-    assert_eq!(value("arbiter_workers{state=\"ready\"} "), "3", "{metrics}");
     assert_eq!(
-        value("arbiter_workers{state=\"booting\"} "),
+        value("arbiter_workers_ready{arbiter=\"arbiter\"} "),
+        "3",
+        "{metrics}"
+    );
+    assert_eq!(
+        value("arbiter_workers{arbiter=\"arbiter\",state=\"ready\"} "),
+        "3",
+        "{metrics}"
+    );
+    assert_eq!(
+        value("arbiter_workers{arbiter=\"arbiter\",state=\"booting\"} "),
         "3",
         "{metrics}"
     );

@@ -36,7 +36,7 @@ fn example_dir(name: &str) -> PathBuf {
 /// A Python interpreter that can import `module`, as its real path
 /// (`sys.executable`, not a version manager's shim). `None`, with the reason
 /// printed, when there is none (a failure instead under `ARBITER_REQUIRE_EXAMPLES=1`).
-fn python_with(module: &str, pip_name: &str) -> Option<PathBuf> {
+pub(crate) fn python_with(module: &str, pip_name: &str) -> Option<PathBuf> {
     let candidates: [OsString; 2] = [harness::python3(), "python3".into()];
     for py in &candidates {
         let Ok(out) = Command::new(py)

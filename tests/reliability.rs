@@ -912,7 +912,9 @@ fn log_file_on_a_full_disk_does_not_stop_the_master() {
     );
     let metrics = d.ctl(["metrics"]);
     assert!(
-        metrics.stdout.contains("\narbiter_log_failing 1\n"),
+        metrics
+            .stdout
+            .contains("\narbiter_log_failing{arbiter=\"arbiter\"} 1\n"),
         "arbiterctl metrics: {}",
         metrics.stdout
     );

@@ -61,8 +61,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// The master line, its listeners, then one line per worker (exit 4 if fewer
-    /// workers are ready than the target)
+    /// The master line, its listeners, then one line per worker: state, age, last
+    /// beat against the timeout, restarts, CPU%, RSS, its STATUS= text (exit 4 if
+    /// fewer workers are ready than the target)
     Status,
     /// Change the number of workers: +N more, -N fewer, N or =N exactly (never
     /// below 1; the master refuses more than its --max-workers)
@@ -107,8 +108,9 @@ pub enum Command {
         )]
         signal: SignalName,
     },
-    /// Prometheus text exposition of the status: worker states, RSS, heartbeat
-    /// ages, restarts, reload and upgrade counts
+    /// Prometheus text exposition of the status, every series labelled
+    /// arbiter="NAME": worker states, RSS, CPU seconds, heartbeat ages, restarts,
+    /// reload and upgrade counts
     Metrics,
     /// Is the master answering?
     Ping,

@@ -1,5 +1,10 @@
 //! `arbiterctl metrics`: the status snapshot as Prometheus text exposition
 //! (format 0.0.4), for a node_exporter textfile collector or a tiny HTTP shim.
+//!
+//! Every sample carries [`INSTANCE_LABEL`], the master's `--name`: two masters'
+//! files side by side in one textfile directory must not emit the same series,
+//! which the collector would reject. Not `instance`, which Prometheus sets to the
+//! scrape target and would overwrite.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,22 +50,31 @@ fn single(name: &'static str, kind: &'static str, help: &'static str, value: f64
     f
 }
 
+/// The label every sample carries: the master's instance name (`--name`).
+pub const INSTANCE_LABEL: &str = "arbiter";
+
 /// The metric families of one status snapshot.
 pub fn families(st: &Status) -> Vec<Family> {
+    let mut out = unlabelled_families(st);
+    for f in &mut out {
+        for s in &mut f.samples {
+            s.labels.insert(0, (INSTANCE_LABEL, st.master.name.clone()));
+        }
+    }
+    out
+}
+
+fn unlabelled_families(st: &Status) -> Vec<Family> {
     let m = &st.master;
     let mut out = Vec::new();
 
     let mut info = family(
         "arbiter_master_info",
         "gauge",
-        "The master: name, version and pid (always 1).",
+        "The master: version and pid (always 1).",
     );
     info.samples.push(Sample {
-        labels: vec![
-            ("name", m.name.clone()),
-            ("version", m.version.clone()),
-            ("pid", m.pid.to_string()),
-        ],
+        labels: vec![("version", m.version.clone()), ("pid", m.pid.to_string())],
         value: 1.0,
     });
     out.push(info);
@@ -138,7 +152,7 @@ pub fn families(st: &Status) -> Vec<Family> {
     let mut cpu = family(
         "arbiter_worker_cpu_seconds_total",
         "counter",
-        "CPU seconds used by the worker's whole process tree (where it has a cgroup).",
+        "CPU seconds used by the worker: its whole process tree where it has a cgroup, else its main process and the children it reaped.",
     );
     for w in &workers {
         up.samples.push(Sample {
@@ -166,15 +180,21 @@ pub fn families(st: &Status) -> Vec<Family> {
     }
     out.extend([up, rss, beat, cpu]);
 
-    let mut by_slot: BTreeMap<u64, u64> = BTreeMap::new();
+    // Every slot has a sample, also while it has no worker because it waits out a
+    // restart backoff: that is when an alert on a crash loop must see it.
+    let mut by_slot: BTreeMap<u64, u64> = (0..m.target).map(|slot| (slot, 0)).collect();
     for w in &st.workers {
         let e = by_slot.entry(w.slot).or_default();
         *e = (*e).max(w.restarts);
     }
+    for b in &m.backoff {
+        let e = by_slot.entry(b.slot).or_default();
+        *e = (*e).max(b.failures);
+    }
     let mut restarts = family(
         "arbiter_worker_restarts",
         "gauge",
-        "Consecutive failures of the worker slot (0 once a worker of it stays up).",
+        "Consecutive failures of the worker slot (0 once a worker of it stays up), also while it waits to restart.",
     );
     for (slot, n) in by_slot {
         restarts.samples.push(Sample {
@@ -317,80 +337,84 @@ mod tests {
         let mut st = fixture();
         st.master.name = "we\"b\\".into();
         let text = render(&families(&st));
-        let want = r#"# HELP arbiter_master_info The master: name, version and pid (always 1).
+        let want = r#"# HELP arbiter_master_info The master: version and pid (always 1).
 # TYPE arbiter_master_info gauge
-arbiter_master_info{name="we\"b\\",version="0.1.0",pid="1234"} 1
+arbiter_master_info{arbiter="we\"b\\",version="0.1.0",pid="1234"} 1
 # HELP arbiter_master_uptime_seconds Seconds since the master started.
 # TYPE arbiter_master_uptime_seconds gauge
-arbiter_master_uptime_seconds 11523.5
+arbiter_master_uptime_seconds{arbiter="we\"b\\"} 11523.5
 # HELP arbiter_generation The generation new workers belong to (bumped by every reload).
 # TYPE arbiter_generation gauge
-arbiter_generation 2
+arbiter_generation{arbiter="we\"b\\"} 2
 # HELP arbiter_workers_target The target number of workers.
 # TYPE arbiter_workers_target gauge
-arbiter_workers_target 4
+arbiter_workers_target{arbiter="we\"b\\"} 4
 # HELP arbiter_workers_ready Workers serving now (ready), of any generation.
 # TYPE arbiter_workers_ready gauge
-arbiter_workers_ready 3
+arbiter_workers_ready{arbiter="we\"b\\"} 3
 # HELP arbiter_workers Worker processes by state.
 # TYPE arbiter_workers gauge
-arbiter_workers{state="aborted"} 0
-arbiter_workers{state="booting"} 1
-arbiter_workers{state="killed"} 0
-arbiter_workers{state="ready"} 3
-arbiter_workers{state="recycling"} 0
-arbiter_workers{state="stopping"} 0
+arbiter_workers{arbiter="we\"b\\",state="aborted"} 0
+arbiter_workers{arbiter="we\"b\\",state="booting"} 1
+arbiter_workers{arbiter="we\"b\\",state="killed"} 0
+arbiter_workers{arbiter="we\"b\\",state="ready"} 3
+arbiter_workers{arbiter="we\"b\\",state="recycling"} 0
+arbiter_workers{arbiter="we\"b\\",state="stopping"} 0
 # HELP arbiter_reload_in_progress 1 while a reload is in flight.
 # TYPE arbiter_reload_in_progress gauge
-arbiter_reload_in_progress 0
+arbiter_reload_in_progress{arbiter="we\"b\\"} 0
 # HELP arbiter_worker_up_seconds Seconds since the worker was spawned.
 # TYPE arbiter_worker_up_seconds gauge
-arbiter_worker_up_seconds{id="9",slot="1",pid="999"} 11520
-arbiter_worker_up_seconds{id="10",slot="0",pid="1001"} 187.9
-arbiter_worker_up_seconds{id="11",slot="2",pid="100234"} 187.9
-arbiter_worker_up_seconds{id="12",slot="3",pid="4321"} 2
+arbiter_worker_up_seconds{arbiter="we\"b\\",id="9",slot="1",pid="999"} 11520
+arbiter_worker_up_seconds{arbiter="we\"b\\",id="10",slot="0",pid="1001"} 187.9
+arbiter_worker_up_seconds{arbiter="we\"b\\",id="11",slot="2",pid="100234"} 187.9
+arbiter_worker_up_seconds{arbiter="we\"b\\",id="12",slot="3",pid="4321"} 2
 # HELP arbiter_worker_rss_bytes Resident set size of the worker, in bytes.
 # TYPE arbiter_worker_rss_bytes gauge
-arbiter_worker_rss_bytes{id="9",slot="1",pid="999"} 1536
-arbiter_worker_rss_bytes{id="10",slot="0",pid="1001"} 12900000
-arbiter_worker_rss_bytes{id="11",slot="2",pid="100234"} 12900000
+arbiter_worker_rss_bytes{arbiter="we\"b\\",id="9",slot="1",pid="999"} 1536
+arbiter_worker_rss_bytes{arbiter="we\"b\\",id="10",slot="0",pid="1001"} 12900000
+arbiter_worker_rss_bytes{arbiter="we\"b\\",id="11",slot="2",pid="100234"} 12900000
 # HELP arbiter_worker_heartbeat_age_seconds Seconds since the worker's last heartbeat (absent if it never beat).
 # TYPE arbiter_worker_heartbeat_age_seconds gauge
-arbiter_worker_heartbeat_age_seconds{id="9",slot="1",pid="999"} 75
-arbiter_worker_heartbeat_age_seconds{id="10",slot="0",pid="1001"} 0.42
-arbiter_worker_heartbeat_age_seconds{id="11",slot="2",pid="100234"} 0.42
-# HELP arbiter_worker_cpu_seconds_total CPU seconds used by the worker's whole process tree (where it has a cgroup).
+arbiter_worker_heartbeat_age_seconds{arbiter="we\"b\\",id="9",slot="1",pid="999"} 75
+arbiter_worker_heartbeat_age_seconds{arbiter="we\"b\\",id="10",slot="0",pid="1001"} 0.42
+arbiter_worker_heartbeat_age_seconds{arbiter="we\"b\\",id="11",slot="2",pid="100234"} 16.2
+# HELP arbiter_worker_cpu_seconds_total CPU seconds used by the worker: its whole process tree where it has a cgroup, else its main process and the children it reaped.
 # TYPE arbiter_worker_cpu_seconds_total counter
-# HELP arbiter_worker_restarts Consecutive failures of the worker slot (0 once a worker of it stays up).
+arbiter_worker_cpu_seconds_total{arbiter="we\"b\\",id="9",slot="1",pid="999"} 3.5
+arbiter_worker_cpu_seconds_total{arbiter="we\"b\\",id="10",slot="0",pid="1001"} 3.5
+arbiter_worker_cpu_seconds_total{arbiter="we\"b\\",id="11",slot="2",pid="100234"} 3.5
+arbiter_worker_cpu_seconds_total{arbiter="we\"b\\",id="12",slot="3",pid="4321"} 3.5
+# HELP arbiter_worker_restarts Consecutive failures of the worker slot (0 once a worker of it stays up), also while it waits to restart.
 # TYPE arbiter_worker_restarts gauge
-arbiter_worker_restarts{slot="0"} 0
-arbiter_worker_restarts{slot="1"} 0
-arbiter_worker_restarts{slot="2"} 0
-arbiter_worker_restarts{slot="3"} 3
+arbiter_worker_restarts{arbiter="we\"b\\",slot="0"} 0
+arbiter_worker_restarts{arbiter="we\"b\\",slot="1"} 0
+arbiter_worker_restarts{arbiter="we\"b\\",slot="2"} 0
+arbiter_worker_restarts{arbiter="we\"b\\",slot="3"} 3
 # HELP arbiter_reloads_total Reloads since the master started.
 # TYPE arbiter_reloads_total counter
-arbiter_reloads_total 1
+arbiter_reloads_total{arbiter="we\"b\\"} 1
 # HELP arbiter_upgrades_total Master upgrades started by this master.
 # TYPE arbiter_upgrades_total counter
-arbiter_upgrades_total 0
+arbiter_upgrades_total{arbiter="we\"b\\"} 0
 # HELP arbiter_worker_failures_total Workers that died without being asked to.
 # TYPE arbiter_worker_failures_total counter
-arbiter_worker_failures_total 5
+arbiter_worker_failures_total{arbiter="we\"b\\"} 5
 # HELP arbiter_workers_spawned_total Workers spawned since the master started.
 # TYPE arbiter_workers_spawned_total counter
-arbiter_workers_spawned_total 12
+arbiter_workers_spawned_total{arbiter="we\"b\\"} 12
 # HELP arbiter_log_lines_dropped_total Lines the master could not write to its log (a full disk, a stalled reader).
 # TYPE arbiter_log_lines_dropped_total counter
-arbiter_log_lines_dropped_total 0
+arbiter_log_lines_dropped_total{arbiter="we\"b\\"} 0
 # HELP arbiter_worker_output_lines_dropped_total Lines of worker output dropped because a worker wrote faster than the relay passes on.
 # TYPE arbiter_worker_output_lines_dropped_total counter
-arbiter_worker_output_lines_dropped_total 0
+arbiter_worker_output_lines_dropped_total{arbiter="we\"b\\"} 0
 # HELP arbiter_notify_dropped_total Notify datagrams dropped for coming from a uid no worker runs as.
 # TYPE arbiter_notify_dropped_total counter
-arbiter_notify_dropped_total 0
+arbiter_notify_dropped_total{arbiter="we\"b\\"} 0
 # HELP arbiter_log_failing 1 while the master's log is refusing lines.
 # TYPE arbiter_log_failing gauge
-arbiter_log_failing 0
+arbiter_log_failing{arbiter="we\"b\\"} 0
 "#;
         assert_eq!(text, want, "got:\n{text}");
     }
@@ -404,7 +428,7 @@ arbiter_log_failing 0
                 .unwrap()
                 .samples
                 .into_iter()
-                .map(|s| (s.labels[0].1.clone(), s.value))
+                .map(|s| (s.labels[1].1.clone(), s.value))
                 .collect::<Vec<_>>()
         };
         let mut st = fixture();
@@ -423,6 +447,54 @@ arbiter_log_failing 0
         let some = workers(&st);
         assert!(some.contains(&("recycling".into(), 1.0)), "{some:?}");
         assert!(some.contains(&("unknown".into(), 1.0)), "{some:?}");
+    }
+
+    #[test]
+    fn a_slot_waiting_out_its_backoff_keeps_its_restarts_series() {
+        let mut st = fixture();
+        // Slot 3's worker died: no worker, a backoff entry.
+        st.workers.retain(|w| w.slot != 3);
+        st.master.backoff.push(arbiter_proto::status::SlotBackoff {
+            slot: 3,
+            failures: 4,
+            next_start_secs: 1.5,
+        });
+        let restarts = families(&st)
+            .into_iter()
+            .find(|f| f.name == "arbiter_worker_restarts")
+            .unwrap();
+        let slot3: Vec<f64> = restarts
+            .samples
+            .iter()
+            .filter(|s| s.labels.contains(&("slot", "3".into())))
+            .map(|s| s.value)
+            .collect();
+        assert_eq!(slot3, [4.0], "{restarts:?}");
+        // A slot of the target with no worker yet and no failure: 0, not absent.
+        st.master.target = 6;
+        let n = families(&st)
+            .into_iter()
+            .find(|f| f.name == "arbiter_worker_restarts")
+            .unwrap()
+            .samples
+            .len();
+        assert_eq!(n, 6);
+    }
+
+    #[test]
+    fn two_instances_share_no_series() {
+        let web = fixture();
+        let mut api = fixture();
+        api.master.name = "api".into();
+        let mut seen = std::collections::HashSet::new();
+        for st in [&web, &api] {
+            for f in families(st) {
+                for s in f.samples {
+                    assert_eq!(s.labels[0], (INSTANCE_LABEL, st.master.name.clone()));
+                    assert!(seen.insert((f.name, s.labels)), "{} twice", f.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use arbiter_proto::status::{Status, WorkerStatus};
 use tabled::builder::Builder;
 use tabled::settings::object::Columns;
 use tabled::settings::{Alignment, Padding, Style};
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 /// A duration for people: `45s`, `3m07s`, `2h05m`, `4d03h` (rounded down; negative
 /// or not finite counts as 0).
@@ -23,14 +24,74 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
-/// How long ago the last heartbeat was: `0.4s ago` under 10 s, else `45s ago`,
-/// `3m07s ago`...; `-` if the worker never beat.
-pub fn last_beat(secs: Option<f64>) -> String {
-    match secs {
-        None => "-".into(),
-        Some(s) if s.is_finite() && s < 10.0 => format!("{:.1}s ago", s.max(0.0)),
-        Some(s) => format!("{} ago", human_duration(s)),
+/// Seconds for the beat column: `0.4s` under 10 s, else as [`human_duration`].
+fn short_secs(s: f64) -> String {
+    if s.is_finite() && s < 10.0 {
+        format!("{:.1}s", s.max(0.0))
+    } else {
+        human_duration(s)
     }
+}
+
+/// A timeout for people: `30s`, `2.5s`, `2m00s`.
+fn timeout_secs(t: f64) -> String {
+    if t < 60.0 && t.fract() != 0.0 {
+        format!("{t:.1}s")
+    } else {
+        human_duration(t)
+    }
+}
+
+/// The last heartbeat's age against the timeout: `0.4s/30s`, `8.8s/10s!` once past
+/// half of it (the worker is halfway to being killed for silence), `1m15s/30s!`;
+/// the age alone with no timeout; `-` if the worker never beat.
+pub fn beat_cell(age: Option<f64>, timeout: Option<f64>) -> String {
+    let Some(age) = age else {
+        return "-".into();
+    };
+    match timeout.filter(|t| *t > 0.0) {
+        None => short_secs(age),
+        Some(t) => {
+            let mark = if age > t / 2.0 { "!" } else { "" };
+            format!("{}/{}{mark}", short_secs(age), timeout_secs(t))
+        }
+    }
+}
+
+/// CPU use in percent of one core: `0.3`, `12`, `198`; `-` if unknown.
+pub fn cpu_cell(percent: Option<f64>) -> String {
+    match percent {
+        Some(p) if p.is_finite() && p < 9.95 => format!("{:.1}", p.max(0.0)),
+        Some(p) if p.is_finite() => format!("{p:.0}"),
+        _ => "-".into(),
+    }
+}
+
+/// A worker's `STATUS=` text for one table cell at most `width` columns wide: control
+/// characters as spaces, cut with `…` when too long; `-` if it said nothing.
+pub fn status_cell(text: Option<&str>, width: usize) -> String {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return "-".into();
+    };
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.width() <= width {
+        return clean;
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in clean.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w + 1 > width {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    out.push('…');
+    out
 }
 
 /// A size in bytes, binary units with one decimal: `512B`, `4.0K`, `12.3M`, `1.5G`;
@@ -163,7 +224,7 @@ pub fn status_header(st: &Status) -> String {
 }
 
 /// The table columns.
-pub const COLUMNS: [&str; 8] = [
+pub const COLUMNS: [&str; 11] = [
     "ID",
     "SLOT",
     "PID",
@@ -171,8 +232,20 @@ pub const COLUMNS: [&str; 8] = [
     "STATE",
     "UP",
     "LAST BEAT",
+    "↺",
+    "CPU%",
     "RSS",
+    "STATUS",
 ];
+
+/// How wide the table may be: STATUS, last, gets what the other columns leave.
+pub const TABLE_WIDTH: usize = 80;
+/// The least STATUS gets when the other columns leave less (unusual rows: a
+/// `recycling!` state, a beat minutes old, ids past 9999); the table is wider
+/// than [`TABLE_WIDTH`] then.
+const STATUS_MIN: usize = 8;
+/// Between two columns.
+const GAP: usize = 2;
 
 fn state_cell(w: &WorkerStatus) -> String {
     if w.crash_looping {
@@ -183,31 +256,55 @@ fn state_cell(w: &WorkerStatus) -> String {
 }
 
 /// The worker table (by worker id): no borders, two spaces between columns,
-/// numbers right-aligned, no trailing spaces. A crash-looping slot's worker has `!`
-/// after its state.
-pub fn worker_table(workers: &[WorkerStatus]) -> String {
+/// numbers right-aligned, no trailing spaces, the STATUS texts cut to keep rows
+/// within [`TABLE_WIDTH`]. A crash-looping slot's worker has `!` after its state;
+/// a heartbeat past half of `timeout` (seconds) has `!` after it; ↺ is the
+/// failures in a row of the worker's slot.
+pub fn worker_table(workers: &[WorkerStatus], timeout: Option<f64>) -> String {
     let mut rows: Vec<&WorkerStatus> = workers.iter().collect();
     rows.sort_by_key(|w| (w.id, w.pid));
+    let cells: Vec<[String; 10]> = rows
+        .iter()
+        .map(|w| {
+            [
+                w.id.to_string(),
+                w.slot.to_string(),
+                w.pid.to_string(),
+                w.generation.to_string(),
+                state_cell(w),
+                human_duration(w.uptime_secs),
+                beat_cell(w.last_beat_secs, timeout),
+                w.restarts.to_string(),
+                cpu_cell(w.cpu_percent),
+                human_bytes(w.rss_bytes),
+            ]
+        })
+        .collect();
+    let before_status: usize = (0..10)
+        .map(|i| {
+            cells
+                .iter()
+                .map(|r| r[i].width())
+                .chain([COLUMNS[i].width()])
+                .max()
+                .unwrap_or(0)
+                + GAP
+        })
+        .sum();
+    let status_width = TABLE_WIDTH.saturating_sub(before_status).max(STATUS_MIN);
     let mut b = Builder::default();
     b.push_record(COLUMNS);
-    for w in rows {
-        b.push_record([
-            w.id.to_string(),
-            w.slot.to_string(),
-            w.pid.to_string(),
-            w.generation.to_string(),
-            state_cell(w),
-            human_duration(w.uptime_secs),
-            last_beat(w.last_beat_secs),
-            human_bytes(w.rss_bytes),
-        ]);
+    for (w, row) in rows.iter().zip(cells) {
+        let mut record: Vec<String> = row.into();
+        record.push(status_cell(w.status_text.as_deref(), status_width));
+        b.push_record(record);
     }
     let mut t = b.build();
     t.with(Style::empty())
-        .with(Padding::new(0, 2, 0, 0))
+        .with(Padding::new(0, GAP, 0, 0))
         .modify(Columns::last(), Padding::zero())
         .modify(Columns::new(0..4), Alignment::right())
-        .modify(Columns::new(5..8), Alignment::right());
+        .modify(Columns::new(5..10), Alignment::right());
     let mut out = String::new();
     for line in t.to_string().lines() {
         out.push_str(line.trim_end());
@@ -219,7 +316,7 @@ pub fn worker_table(workers: &[WorkerStatus]) -> String {
 /// `status` for people: the header, then the table.
 pub fn status_text(st: &Status) -> String {
     let mut out = status_header(st);
-    out.push_str(&worker_table(&st.workers));
+    out.push_str(&worker_table(&st.workers, st.master.timeout_secs));
     out
 }
 
@@ -242,7 +339,8 @@ pub(crate) mod tests {
             restarts: 0,
             crash_looping: false,
             rss_bytes: Some(12_900_000),
-            cpu_secs: None,
+            cpu_secs: Some(3.5),
+            cpu_percent: Some(0.42),
             output_dropped: 0,
         }
     }
@@ -260,6 +358,11 @@ pub(crate) mod tests {
         old.uptime_secs = 11_520.0;
         old.last_beat_secs = Some(75.0);
         old.rss_bytes = Some(1536);
+        old.cpu_percent = Some(97.3);
+        old.status_text = Some("served 1200 requests, 3 in flight, queue empty".into());
+        let mut quiet = worker(11, 2, 100_234);
+        quiet.last_beat_secs = Some(16.2);
+        quiet.status_text = Some("idle".into());
         Status {
             master: MasterStatus {
                 pid: 1234,
@@ -301,7 +404,7 @@ pub(crate) mod tests {
                 containment: "process groups".into(),
                 output_lines_dropped: 0,
             },
-            workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
+            workers: vec![worker(10, 0, 1001), booting, old, quiet],
         }
     }
 
@@ -326,12 +429,42 @@ pub(crate) mod tests {
         ] {
             assert_eq!(human_duration(s), want, "{s}");
         }
-        assert_eq!(last_beat(None), "-");
-        assert_eq!(last_beat(Some(0.42)), "0.4s ago");
-        assert_eq!(last_beat(Some(9.94)), "9.9s ago");
-        assert_eq!(last_beat(Some(12.0)), "12s ago");
-        assert_eq!(last_beat(Some(75.0)), "1m15s ago");
-        assert_eq!(last_beat(Some(-0.1)), "0.0s ago");
+    }
+
+    #[test]
+    fn beats_against_the_timeout() {
+        let t = Some(10.0);
+        assert_eq!(beat_cell(None, t), "-");
+        assert_eq!(beat_cell(Some(0.42), t), "0.4s/10s");
+        assert_eq!(beat_cell(Some(5.0), t), "5.0s/10s");
+        // Past half the timeout: halfway to being killed for silence.
+        assert_eq!(beat_cell(Some(5.04), t), "5.0s/10s!");
+        assert_eq!(beat_cell(Some(8.8), t), "8.8s/10s!");
+        assert_eq!(beat_cell(Some(75.0), Some(30.0)), "1m15s/30s!");
+        assert_eq!(beat_cell(Some(1.0), Some(2.5)), "1.0s/2.5s");
+        assert_eq!(beat_cell(Some(1.0), Some(120.0)), "1.0s/2m00s");
+        // No timeout (`-t 0`): the age alone, never marked.
+        assert_eq!(beat_cell(Some(9.94), None), "9.9s");
+        assert_eq!(beat_cell(Some(12.0), Some(0.0)), "12s");
+        assert_eq!(beat_cell(Some(-0.1), None), "0.0s");
+    }
+
+    #[test]
+    fn cpu_and_status_cells() {
+        assert_eq!(cpu_cell(None), "-");
+        assert_eq!(cpu_cell(Some(0.0)), "0.0");
+        assert_eq!(cpu_cell(Some(0.34)), "0.3");
+        assert_eq!(cpu_cell(Some(9.96)), "10");
+        assert_eq!(cpu_cell(Some(198.4)), "198");
+        assert_eq!(cpu_cell(Some(f64::NAN)), "-");
+        assert_eq!(status_cell(None, 12), "-");
+        assert_eq!(status_cell(Some("  "), 12), "-");
+        assert_eq!(status_cell(Some("served 0"), 12), "served 0");
+        assert_eq!(status_cell(Some("exactly 12 c"), 12), "exactly 12 c");
+        assert_eq!(status_cell(Some("served 0 requests"), 12), "served 0 re…");
+        assert_eq!(status_cell(Some("a\tb\nc"), 12), "a b c");
+        // Wide characters count double, as the terminal shows them.
+        assert_eq!(status_cell(Some("処理中の要求です"), 7), "処理中…");
     }
 
     #[test]
@@ -356,20 +489,52 @@ pub(crate) mod tests {
     #[test]
     fn table() {
         let st = fixture();
-        let text = worker_table(&st.workers);
+        let text = worker_table(&st.workers, st.master.timeout_secs);
         let want = "\
-ID  SLOT     PID  GEN  STATE        UP  LAST BEAT    RSS
- 9     1     999    2  ready     3h12m  1m15s ago   1.5K
-10     0    1001    2  ready     3m07s   0.4s ago  12.3M
-11     2  100234    2  ready     3m07s   0.4s ago  12.3M
-12     3    4321    2  booting!     2s          -      -
+ID  SLOT     PID  GEN  STATE        UP   LAST BEAT  ↺  CPU%    RSS  STATUS
+ 9     1     999    2  ready     3h12m  1m15s/30s!  0    97   1.5K  served 1200…
+10     0    1001    2  ready     3m07s    0.4s/30s  0   0.4  12.3M  -
+11     2  100234    2  ready     3m07s    16s/30s!  0   0.4  12.3M  idle
+12     3    4321    2  booting!     2s           -  3   0.4      -  -
 ";
         assert_eq!(text, want, "got:\n{text}");
         for line in text.lines() {
             assert_eq!(line, line.trim_end());
+            assert!(line.width() <= TABLE_WIDTH, "{line:?}");
         }
-        let empty = worker_table(&[]);
-        assert_eq!(empty, "ID  SLOT  PID  GEN  STATE  UP  LAST BEAT  RSS\n");
+        let empty = worker_table(&[], None);
+        assert_eq!(
+            empty,
+            "ID  SLOT  PID  GEN  STATE  UP  LAST BEAT  ↺  CPU%  RSS  STATUS\n"
+        );
+    }
+
+    /// The widest normal row (a 4-digit id, a 7-digit pid as pid_max allows
+    /// on 64-bit, days up, a late beat, two cores busy, a GiB resident) still
+    /// fits 80 columns, and its STATUS keeps a readable part.
+    #[test]
+    fn a_normal_row_fits_80_columns() {
+        let mut w = worker(9999, 511, 4_194_303);
+        w.generation = 42;
+        w.uptime_secs = 86_400.0 * 12.5;
+        w.last_beat_secs = Some(9.9);
+        w.restarts = 12;
+        w.cpu_percent = Some(199.6);
+        w.rss_bytes = Some(1000 * 1024 * 1024);
+        w.status_text = Some("x".repeat(200));
+        let text = worker_table(&[w], Some(30.0));
+        for line in text.lines() {
+            assert!(
+                line.width() <= TABLE_WIDTH,
+                "{} wide: {line:?}",
+                line.width()
+            );
+        }
+        let row = text.lines().nth(1).unwrap();
+        assert!(
+            row.ends_with(&format!("{}…", "x".repeat(STATUS_MIN - 1))),
+            "{row:?}"
+        );
     }
 
     #[test]

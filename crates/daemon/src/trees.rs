@@ -39,6 +39,10 @@ pub struct Tree {
     /// `cpu.stat` of the cgroup, held open (a status at thousands of workers
     /// would otherwise open a file per worker).
     cpu_stat: Option<File>,
+    /// Without a cgroup, `/proc/PID/stat` of the main process, held open for the
+    /// same reason: its CPU time and its reaped children's are all the kernel
+    /// keeps of a process group.
+    proc_stat: Option<File>,
     /// The last reading and when it was taken: reading `cpu.stat` makes the
     /// kernel gather per-CPU counters, about 5 µs a worker, so a status at
     /// thousands of workers reuses readings up to [`CPU_FRESH`] old.
@@ -146,8 +150,22 @@ impl Tree {
             pid,
             cgroup,
             cpu_stat,
+            proc_stat: None,
             cpu_read: std::cell::Cell::new(None),
         }
+    }
+
+    /// The tree of a worker just forked, not reaped yet: its pid is its own, so
+    /// `/proc/PID/stat` can be held for CPU time where there is no cgroup (a
+    /// reaped pid may be someone else's by now, hence not in [`Tree::new`]).
+    pub fn of_live_worker(pid: Pid, cgroup: Option<PathBuf>) -> Tree {
+        let mut t = Tree::new(pid, cgroup);
+        if t.cpu_stat.is_none() {
+            t.proc_stat = File::open(format!("/proc/{pid}/stat"))
+                .ok()
+                .map(|f| File::from(crate::spawn::keep_from_children(f.into())));
+        }
+        t
     }
 
     /// Signal the main process only.
@@ -199,31 +217,21 @@ impl Tree {
         }
     }
 
-    /// CPU time of the whole tree so far (cgroup only), in seconds, as read at
-    /// most [`CPU_FRESH`] ago.
-    pub fn cpu_secs(&self, now: std::time::Instant) -> Option<f64> {
+    /// CPU seconds used so far and when that was read (at most [`CPU_FRESH`]
+    /// ago): the whole tree with a cgroup, else the main process and the
+    /// children it reaped.
+    pub fn cpu_reading(&self, now: std::time::Instant) -> Option<(std::time::Instant, f64)> {
         if let Some((at, secs)) = self.cpu_read.get()
             && now.saturating_duration_since(at) < CPU_FRESH
         {
-            return Some(secs);
+            return Some((at, secs));
         }
-        let secs = self.read_cpu()?;
+        let secs = match &self.cpu_stat {
+            Some(f) => read_cgroup_cpu(f)?,
+            None => read_proc_cpu(self.proc_stat.as_ref()?)?,
+        };
         self.cpu_read.set(Some((now, secs)));
-        Some(secs)
-    }
-
-    fn read_cpu(&self) -> Option<f64> {
-        let f = self.cpu_stat.as_ref()?;
-        let mut buf = [0u8; 512];
-        let n = nix::sys::uio::pread(f, &mut buf, 0).ok()?;
-        let text = std::str::from_utf8(&buf[..n]).ok()?;
-        let usec: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))?
-            .trim()
-            .parse()
-            .ok()?;
-        Some(usec as f64 / 1e6)
+        Some((now, secs))
     }
 
     /// The tree is gone: remove its cgroup.
@@ -231,6 +239,48 @@ impl Tree {
         if let Some(dir) = &self.cgroup {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+/// `usage_usec` of a cgroup's `cpu.stat`, in seconds.
+fn read_cgroup_cpu(f: &File) -> Option<f64> {
+    let mut buf = [0u8; 512];
+    let n = nix::sys::uio::pread(f, &mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let usec: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(usec as f64 / 1e6)
+}
+
+/// utime + stime + cutime + cstime of a `/proc/PID/stat`, in seconds.
+fn read_proc_cpu(f: &File) -> Option<f64> {
+    let mut buf = [0u8; 1024];
+    let n = nix::sys::uio::pread(f, &mut buf, 0).ok()?;
+    Some(parse_proc_cpu_ticks(std::str::from_utf8(&buf[..n]).ok()?)? as f64 / clock_ticks())
+}
+
+/// Fields 14 to 17 of a `/proc/PID/stat` line, summed, in clock ticks. The command
+/// name before them may hold spaces and parentheses: fields count from the last `)`.
+fn parse_proc_cpu_ticks(line: &str) -> Option<u64> {
+    let rest = &line[line.rfind(')')? + 1..];
+    // After the `)`: field 3 (state) is the first, so 14..=17 are 11..=14 here.
+    let ticks: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    (ticks.len() == 4).then(|| ticks.iter().sum())
+}
+
+fn clock_ticks() -> f64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as f64,
+        _ => 100.0,
     }
 }
 
@@ -397,4 +447,22 @@ fn sanitize(name: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_cpu_ticks() {
+        // utime 100, stime 20, cutime 3, cstime 4; a command name with `) (` in it.
+        let line = "4242 (a) b (c) S 1 4242 4242 0 -1 4194304 300 0 0 0 100 20 3 4 20 0 1 0 \
+                    12345 1000000 200 18446744073709551615";
+        assert_eq!(parse_proc_cpu_ticks(line), Some(127));
+        assert_eq!(parse_proc_cpu_ticks("4242 (a) S 1 2"), None);
+        assert_eq!(parse_proc_cpu_ticks("no parenthesis"), None);
+        // Our own, read for real.
+        let f = File::open("/proc/self/stat").unwrap();
+        assert!(read_proc_cpu(&f).is_some_and(|s| s >= 0.0));
+    }
 }

@@ -230,9 +230,60 @@ pub struct Worker {
     pub tree: Tree,
     /// Who gets its signals.
     pub kill_mode: KillMode,
+    /// The CPU readings `status` reported, which its CPU% is measured from.
+    pub cpu_samples: std::cell::Cell<CpuSamples>,
+}
+
+/// Two CPU readings (when, CPU seconds) a worker's CPU% is measured between, so
+/// that the master needs no timer of its own: the percentage is over the time
+/// since an earlier status asked.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSamples {
+    /// The reading the percentage is measured from; `None`: from the spawn.
+    base: Option<(Instant, f64)>,
+    /// The latest reading kept, the next base.
+    last: Option<(Instant, f64)>,
+}
+
+/// The shortest interval a CPU% is measured over once there is an earlier
+/// reading: `status` and `metrics` asked back to back (or `watch -n 0.2`) would
+/// otherwise measure a few milliseconds, mostly noise.
+const CPU_INTERVAL_MIN: Duration = Duration::from_secs(1);
+
+impl CpuSamples {
+    /// Take the reading `(at, secs)` of a worker spawned at `started`: the CPU
+    /// percentage (100 = one core) since the base, and move the base on.
+    pub fn take(&mut self, started: Instant, at: Instant, secs: f64) -> Option<f64> {
+        let old_enough = |r: Option<(Instant, f64)>| {
+            r.is_none_or(|(t, _)| at.saturating_duration_since(t) >= CPU_INTERVAL_MIN)
+        };
+        if let Some(last) = self.last
+            && old_enough(Some(last))
+        {
+            self.base = Some(last);
+        }
+        if old_enough(self.last) {
+            self.last = Some((at, secs));
+        }
+        let (from, base_secs) = self.base.unwrap_or((started, 0.0));
+        let dt = at.saturating_duration_since(from).as_secs_f64();
+        (dt > 0.0).then(|| (secs - base_secs).max(0.0) / dt * 100.0)
+    }
 }
 
 impl Worker {
+    /// CPU seconds so far and the CPU% since the previous status (see
+    /// [`CpuSamples`]).
+    pub fn cpu(&self, now: Instant) -> (Option<f64>, Option<f64>) {
+        let Some((at, secs)) = self.tree.cpu_reading(now) else {
+            return (None, None);
+        };
+        let mut samples = self.cpu_samples.get();
+        let percent = samples.take(self.started, at, secs);
+        self.cpu_samples.set(samples);
+        (Some(secs), percent)
+    }
+
     /// Resident set size, in bytes (None once the process is gone).
     pub fn rss_bytes(&self) -> Option<u64> {
         let mut buf = [0u8; 128];
@@ -282,5 +333,28 @@ impl Worker {
         self.retiring = true;
         let _ = self.signal(sig);
         self.state = State::Stopping { deadline };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_percent_is_over_at_least_a_second_once_there_is_a_base() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = CpuSamples::default();
+        // First: since the spawn. 0.5 s of CPU in 2 s.
+        assert_eq!(s.take(t0, at(2000), 0.5), Some(25.0));
+        // 100 ms later: too short to be a base of its own, still from the spawn.
+        assert_eq!(s.take(t0, at(2100), 0.6), Some(0.6 / 2.1 * 100.0));
+        // A second after the first reading: measured from it.
+        assert_eq!(s.take(t0, at(3000), 1.5), Some(100.0));
+        assert_eq!(s.take(t0, at(3500), 1.5), Some(1.0 / 1.5 * 100.0));
+        // Idle since.
+        assert_eq!(s.take(t0, at(4000), 1.5), Some(0.0));
+        // A reading at the spawn itself measures nothing.
+        assert_eq!(CpuSamples::default().take(t0, t0, 0.0), None);
     }
 }

@@ -129,9 +129,15 @@ pub struct WorkerStatus {
     pub crash_looping: bool,
     /// Resident set size in bytes, from /proc.
     pub rss_bytes: Option<u64>,
-    /// CPU seconds used by the worker's whole tree so far, where it has a cgroup.
+    /// CPU seconds used so far: by the worker's whole tree where it has a cgroup,
+    /// else by its main process and the children it reaped.
     #[serde(default)]
     pub cpu_secs: Option<f64>,
+    /// CPU use in percent of one core (200 is two cores busy) since the previous
+    /// status the master answered, at least a second before, or since the spawn.
+    /// The master measures only when asked: no timer, so no reading in between.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
     /// Lines of this worker's output dropped so far (it wrote faster than the
     /// relay passes on).
     #[serde(default)]

@@ -106,6 +106,7 @@ fn worker_status(
     failures: u32,
     output_dropped: u64,
 ) -> snapshot::WorkerStatus {
+    let (cpu_secs, cpu_percent) = w.cpu(now);
     snapshot::WorkerStatus {
         id: w.id,
         slot: w.slot as u64,
@@ -129,7 +130,8 @@ fn worker_status(
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
         rss_bytes: w.rss_bytes(),
-        cpu_secs: w.tree.cpu_secs(now),
+        cpu_secs,
+        cpu_percent,
         output_dropped,
     }
 }

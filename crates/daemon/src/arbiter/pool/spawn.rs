@@ -159,8 +159,9 @@ impl Pool {
             g.watch(pid);
         }
         self.workers.push(Worker {
-            tree: Tree::new(pid, cgroup.map(|c| c.dir)),
+            tree: Tree::of_live_worker(pid, cgroup.map(|c| c.dir)),
             kill_mode: ctx.cfg.kill_mode,
+            cpu_samples: Default::default(),
             id,
             slot,
             pid,

@@ -79,6 +79,7 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         crash_looping: false,
         rss_bytes: None,
         cpu_secs: None,
+        cpu_percent: None,
         output_dropped: 0,
     }
 }
