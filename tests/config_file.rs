@@ -52,8 +52,9 @@ fn a_wrong_type_in_the_config_file_is_one_line_naming_the_file_line_and_key() {
             "line 2: command: unbalanced single quote (')",
         ),
         (
-            "workers = \"4\"\n",
-            "line 1: workers: expected a whole number such as 4, found string \"4\"",
+            "workers = true\n",
+            "line 1: workers: expected a whole number such as 4, or a range such as \"2..16\", \
+             found boolean true",
         ),
     ] {
         write(&cfg, text);
