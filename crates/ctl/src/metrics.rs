@@ -118,6 +118,67 @@ fn unlabelled_families(st: &Status) -> Vec<Family> {
         });
     }
     out.push(states);
+    // The queue in front of every worker: what only the master can see.
+    let mut queue = family(
+        "arbiter_listen_queue",
+        "gauge",
+        "Connections waiting in the listener's accept queue, as the status was taken.",
+    );
+    let mut limit = family(
+        "arbiter_listen_queue_limit",
+        "gauge",
+        "The most the listener's accept queue holds (--backlog, capped by net.core.somaxconn).",
+    );
+    for l in &m.listeners {
+        let labels = vec![("listener", l.name.clone())];
+        if let Some(q) = l.queue {
+            queue.samples.push(Sample {
+                labels: labels.clone(),
+                value: q as f64,
+            });
+        }
+        if let Some(q) = l.queue_limit {
+            limit.samples.push(Sample {
+                labels,
+                value: q as f64,
+            });
+        }
+    }
+    out.extend([queue, limit]);
+    if let Some(n) = m.host_listen_overflows {
+        out.push(single(
+            "arbiter_host_listen_overflows_total",
+            "counter",
+            "Connections dropped for a full accept queue by any listener of this host (TcpExt ListenOverflows; host-wide, not only this master's).",
+            n as f64,
+        ));
+    }
+    if let Some(a) = &m.autoscale {
+        let mut events = family(
+            "arbiter_autoscale_events_total",
+            "counter",
+            "Workers added (up) and removed (down) by --workers MIN..MAX for the load.",
+        );
+        for (dir, n) in [("up", a.ups), ("down", a.downs)] {
+            events.samples.push(Sample {
+                labels: vec![("direction", dir.to_string())],
+                value: n as f64,
+            });
+        }
+        out.push(events);
+        out.push(single(
+            "arbiter_autoscale_min_workers",
+            "gauge",
+            "The lower bound of --workers MIN..MAX.",
+            a.min as f64,
+        ));
+        out.push(single(
+            "arbiter_autoscale_max_workers",
+            "gauge",
+            "The upper bound of --workers MIN..MAX.",
+            a.max as f64,
+        ));
+    }
     out.push(single(
         "arbiter_reload_in_progress",
         "gauge",
@@ -360,6 +421,12 @@ arbiter_workers{arbiter="we\"b\\",state="killed"} 0
 arbiter_workers{arbiter="we\"b\\",state="ready"} 3
 arbiter_workers{arbiter="we\"b\\",state="recycling"} 0
 arbiter_workers{arbiter="we\"b\\",state="stopping"} 0
+# HELP arbiter_listen_queue Connections waiting in the listener's accept queue, as the status was taken.
+# TYPE arbiter_listen_queue gauge
+arbiter_listen_queue{arbiter="we\"b\\",listener="127.0.0.1_8000"} 3
+# HELP arbiter_listen_queue_limit The most the listener's accept queue holds (--backlog, capped by net.core.somaxconn).
+# TYPE arbiter_listen_queue_limit gauge
+arbiter_listen_queue_limit{arbiter="we\"b\\",listener="127.0.0.1_8000"} 2048
 # HELP arbiter_reload_in_progress 1 while a reload is in flight.
 # TYPE arbiter_reload_in_progress gauge
 arbiter_reload_in_progress{arbiter="we\"b\\"} 0

@@ -144,8 +144,27 @@ pub fn status_header(st: &Status) -> String {
     }
     out.push('\n');
     if !m.listeners.is_empty() {
-        let addrs: Vec<&str> = m.listeners.iter().map(|l| l.address.as_str()).collect();
+        // With each listener, its accept queue: connections no worker took yet.
+        let addrs: Vec<String> = m
+            .listeners
+            .iter()
+            .map(|l| match (l.queue, l.queue_limit) {
+                (Some(q), Some(limit)) => format!("{} (queue {q}/{limit})", l.address),
+                _ => l.address.clone(),
+            })
+            .collect();
         let _ = writeln!(out, "listening at {}", addrs.join(", "));
+    }
+    if let Some(a) = &m.autoscale {
+        let _ = write!(
+            out,
+            "autoscaling within {}..{}: {} up, {} down",
+            a.min, a.max, a.ups, a.downs
+        );
+        if let Some(last) = &a.last {
+            let _ = write!(out, "; last {last}");
+        }
+        out.push('\n');
     }
     if let Some(r) = &m.reload {
         let _ = writeln!(
@@ -365,6 +384,8 @@ pub(crate) mod tests {
         quiet.status_text = Some("idle".into());
         Status {
             master: MasterStatus {
+                autoscale: None,
+                host_listen_overflows: None,
                 pid: 1234,
                 name: "web".into(),
                 version: "0.1.0".into(),
@@ -379,10 +400,14 @@ pub(crate) mod tests {
                     ListenerStatus {
                         address: "http://127.0.0.1:8000".into(),
                         name: "127.0.0.1_8000".into(),
+                        queue: Some(3),
+                        queue_limit: Some(2048),
                     },
                     ListenerStatus {
                         address: "unix:/run/app.sock".into(),
                         name: "app".into(),
+                        queue: None,
+                        queue_limit: None,
                     },
                 ],
                 reload: None,
@@ -543,7 +568,7 @@ ID  SLOT     PID  GEN  STATE        UP   LAST BEAT  ↺  CPU%    RSS  STATUS
         let text = status_header(&st);
         let want = "\
 web (pid 1234) v0.1.0: 3/4 ready, generation 2, up 3h12m
-listening at http://127.0.0.1:8000, unix:/run/app.sock
+listening at http://127.0.0.1:8000 (queue 3/2048), unix:/run/app.sock
 last reload: generation 2 ok at 2026-11-24 09:58:01 UTC: 4 workers ready in 1.2s
 slot 3 is crash-looping (3 failures in a row)
 ";

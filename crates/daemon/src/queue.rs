@@ -80,6 +80,29 @@ fn tcp(fd: BorrowedFd<'_>) -> io::Result<Queue> {
     })
 }
 
+/// `TcpExt: ListenOverflows` from /proc/net/netstat: connections dropped for a full
+/// accept queue by any listener of this host (there is no per-socket counter).
+pub fn host_listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    parse_listen_overflows(&text)
+}
+
+/// The file has a header line of names and a line of values per group.
+fn parse_listen_overflows(text: &str) -> Option<u64> {
+    let mut lines = text.lines();
+    while let Some(names) = lines.next() {
+        let values = lines.next()?;
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
+}
+
 // linux/sock_diag.h and linux/unix_diag.h: not in the libc crate.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
@@ -244,6 +267,13 @@ mod tests {
             .collect();
         assert_eq!(of(l.as_fd()).unwrap(), Queue { len: 4, limit: 9 });
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn listen_overflows_from_netstat() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 17\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(parse_listen_overflows(text), Some(17));
+        assert_eq!(parse_listen_overflows("IpExt: A\nIpExt: 1\n"), None);
     }
 
     #[test]

@@ -61,6 +61,24 @@ pub struct MasterStatus {
     /// passes on), since the master started.
     #[serde(default)]
     pub output_lines_dropped: u64,
+    /// `--workers MIN..MAX`: adapting the count to the load; `None` for a fixed count.
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleStatus>,
+    /// The host's `TcpExt: ListenOverflows` (/proc/net/netstat): connections any
+    /// listener on this host dropped for a full accept queue. Host-wide, not ours.
+    #[serde(default)]
+    pub host_listen_overflows: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub min: u64,
+    pub max: u64,
+    /// Workers added and removed for the load, since the master started.
+    pub ups: u64,
+    pub downs: u64,
+    /// The latest change and its reason (`2 -> 3: connections waited ...`).
+    pub last: Option<String>,
 }
 
 /// Whether the master's log is taking its lines: a full disk or a log reader that
@@ -89,6 +107,12 @@ pub struct ListenerStatus {
     pub address: String,
     /// Its `LISTEN_FDNAMES` entry.
     pub name: String,
+    /// Connections waiting in its accept queue now (read when status is asked),
+    /// and the queue's limit; `None` when the kernel does not say.
+    #[serde(default)]
+    pub queue: Option<u64>,
+    #[serde(default)]
+    pub queue_limit: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! The status snapshot, measured now on the master's clocks.
 
+use std::os::fd::AsFd;
 use std::time::{Instant, SystemTime};
 
 use arbiter_proto::status as snapshot;
@@ -65,9 +66,14 @@ impl Arbiter {
                 listeners: self
                     .listeners
                     .iter()
-                    .map(|l| snapshot::ListenerStatus {
-                        address: l.display.clone(),
-                        name: l.name.clone(),
+                    .map(|l| {
+                        let q = crate::queue::of(l.as_fd()).ok();
+                        snapshot::ListenerStatus {
+                            address: l.display.clone(),
+                            name: l.name.clone(),
+                            queue: q.map(|q| u64::from(q.len)),
+                            queue_limit: q.map(|q| u64::from(q.limit)),
+                        }
                     })
                     .collect(),
                 reload: self
@@ -93,6 +99,14 @@ impl Arbiter {
                 notify_dropped: self.notify.foreign_dropped,
                 containment: self.pool.containment().describe(),
                 output_lines_dropped: crate::relay::total_dropped(),
+                autoscale: self.autoscaler.bounds().map(|b| snapshot::AutoscaleStatus {
+                    min: b.min as u64,
+                    max: b.max as u64,
+                    ups: self.autoscaler.ups,
+                    downs: self.autoscaler.downs,
+                    last: self.autoscaler.last.clone(),
+                }),
+                host_listen_overflows: crate::queue::host_listen_overflows(),
                 backoff,
             },
             workers,

@@ -87,6 +87,8 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
 fn status() -> Status {
     Status {
         master: MasterStatus {
+            autoscale: None,
+            host_listen_overflows: None,
             pid: 100,
             name: "web".into(),
             version: "0.1.0".into(),
@@ -101,14 +103,20 @@ fn status() -> Status {
                 ListenerStatus {
                     address: "http://127.0.0.1:8000".into(),
                     name: "a".into(),
+                    queue: None,
+                    queue_limit: None,
                 },
                 ListenerStatus {
                     address: "http://[::1]:8001".into(),
                     name: "b".into(),
+                    queue: None,
+                    queue_limit: None,
                 },
                 ListenerStatus {
                     address: "unix:/run/app.sock".into(),
                     name: "c".into(),
+                    queue: None,
+                    queue_limit: None,
                 },
             ],
             reload: None,
