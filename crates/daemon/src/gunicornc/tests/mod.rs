@@ -80,6 +80,9 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         rss_bytes: None,
         cpu_secs: None,
         output_dropped: 0,
+        busy: None,
+        requests: None,
+        busy_changed_secs: None,
     }
 }
 
@@ -123,6 +126,9 @@ fn status() -> Status {
             notify_dropped: 0,
             containment: "process groups".into(),
             output_lines_dropped: 0,
+            workers_busy: 0,
+            workers_idle: 0,
+            workers_unknown: 0,
         },
         workers: vec![
             worker(5, 205, "booting", None),
