@@ -19,7 +19,8 @@ impl Arbiter {
         let generation = self.pool.generation();
         let slots = self.pool.slots();
         let dropped = self.pool.output_dropped();
-        let workers = self
+        let now_ns = arbiter_proto::scoreboard::monotonic_ns();
+        let workers: Vec<snapshot::WorkerStatus> = self
             .pool
             .workers()
             .iter()
@@ -29,9 +30,18 @@ impl Arbiter {
                     .filter(|_| w.generation == generation)
                     .map_or(0, |h| h.failures);
                 let dropped = dropped.get(&w.id).copied().unwrap_or(0);
-                worker_status(w, now, failures, dropped)
+                let mut st = worker_status(w, now, failures, dropped);
+                if let Some(r) = self.pool.board_report(w, now_ns) {
+                    st.busy = Some(r.busy);
+                    st.requests = Some(r.requests);
+                    st.busy_changed_secs = r.since_secs;
+                }
+                st
             })
             .collect();
+        let busy = workers.iter().filter(|w| w.busy == Some(true)).count() as u64;
+        let idle = workers.iter().filter(|w| w.busy == Some(false)).count() as u64;
+        let unknown = workers.len() as u64 - busy - idle;
         let mut backoff: Vec<snapshot::SlotBackoff> = slots
             .iter()
             .filter(|(_, h)| h.failures > 0)
@@ -93,6 +103,9 @@ impl Arbiter {
                 notify_dropped: self.notify.foreign_dropped,
                 containment: self.pool.containment().describe(),
                 output_lines_dropped: crate::relay::total_dropped(),
+                workers_busy: busy,
+                workers_idle: idle,
+                workers_unknown: unknown,
                 backoff,
             },
             workers,
@@ -131,6 +144,9 @@ fn worker_status(
         rss_bytes: w.rss_bytes(),
         cpu_secs: w.tree.cpu_secs(now),
         output_dropped,
+        busy: None,
+        requests: None,
+        busy_changed_secs: None,
     }
 }
 
