@@ -112,7 +112,7 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
     assert_eq!(
         lines[at].split_whitespace().collect::<Vec<_>>(),
         [
-            "ID", "SLOT", "PID", "GEN", "STATE", "UP", "LAST", "BEAT", "RSS"
+            "ID", "SLOT", "PID", "GEN", "STATE", "UP", "LAST", "BEAT", "RSS", "BUSY"
         ],
         "table header: {:?}",
         lines[at]
@@ -124,14 +124,16 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
         // LAST BEAT is `0.4s ago` or `-`.
         let f: Vec<&str> = row.split_whitespace().collect();
         assert!(
-            f.len() == 9 && f[7] == "ago" || f.len() == 8 && f[6] == "-",
+            f.len() == 10 && f[7] == "ago" || f.len() == 9 && f[6] == "-",
             "row {row:?}"
         );
         table_pids.insert(f[2].parse::<i32>().unwrap());
         assert_eq!(f[3], "1", "GEN of {row:?}");
         assert_eq!(f[4], "ready", "STATE of {row:?}");
-        let rss = f.last().unwrap();
+        let rss = f[f.len() - 2];
         assert!(rss.ends_with(['K', 'M', 'G']), "RSS of {row:?}");
+        // Built-in workers report on the scoreboard; nothing is in flight.
+        assert_eq!(f.last(), Some(&"idle"), "BUSY of {row:?}");
     }
     for line in &lines {
         assert_eq!(*line, line.trim_end(), "trailing spaces in {line:?}");

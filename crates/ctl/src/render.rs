@@ -163,7 +163,7 @@ pub fn status_header(st: &Status) -> String {
 }
 
 /// The table columns.
-pub const COLUMNS: [&str; 8] = [
+pub const COLUMNS: [&str; 9] = [
     "ID",
     "SLOT",
     "PID",
@@ -172,7 +172,18 @@ pub const COLUMNS: [&str; 8] = [
     "UP",
     "LAST BEAT",
     "RSS",
+    "BUSY",
 ];
+
+/// From the scoreboard: `busy`, `idle`, or `-` for a worker that does not say
+/// (which is not idle).
+fn busy_cell(w: &WorkerStatus) -> &'static str {
+    match w.busy {
+        Some(true) => "busy",
+        Some(false) => "idle",
+        None => "-",
+    }
+}
 
 fn state_cell(w: &WorkerStatus) -> String {
     if w.crash_looping {
@@ -200,6 +211,7 @@ pub fn worker_table(workers: &[WorkerStatus]) -> String {
             human_duration(w.uptime_secs),
             last_beat(w.last_beat_secs),
             human_bytes(w.rss_bytes),
+            busy_cell(w).to_string(),
         ]);
     }
     let mut t = b.build();
@@ -244,6 +256,9 @@ pub(crate) mod tests {
             rss_bytes: Some(12_900_000),
             cpu_secs: None,
             output_dropped: 0,
+            busy: Some(false),
+            requests: Some(41),
+            busy_changed_secs: Some(3.0),
         }
     }
 
@@ -256,6 +271,12 @@ pub(crate) mod tests {
         booting.rss_bytes = None;
         booting.restarts = 3;
         booting.crash_looping = true;
+        booting.busy = None;
+        booting.requests = None;
+        booting.busy_changed_secs = None;
+        let mut busy = worker(10, 0, 1001);
+        busy.busy = Some(true);
+        busy.requests = Some(7);
         let mut old = worker(9, 1, 999);
         old.uptime_secs = 11_520.0;
         old.last_beat_secs = Some(75.0);
@@ -300,8 +321,11 @@ pub(crate) mod tests {
                 notify_dropped: 0,
                 containment: "process groups".into(),
                 output_lines_dropped: 0,
+                workers_busy: 1,
+                workers_idle: 2,
+                workers_unknown: 1,
             },
-            workers: vec![worker(10, 0, 1001), booting, old, worker(11, 2, 100_234)],
+            workers: vec![busy, booting, old, worker(11, 2, 100_234)],
         }
     }
 
@@ -358,18 +382,21 @@ pub(crate) mod tests {
         let st = fixture();
         let text = worker_table(&st.workers);
         let want = "\
-ID  SLOT     PID  GEN  STATE        UP  LAST BEAT    RSS
- 9     1     999    2  ready     3h12m  1m15s ago   1.5K
-10     0    1001    2  ready     3m07s   0.4s ago  12.3M
-11     2  100234    2  ready     3m07s   0.4s ago  12.3M
-12     3    4321    2  booting!     2s          -      -
+ID  SLOT     PID  GEN  STATE        UP  LAST BEAT    RSS  BUSY
+ 9     1     999    2  ready     3h12m  1m15s ago   1.5K  idle
+10     0    1001    2  ready     3m07s   0.4s ago  12.3M  busy
+11     2  100234    2  ready     3m07s   0.4s ago  12.3M  idle
+12     3    4321    2  booting!     2s          -      -  -
 ";
         assert_eq!(text, want, "got:\n{text}");
         for line in text.lines() {
             assert_eq!(line, line.trim_end());
         }
         let empty = worker_table(&[]);
-        assert_eq!(empty, "ID  SLOT  PID  GEN  STATE  UP  LAST BEAT  RSS\n");
+        assert_eq!(
+            empty,
+            "ID  SLOT  PID  GEN  STATE  UP  LAST BEAT  RSS  BUSY\n"
+        );
     }
 
     #[test]
