@@ -15,5 +15,6 @@ mod manpages;
 mod master;
 mod ops;
 mod reliability;
+mod scoreboard;
 mod trees;
 mod upgrade;
