@@ -133,7 +133,7 @@ impl Region {
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
         assert!(
-            off % 4 == 0 && off + 4 <= self.len,
+            off.is_multiple_of(4) && off + 4 <= self.len,
             "scoreboard offset {off}"
         );
         // SAFETY: in bounds and aligned (checked; the mapping is page-aligned), the
@@ -144,7 +144,7 @@ impl Region {
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
         assert!(
-            off % 8 == 0 && off + 8 <= self.len,
+            off.is_multiple_of(8) && off + 8 <= self.len,
             "scoreboard offset {off}"
         );
         // SAFETY: as in `u32_at`.
@@ -339,10 +339,10 @@ mod tests {
         assert_eq!(entry_offset(0), 64);
         assert_eq!(entry_offset(2), 192);
         for off in [ENTRY_WORKER_ID, ENTRY_REQUESTS, ENTRY_CHANGED_NS] {
-            assert_eq!(off % 8, 0);
+            assert!(off.is_multiple_of(8));
             assert!(off + 8 <= ENTRY_SIZE);
         }
-        assert_eq!(ENTRY_STATE % 4, 0);
+        assert!(ENTRY_STATE.is_multiple_of(4));
         assert_eq!(ENTRY_SIZE, 64, "one cache line per worker");
     }
 
