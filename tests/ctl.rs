@@ -112,7 +112,8 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
     assert_eq!(
         lines[at].split_whitespace().collect::<Vec<_>>(),
         [
-            "ID", "SLOT", "PID", "GEN", "STATE", "UP", "LAST", "BEAT", "↺", "CPU%", "RSS", "STATUS"
+            "ID", "SLOT", "PID", "GEN", "STATE", "UP", "BEAT/30s", "↺", "CPU%", "RSS", "BUSY",
+            "STATUS"
         ],
         "table header: {:?}",
         lines[at]
@@ -121,10 +122,10 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
     assert_eq!(rows.len(), 3, "one row per worker:\n{}", out.stdout);
     let mut table_pids = BTreeSet::new();
     for row in rows {
-        // LAST BEAT is `0.4s/30s` or `-`; the built-in worker says no STATUS=.
+        // BEAT is `0.4s` or `-`; the built-in worker says no STATUS=.
         let f: Vec<&str> = row.split_whitespace().collect();
         assert!(
-            f.len() == 11 && (f[6].ends_with("s/30s") || f[6] == "-") && f[10] == "-",
+            f.len() == 12 && (f[6].ends_with('s') || f[6] == "-") && f[11] == "-",
             "row {row:?}"
         );
         table_pids.insert(f[2].parse::<i32>().unwrap());
@@ -132,6 +133,8 @@ fn status_shows_the_master_line_and_a_table_of_the_live_workers() {
         assert_eq!(f[4], "ready", "STATE of {row:?}");
         let rss = f[9];
         assert!(rss.ends_with(['K', 'M', 'G']), "RSS of {row:?}");
+        // Built-in workers report on the scoreboard; nothing is in flight.
+        assert_eq!(f[10], "idle", "BUSY of {row:?}");
     }
     for line in &lines {
         assert_eq!(*line, line.trim_end(), "trailing spaces in {line:?}");

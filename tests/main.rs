@@ -16,6 +16,7 @@ mod manpages;
 mod master;
 mod ops;
 mod reliability;
+mod scoreboard;
 mod table;
 mod trees;
 mod upgrade;

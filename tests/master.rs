@@ -477,10 +477,25 @@ fn check_fdworker_report(j: &Value, master: i32) {
             "{k}: {j}"
         );
     }
-    // fds: 0, 1, 2, the listener at 3, and the heartbeat fd if there is one.
+    // fds: 0, 1, 2, the listener at 3, and the heartbeat and scoreboard fds if
+    // there are.
     let mut want: BTreeSet<i64> = [0, 1, 2, 3].into();
-    if let Some(hb) = env["ARBITER_HEARTBEAT_FD"].as_str() {
-        want.insert(hb.parse().expect("ARBITER_HEARTBEAT_FD is a number"));
+    for k in ["ARBITER_HEARTBEAT_FD", "ARBITER_SCOREBOARD_FD"] {
+        if let Some(fd) = env[k].as_str() {
+            want.insert(
+                fd.parse()
+                    .unwrap_or_else(|_| panic!("{k} is a number: {j}")),
+            );
+        }
+    }
+    if let Some(fd) = env["ARBITER_SCOREBOARD_FD"].as_str() {
+        assert!(
+            j["fd_targets"][fd]
+                .as_str()
+                .is_some_and(|t| t.starts_with("/memfd:arbiter-scoreboard")),
+            "the scoreboard fd: {}",
+            j["fd_targets"]
+        );
     }
     let got: BTreeSet<i64> = j["fds"]
         .as_array()

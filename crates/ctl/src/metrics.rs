@@ -313,6 +313,55 @@ fn unlabelled_families(st: &Status) -> Vec<Family> {
         "1 while the master's log is refusing lines.",
         if m.log.failing.is_some() { 1.0 } else { 0.0 },
     ));
+    out.extend(scoreboard(st));
+    out
+}
+
+/// What workers say on the scoreboard. Counted from the workers, not the
+/// master's summary, so a master too old to read the scoreboard shows its workers
+/// as unknown rather than as nothing.
+fn scoreboard(st: &Status) -> Vec<Family> {
+    let count = |busy: Option<bool>| st.workers.iter().filter(|w| w.busy == busy).count() as f64;
+    let mut out = vec![
+        single(
+            "arbiter_workers_busy",
+            "gauge",
+            "Workers that say they have a request in hand.",
+            count(Some(true)),
+        ),
+        single(
+            "arbiter_workers_idle",
+            "gauge",
+            "Workers that say they have no request in hand.",
+            count(Some(false)),
+        ),
+        single(
+            "arbiter_workers_unknown",
+            "gauge",
+            "Workers that say neither (they do not use the scoreboard).",
+            count(None),
+        ),
+    ];
+    let mut workers: Vec<_> = st.workers.iter().collect();
+    workers.sort_by_key(|w| (w.id, w.pid));
+    let mut requests = family(
+        "arbiter_worker_requests_total",
+        "counter",
+        "Requests served, as the worker counts them (absent if it does not report).",
+    );
+    for w in workers {
+        if let Some(n) = w.requests {
+            requests.samples.push(Sample {
+                labels: vec![
+                    ("id", w.id.to_string()),
+                    ("slot", w.slot.to_string()),
+                    ("pid", w.pid.to_string()),
+                ],
+                value: n as f64,
+            });
+        }
+    }
+    out.push(requests);
     out
 }
 
@@ -482,6 +531,20 @@ arbiter_notify_dropped_total{arbiter="we\"b\\"} 0
 # HELP arbiter_log_failing 1 while the master's log is refusing lines.
 # TYPE arbiter_log_failing gauge
 arbiter_log_failing{arbiter="we\"b\\"} 0
+# HELP arbiter_workers_busy Workers that say they have a request in hand.
+# TYPE arbiter_workers_busy gauge
+arbiter_workers_busy{arbiter="we\"b\\"} 0
+# HELP arbiter_workers_idle Workers that say they have no request in hand.
+# TYPE arbiter_workers_idle gauge
+arbiter_workers_idle{arbiter="we\"b\\"} 3
+# HELP arbiter_workers_unknown Workers that say neither (they do not use the scoreboard).
+# TYPE arbiter_workers_unknown gauge
+arbiter_workers_unknown{arbiter="we\"b\\"} 1
+# HELP arbiter_worker_requests_total Requests served, as the worker counts them (absent if it does not report).
+# TYPE arbiter_worker_requests_total counter
+arbiter_worker_requests_total{arbiter="we\"b\\",id="9",slot="1",pid="999"} 41
+arbiter_worker_requests_total{arbiter="we\"b\\",id="10",slot="0",pid="1001"} 41
+arbiter_worker_requests_total{arbiter="we\"b\\",id="11",slot="2",pid="100234"} 41
 "#;
         assert_eq!(text, want, "got:\n{text}");
     }

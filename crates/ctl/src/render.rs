@@ -42,19 +42,24 @@ fn timeout_secs(t: f64) -> String {
     }
 }
 
-/// The last heartbeat's age against the timeout: `0.4s/30s`, `8.8s/10s!` once past
-/// half of it (the worker is halfway to being killed for silence), `1m15s/30s!`;
-/// the age alone with no timeout; `-` if the worker never beat.
+/// The last heartbeat's age: `0.4s`, `8.8s!` once past half of the timeout (the
+/// worker is halfway to being killed for silence), `1m15s!`; `-` if the worker
+/// never beat. The timeout, the same for every worker, is in the column's header
+/// (see [`beat_header`]), not repeated on every row.
 pub fn beat_cell(age: Option<f64>, timeout: Option<f64>) -> String {
     let Some(age) = age else {
         return "-".into();
     };
+    let late = timeout.is_some_and(|t| t > 0.0 && age > t / 2.0);
+    format!("{}{}", short_secs(age), if late { "!" } else { "" })
+}
+
+/// The beat column's header: `BEAT/30s`, the ages below against that timeout;
+/// `BEAT` with none.
+pub fn beat_header(timeout: Option<f64>) -> String {
     match timeout.filter(|t| *t > 0.0) {
-        None => short_secs(age),
-        Some(t) => {
-            let mark = if age > t / 2.0 { "!" } else { "" };
-            format!("{}/{}{mark}", short_secs(age), timeout_secs(t))
-        }
+        Some(t) => format!("BEAT/{}", timeout_secs(t)),
+        None => "BEAT".into(),
     }
 }
 
@@ -105,9 +110,13 @@ pub fn human_bytes(bytes: Option<u64>) -> String {
     }
     let mut v = b as f64 / 1024.0;
     for unit in ["K", "M", "G", "T"] {
-        // 1023.95 would print as "1024.0"; go up a unit instead.
-        if v < 1023.95 || unit == "T" {
+        // 1023.5 would print as "1024"; go up a unit instead. From 100 on, the
+        // tenth says nothing and costs the table two columns.
+        if v < 99.95 {
             return format!("{v:.1}{unit}");
+        }
+        if v < 1023.5 || unit == "T" {
+            return format!("{v:.0}{unit}");
         }
         v /= 1024.0;
     }
@@ -243,18 +252,8 @@ pub fn status_header(st: &Status) -> String {
 }
 
 /// The table columns.
-pub const COLUMNS: [&str; 11] = [
-    "ID",
-    "SLOT",
-    "PID",
-    "GEN",
-    "STATE",
-    "UP",
-    "LAST BEAT",
-    "↺",
-    "CPU%",
-    "RSS",
-    "STATUS",
+pub const COLUMNS: [&str; 12] = [
+    "ID", "SLOT", "PID", "GEN", "STATE", "UP", "BEAT", "↺", "CPU%", "RSS", "BUSY", "STATUS",
 ];
 
 /// How wide the table may be: STATUS, last, gets what the other columns leave.
@@ -262,9 +261,21 @@ pub const TABLE_WIDTH: usize = 80;
 /// The least STATUS gets when the other columns leave less (unusual rows: a
 /// `recycling!` state, a beat minutes old, ids past 9999); the table is wider
 /// than [`TABLE_WIDTH`] then.
-const STATUS_MIN: usize = 8;
+const STATUS_MIN: usize = 5;
 /// Between two columns.
 const GAP: usize = 2;
+/// Where the beat column is; its header carries the timeout.
+const BEAT_COLUMN: usize = 6;
+
+/// From the scoreboard: `busy`, `idle`, or `-` for a worker that does not say
+/// (which is not idle).
+fn busy_cell(w: &WorkerStatus) -> &'static str {
+    match w.busy {
+        Some(true) => "busy",
+        Some(false) => "idle",
+        None => "-",
+    }
+}
 
 fn state_cell(w: &WorkerStatus) -> String {
     if w.crash_looping {
@@ -282,7 +293,7 @@ fn state_cell(w: &WorkerStatus) -> String {
 pub fn worker_table(workers: &[WorkerStatus], timeout: Option<f64>) -> String {
     let mut rows: Vec<&WorkerStatus> = workers.iter().collect();
     rows.sort_by_key(|w| (w.id, w.pid));
-    let cells: Vec<[String; 10]> = rows
+    let cells: Vec<[String; 11]> = rows
         .iter()
         .map(|w| {
             [
@@ -296,15 +307,18 @@ pub fn worker_table(workers: &[WorkerStatus], timeout: Option<f64>) -> String {
                 w.restarts.to_string(),
                 cpu_cell(w.cpu_percent),
                 human_bytes(w.rss_bytes),
+                busy_cell(w).to_string(),
             ]
         })
         .collect();
-    let before_status: usize = (0..10)
+    let mut header: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
+    header[BEAT_COLUMN] = beat_header(timeout);
+    let before_status: usize = (0..11)
         .map(|i| {
             cells
                 .iter()
                 .map(|r| r[i].width())
-                .chain([COLUMNS[i].width()])
+                .chain([header[i].width()])
                 .max()
                 .unwrap_or(0)
                 + GAP
@@ -312,7 +326,7 @@ pub fn worker_table(workers: &[WorkerStatus], timeout: Option<f64>) -> String {
         .sum();
     let status_width = TABLE_WIDTH.saturating_sub(before_status).max(STATUS_MIN);
     let mut b = Builder::default();
-    b.push_record(COLUMNS);
+    b.push_record(header);
     for (w, row) in rows.iter().zip(cells) {
         let mut record: Vec<String> = row.into();
         record.push(status_cell(w.status_text.as_deref(), status_width));
@@ -361,6 +375,9 @@ pub(crate) mod tests {
             cpu_secs: Some(3.5),
             cpu_percent: Some(0.42),
             output_dropped: 0,
+            busy: Some(false),
+            requests: Some(41),
+            busy_changed_secs: Some(3.0),
         }
     }
 
@@ -373,6 +390,12 @@ pub(crate) mod tests {
         booting.rss_bytes = None;
         booting.restarts = 3;
         booting.crash_looping = true;
+        booting.busy = None;
+        booting.requests = None;
+        booting.busy_changed_secs = None;
+        let mut busy = worker(10, 0, 1001);
+        busy.busy = Some(true);
+        busy.requests = Some(7);
         let mut old = worker(9, 1, 999);
         old.uptime_secs = 11_520.0;
         old.last_beat_secs = Some(75.0);
@@ -428,6 +451,9 @@ pub(crate) mod tests {
                 notify_dropped: 0,
                 containment: "process groups".into(),
                 output_lines_dropped: 0,
+                workers_busy: 1,
+                workers_idle: 2,
+                workers_unknown: 1,
             },
             workers: vec![worker(10, 0, 1001), booting, old, quiet],
         }
@@ -460,14 +486,16 @@ pub(crate) mod tests {
     fn beats_against_the_timeout() {
         let t = Some(10.0);
         assert_eq!(beat_cell(None, t), "-");
-        assert_eq!(beat_cell(Some(0.42), t), "0.4s/10s");
-        assert_eq!(beat_cell(Some(5.0), t), "5.0s/10s");
+        assert_eq!(beat_cell(Some(0.42), t), "0.4s");
+        assert_eq!(beat_cell(Some(5.0), t), "5.0s");
         // Past half the timeout: halfway to being killed for silence.
-        assert_eq!(beat_cell(Some(5.04), t), "5.0s/10s!");
-        assert_eq!(beat_cell(Some(8.8), t), "8.8s/10s!");
-        assert_eq!(beat_cell(Some(75.0), Some(30.0)), "1m15s/30s!");
-        assert_eq!(beat_cell(Some(1.0), Some(2.5)), "1.0s/2.5s");
-        assert_eq!(beat_cell(Some(1.0), Some(120.0)), "1.0s/2m00s");
+        assert_eq!(beat_cell(Some(5.04), t), "5.0s!");
+        assert_eq!(beat_cell(Some(8.8), t), "8.8s!");
+        assert_eq!(beat_cell(Some(75.0), Some(30.0)), "1m15s!");
+        // The timeout is the header's.
+        assert_eq!(beat_header(Some(2.5)), "BEAT/2.5s");
+        assert_eq!(beat_header(Some(120.0)), "BEAT/2m00s");
+        assert_eq!(beat_header(None), "BEAT");
         // No timeout (`-t 0`): the age alone, never marked.
         assert_eq!(beat_cell(Some(9.94), None), "9.9s");
         assert_eq!(beat_cell(Some(12.0), Some(0.0)), "12s");
@@ -504,7 +532,9 @@ pub(crate) mod tests {
             (Some(1024 * 1024 - 1), "1.0M"),
             (Some(1_610_612_736), "1.5G"),
             (Some(5 * 1024u64.pow(4)), "5.0T"),
-            (Some(u64::MAX), "16777216.0T"),
+            (Some(u64::MAX), "16777216T"),
+            (Some(150 * 1024 * 1024), "150M"),
+            (Some(1023 * 1024 * 1024), "1023M"),
             (None, "-"),
         ] {
             assert_eq!(human_bytes(b), want, "{b:?}");
@@ -516,11 +546,11 @@ pub(crate) mod tests {
         let st = fixture();
         let text = worker_table(&st.workers, st.master.timeout_secs);
         let want = "\
-ID  SLOT     PID  GEN  STATE        UP   LAST BEAT  ↺  CPU%    RSS  STATUS
- 9     1     999    2  ready     3h12m  1m15s/30s!  0    97   1.5K  served 1200…
-10     0    1001    2  ready     3m07s    0.4s/30s  0   0.4  12.3M  -
-11     2  100234    2  ready     3m07s    16s/30s!  0   0.4  12.3M  idle
-12     3    4321    2  booting!     2s           -  3   0.4      -  -
+ID  SLOT     PID  GEN  STATE        UP  BEAT/30s  ↺  CPU%    RSS  BUSY  STATUS
+ 9     1     999    2  ready     3h12m    1m15s!  0    97   1.5K  idle  served …
+10     0    1001    2  ready     3m07s      0.4s  0   0.4  12.3M  idle  -
+11     2  100234    2  ready     3m07s      16s!  0   0.4  12.3M  idle  idle
+12     3    4321    2  booting!     2s         -  3   0.4      -  -     -
 ";
         assert_eq!(text, want, "got:\n{text}");
         for line in text.lines() {
@@ -530,7 +560,7 @@ ID  SLOT     PID  GEN  STATE        UP   LAST BEAT  ↺  CPU%    RSS  STATUS
         let empty = worker_table(&[], None);
         assert_eq!(
             empty,
-            "ID  SLOT  PID  GEN  STATE  UP  LAST BEAT  ↺  CPU%  RSS  STATUS\n"
+            "ID  SLOT  PID  GEN  STATE  UP  BEAT  ↺  CPU%  RSS  BUSY  STATUS\n"
         );
     }
 

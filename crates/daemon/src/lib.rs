@@ -19,6 +19,7 @@ pub mod pidfile;
 pub mod queue;
 pub mod ratelimit;
 pub mod relay;
+pub mod scoreboard;
 pub mod signals;
 pub mod spawn;
 mod startup;

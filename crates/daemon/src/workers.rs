@@ -230,6 +230,8 @@ pub struct Worker {
     pub tree: Tree,
     /// Who gets its signals.
     pub kill_mode: KillMode,
+    /// Its scoreboard entry, if one was free when it was spawned.
+    pub board: Option<u32>,
     /// The CPU readings `status` reported, which its CPU% is measured from.
     pub cpu_samples: std::cell::Cell<CpuSamples>,
 }

@@ -5,6 +5,7 @@
 //! - [`frame`]: newline-delimited framing with a size bound.
 //! - [`client`]: a blocking client with timeouts (arbiterctl and the tests use it).
 //! - [`paths`]: default locations (the control socket).
+//! - [`scoreboard`]: the shared memory where workers say busy or idle.
 //! - [`signal`]: signal names and numbers as `kill` takes them.
 //! - [`worker`]: the worker contract (environment, file descriptors, exit codes,
 //!   heartbeat and readiness helpers a Rust worker can call).
@@ -13,6 +14,7 @@ pub mod client;
 pub mod control;
 pub mod frame;
 pub mod paths;
+pub mod scoreboard;
 pub mod signal;
 pub mod status;
 pub mod worker;

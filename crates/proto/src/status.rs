@@ -61,6 +61,15 @@ pub struct MasterStatus {
     /// passes on), since the master started.
     #[serde(default)]
     pub output_lines_dropped: u64,
+    /// Workers that say, on the scoreboard, that they have a request in hand.
+    #[serde(default)]
+    pub workers_busy: u64,
+    /// Workers that say they have none.
+    #[serde(default)]
+    pub workers_idle: u64,
+    /// Workers that say neither (they do not use the scoreboard, or got no entry).
+    #[serde(default)]
+    pub workers_unknown: u64,
     /// `--workers MIN..MAX`: adapting the count to the load; `None` for a fixed count.
     #[serde(default)]
     pub autoscale: Option<AutoscaleStatus>,
@@ -166,6 +175,16 @@ pub struct WorkerStatus {
     /// relay passes on).
     #[serde(default)]
     pub output_dropped: u64,
+    /// From the scoreboard: `true` busy, `false` idle, `None` not reporting
+    /// (unknown, which is not idle).
+    #[serde(default)]
+    pub busy: Option<bool>,
+    /// Requests served, as the worker counts them on the scoreboard.
+    #[serde(default)]
+    pub requests: Option<u64>,
+    /// Seconds since the worker last went busy or idle.
+    #[serde(default)]
+    pub busy_changed_secs: Option<f64>,
 }
 
 /// Where a worker is in its life, as the master reports it.

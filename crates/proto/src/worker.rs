@@ -29,6 +29,13 @@ pub const ENV_GENERATION: &str = "ARBITER_GENERATION";
 pub const ENV_MASTER_PID: &str = "ARBITER_MASTER_PID";
 /// An fd open on an unlinked file: change its ctime (fchmod, a write, futimens) to beat.
 pub const ENV_HEARTBEAT_FD: &str = "ARBITER_HEARTBEAT_FD";
+/// An fd on the scoreboard (see [`crate::scoreboard`]): shared memory where the
+/// worker marks itself busy or idle and counts requests. Absent when the master
+/// had no free entry for it.
+pub const ENV_SCOREBOARD_FD: &str = "ARBITER_SCOREBOARD_FD";
+/// The worker's entry in the scoreboard. Not `ARBITER_SLOT`: during a reload an
+/// old and a new worker share a slot number, never an entry.
+pub const ENV_SCOREBOARD_SLOT: &str = "ARBITER_SCOREBOARD_SLOT";
 /// The heartbeat timeout in seconds (absent or 0: no timeout). Beat at least twice per period.
 pub const ENV_TIMEOUT: &str = "ARBITER_TIMEOUT";
 /// sd_notify datagram socket of the master (a leading `@` means the abstract namespace).

@@ -20,7 +20,8 @@ impl Arbiter {
         let generation = self.pool.generation();
         let slots = self.pool.slots();
         let dropped = self.pool.output_dropped();
-        let workers = self
+        let now_ns = arbiter_proto::scoreboard::monotonic_ns();
+        let workers: Vec<snapshot::WorkerStatus> = self
             .pool
             .workers()
             .iter()
@@ -30,9 +31,18 @@ impl Arbiter {
                     .filter(|_| w.generation == generation)
                     .map_or(0, |h| h.failures);
                 let dropped = dropped.get(&w.id).copied().unwrap_or(0);
-                worker_status(w, now, failures, dropped)
+                let mut st = worker_status(w, now, failures, dropped);
+                if let Some(r) = self.pool.board_report(w, now_ns) {
+                    st.busy = Some(r.busy);
+                    st.requests = Some(r.requests);
+                    st.busy_changed_secs = r.since_secs;
+                }
+                st
             })
             .collect();
+        let busy = workers.iter().filter(|w| w.busy == Some(true)).count() as u64;
+        let idle = workers.iter().filter(|w| w.busy == Some(false)).count() as u64;
+        let unknown = workers.len() as u64 - busy - idle;
         let mut backoff: Vec<snapshot::SlotBackoff> = slots
             .iter()
             .filter(|(_, h)| h.failures > 0)
@@ -99,6 +109,9 @@ impl Arbiter {
                 notify_dropped: self.notify.foreign_dropped,
                 containment: self.pool.containment().describe(),
                 output_lines_dropped: crate::relay::total_dropped(),
+                workers_busy: busy,
+                workers_idle: idle,
+                workers_unknown: unknown,
                 autoscale: self.autoscaler.bounds().map(|b| snapshot::AutoscaleStatus {
                     min: b.min as u64,
                     max: b.max as u64,
@@ -147,6 +160,9 @@ fn worker_status(
         cpu_secs,
         cpu_percent,
         output_dropped,
+        busy: None,
+        requests: None,
+        busy_changed_secs: None,
     }
 }
 

@@ -54,6 +54,8 @@ pub(super) struct Conn {
     last_active: Instant,
     /// What epoll watches for it now.
     interest: EpollFlags,
+    /// Counted in the worker's `in_hand`.
+    counted: bool,
 }
 
 impl Conn {
@@ -63,6 +65,15 @@ impl Conn {
             && self.session.output.is_empty()
             && self.session.wait == Wait::Ready
             && !self.session.close_after
+    }
+
+    /// A request is being read, waited on (a sleep) or answered: the worker is
+    /// busy with it. A lingering connection has had its last answer.
+    fn in_hand(&self) -> bool {
+        !self.lingering
+            && (!self.input.is_empty()
+                || !self.session.output.is_empty()
+                || self.session.wait != Wait::Ready)
     }
 
     fn sleeping(&self) -> bool {
@@ -189,6 +200,7 @@ impl Worker {
             deadline: None,
             last_active: now,
             interest: READABLE,
+            counted: false,
         });
         let Some(c) = self.conns.get(token) else {
             return;
@@ -280,6 +292,7 @@ impl Worker {
         let cx = Ctx {
             replies: &self.replies,
             draining: self.draining,
+            served: &self.served,
         };
         let (used, sleep) = c.session.serve(data, &cx);
         c.input.extend_from_slice(&data[used..]);
@@ -300,6 +313,7 @@ impl Worker {
                 let cx = Ctx {
                     replies: &self.replies,
                     draining: self.draining,
+                    served: &self.served,
                 };
                 let (used, started) = c.session.serve(&c.input, &cx);
                 c.input.drain(..used);
@@ -360,6 +374,15 @@ impl Worker {
         let Some(c) = self.conns.get_mut(token) else {
             return;
         };
+        let in_hand = c.in_hand();
+        if in_hand != c.counted {
+            c.counted = in_hand;
+            if in_hand {
+                self.in_hand += 1;
+            } else {
+                self.in_hand -= 1;
+            }
+        }
         let wanted = c.wanted_interest();
         if wanted != c.interest {
             // Failure only if the fd is gone from the set, which we never do.
@@ -398,6 +421,7 @@ impl Worker {
             let cx = Ctx {
                 replies: &self.replies,
                 draining: self.draining,
+                served: &self.served,
             };
             c.session.wake(&cx);
             c.last_active = self.now;
@@ -428,8 +452,11 @@ impl Worker {
     pub(super) fn close(&mut self, token: u64) {
         // Dropping the fd also takes it out of the epoll set: a connection's open
         // file description is ours alone.
-        if self.conns.remove(token).is_none() {
+        let Some(c) = self.conns.remove(token) else {
             return;
+        };
+        if c.counted {
+            self.in_hand -= 1;
         }
         if self.conns.is_empty() {
             // Nothing left to time: an idle worker must not wake up for stale entries.
@@ -460,6 +487,7 @@ mod tests {
                 deadline: None,
                 last_active: Instant::now(),
                 interest: READABLE,
+                counted: false,
             }
         };
         let mut slab = Conns::default();

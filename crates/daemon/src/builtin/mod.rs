@@ -19,6 +19,11 @@
 //! - `GET /sleep?ms=N` answers the same after N ms (a timer, never a blocked loop);
 //! - `GET /health` answers `ok`.
 //!
+//! On the scoreboard (`ARBITER_SCOREBOARD_FD`) it is busy while any connection has
+//! a request in hand (a head or body being read, a sleep, a response being
+//! written) and idle otherwise, and counts every response it queues. It publishes
+//! once per loop turn, before it waits, and only what changed: a few plain stores.
+//!
 //! TERM: stop accepting, finish in-flight requests (pending sleeps included), close
 //! idle keep-alive connections, exit 0. QUIT/INT: exit 0 at once. ABRT: exit 1.
 //!
@@ -49,6 +54,7 @@ mod http;
 mod response;
 mod session;
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::process::ExitCode;
@@ -114,6 +120,12 @@ struct Worker {
     draining: bool,
     /// The clock as of the last wake-up: good enough for activity stamps.
     now: Instant,
+    /// This worker's scoreboard entry, if the master gave it one.
+    board: Option<arbiter_proto::scoreboard::Entry>,
+    /// Connections with a request in hand (see `Conn::in_hand`).
+    in_hand: usize,
+    /// Responses queued so far.
+    served: Cell<u64>,
 }
 
 impl Worker {
@@ -155,6 +167,9 @@ impl Worker {
             next_sweep: None,
             draining: false,
             now: Instant::now(),
+            board: arbiter_proto::scoreboard::Entry::from_env(),
+            in_hand: 0,
+            served: Cell::new(0),
         };
         w.listen(true).map_err(|e| format!("epoll: {e}"))?;
         Ok(w)
@@ -169,6 +184,7 @@ impl Worker {
             if self.draining && self.conns.is_empty() {
                 return ExitCode::SUCCESS;
             }
+            self.publish();
             let n = match self.epoll.wait(&mut events, self.poll_timeout()) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
@@ -222,6 +238,14 @@ impl Worker {
         }
         if self.next_sweep.is_some_and(|t| self.now >= t) {
             self.sweep();
+        }
+    }
+
+    /// Tell the scoreboard where this turn left us, before waiting.
+    fn publish(&mut self) {
+        if let Some(b) = &mut self.board {
+            b.set_busy(self.in_hand > 0);
+            b.set_requests(self.served.get());
         }
     }
 

@@ -44,6 +44,8 @@ pub(super) struct Session {
 pub(super) struct Ctx<'a> {
     pub(super) replies: &'a Replies,
     pub(super) draining: bool,
+    /// Responses queued, by every connection (the scoreboard's count).
+    pub(super) served: &'a std::cell::Cell<u64>,
 }
 
 impl Session {
@@ -128,7 +130,7 @@ impl Session {
                 return Some(Duration::from_millis(ms));
             }
         };
-        self.reply(reply, req, cx.draining);
+        self.reply(reply, req, cx);
         None
     }
 
@@ -136,15 +138,16 @@ impl Session {
     pub(super) fn wake(&mut self, cx: &Ctx) {
         if let Wait::Sleep(req) = self.wait {
             self.wait = Wait::Ready;
-            self.reply(&cx.replies.root, req, cx.draining);
+            self.reply(&cx.replies.root, req, cx);
         }
     }
 
-    fn reply(&mut self, reply: &Reply, req: Request, draining: bool) {
+    fn reply(&mut self, reply: &Reply, req: Request, cx: &Ctx) {
         // During a drain every response is the connection's last.
-        let keep_alive = req.keep_alive && !draining;
+        let keep_alive = req.keep_alive && !cx.draining;
         self.close_after |= !keep_alive;
         self.answered = true;
+        cx.served.set(cx.served.get() + 1);
         reply.write(
             &mut self.output,
             keep_alive,
@@ -158,6 +161,7 @@ impl Session {
             .rejection(status)
             .write(&mut self.output, false, false, false);
         self.answered = true;
+        cx.served.set(cx.served.get() + 1);
         self.close_after = true;
         self.linger = true;
     }
@@ -171,9 +175,11 @@ mod tests {
 
     fn session_serve(s: &mut Session, data: &[u8], draining: bool) -> (usize, Option<Duration>) {
         let replies = Replies::new("{\"pid\":1}");
+        let served = std::cell::Cell::new(0);
         let cx = Ctx {
             replies: &replies,
             draining,
+            served: &served,
         };
         s.serve(data, &cx)
     }
@@ -208,10 +214,13 @@ mod tests {
         // More bytes while asleep are left for later.
         assert_eq!(session_serve(&mut s, &data[used..], false), (0, None));
         let replies = Replies::new("{\"pid\":1}");
+        let served = std::cell::Cell::new(0);
         s.wake(&Ctx {
             replies: &replies,
             draining: true,
+            served: &served,
         });
+        assert_eq!(served.get(), 1, "a sleep counts once it is answered");
         assert_eq!(statuses(&s.output), ["200"]);
         let text = String::from_utf8_lossy(&s.output).into_owned();
         assert!(

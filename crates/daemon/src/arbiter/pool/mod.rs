@@ -27,6 +27,7 @@ use crate::guardian::Guardian;
 use crate::listeners::Listener;
 use crate::notify::Message;
 use crate::relay::Relay;
+use crate::scoreboard::Scoreboard;
 use crate::spawn::ChildEnv;
 use crate::trees::Containment;
 use crate::workers::{self, State, Worker};
@@ -159,6 +160,8 @@ pub struct Pool {
     remains: Vec<Remains>,
     /// How the latest worker of the current generation failed, in words.
     last_failure: Option<String>,
+    /// Where workers say busy or idle; `None` if it could not be created.
+    scoreboard: Option<Scoreboard>,
     pub worker_failures: u64,
     pub workers_spawned: u64,
 }
@@ -184,7 +187,17 @@ impl Pool {
                 ""
             }
         );
+        // Room for every worker of two generations at once: a reload at
+        // --max-workers. Fixed for the master's life, so a worker never sees its
+        // mapping change under it.
+        let entries = u32::try_from(cfg.max_workers.saturating_mul(2)).unwrap_or(u32::MAX);
+        let scoreboard = Scoreboard::create(entries)
+            .inspect_err(|e| {
+                warning!("Cannot create the scoreboard: {e}; workers' busy/idle states will show as unknown")
+            })
+            .ok();
         Pool {
+            scoreboard,
             workers: Vec::new(),
             relays: Vec::new(),
             target: cfg.workers,
@@ -242,6 +255,16 @@ impl Pool {
 
     pub fn containment(&self) -> &Containment {
         &self.containment
+    }
+
+    /// What worker `w` says on the scoreboard now (`now_ns`: the monotonic clock,
+    /// read once per snapshot).
+    pub fn board_report(
+        &self,
+        w: &Worker,
+        now_ns: u64,
+    ) -> Option<arbiter_proto::scoreboard::Report> {
+        self.scoreboard.as_ref()?.report(w.board?, w.id, now_ns)
     }
 
     /// Workers serving now, of any generation: during a reload the old ones

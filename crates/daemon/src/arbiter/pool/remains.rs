@@ -27,6 +27,9 @@ pub(super) struct Remains {
     /// When to KILL it (after the TERM), or, once killed, look again.
     next: Instant,
     killed: bool,
+    /// The worker's scoreboard entry: a process of its tree may still write to
+    /// it, so it is handed out again only once the tree is gone.
+    board: Option<u32>,
 }
 
 impl Pool {
@@ -65,6 +68,7 @@ impl Pool {
         let left = w.tree.remaining();
         if left.is_empty() {
             self.forget_tree(&w.tree);
+            self.release_board(w.board);
             return;
         }
         let shown: Vec<String> = left.iter().map(|(p, c)| format!("{p} ({c})")).collect();
@@ -74,6 +78,9 @@ impl Pool {
                 w.pid,
                 shown.join(", ")
             );
+            // Left running for good: holding the entry back would lose it for
+            // the master's life. A stray writer can only mislead its next owner.
+            self.release_board(w.board);
             return;
         }
         warning!(
@@ -87,7 +94,14 @@ impl Pool {
             tree,
             next: now + cfg.graceful_timeout.min(TREE_GRACE),
             killed: false,
+            board: w.board,
         });
+    }
+
+    pub(super) fn release_board(&mut self, board: Option<u32>) {
+        if let (Some(sb), Some(i)) = (&mut self.scoreboard, board) {
+            sb.release(i);
+        }
     }
 
     fn forget_tree(&mut self, tree: &Tree) {
@@ -128,6 +142,7 @@ impl Pool {
         for i in gone.into_iter().rev() {
             let r = self.remains.swap_remove(i);
             self.forget_tree(&r.tree);
+            self.release_board(r.board);
         }
     }
 

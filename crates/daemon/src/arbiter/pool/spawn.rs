@@ -107,17 +107,25 @@ impl Pool {
                 return false;
             }
         };
+        // No free entry (more workers alive than a reload at --max-workers
+        // needs): the worker runs without one and shows as unknown.
+        let board = self
+            .scoreboard
+            .as_mut()
+            .and_then(|sb| Some((sb.claim(id)?, sb.fd().as_raw_fd())));
         let prepared = prepare(
             ctx,
             id,
             slot,
             self.generation,
             &heartbeat,
+            board,
             relay_write.as_raw_fd(),
         );
         let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
+                self.release_board(board.map(|b| b.0));
                 self.spawn_failed(format!("cannot prepare the worker: {e}"), now);
                 return false;
             }
@@ -132,6 +140,7 @@ impl Pool {
         let (pid, exec_status) = match spawned {
             Ok(s) => s,
             Err(e) => {
+                self.release_board(board.map(|b| b.0));
                 let why = if e.raw_os_error() == Some(libc::EAGAIN) {
                     format!("fork failed: {e} (process limit)")
                 } else {
@@ -161,6 +170,7 @@ impl Pool {
         self.workers.push(Worker {
             tree: Tree::of_live_worker(pid, cgroup.map(|c| c.dir)),
             kill_mode: ctx.cfg.kill_mode,
+            board: board.map(|b| b.0),
             cpu_samples: Default::default(),
             id,
             slot,
@@ -209,6 +219,7 @@ fn prepare(
     slot: usize,
     generation: u64,
     heartbeat: &Heartbeat,
+    board: Option<(u32, i32)>,
     stdio: i32,
 ) -> std::io::Result<Prepared> {
     let cfg = ctx.cfg;
@@ -219,6 +230,10 @@ fn prepare(
         .collect();
     let heartbeat_target = contract::LISTEN_FDS_START + fds.len() as i32;
     fds.push(heartbeat.fd());
+    let board_target = contract::LISTEN_FDS_START + fds.len() as i32;
+    if let Some((_, fd)) = board {
+        fds.push(fd);
+    }
     let names: Vec<&str> = ctx.listeners.iter().map(|l| l.name.as_str()).collect();
     let mut env = ctx.env.clone();
     env.listeners(&names);
@@ -227,6 +242,10 @@ fn prepare(
     env.set(contract::ENV_GENERATION, generation);
     env.set(contract::ENV_MASTER_PID, ctx.master_pid);
     env.set(contract::ENV_HEARTBEAT_FD, heartbeat_target);
+    if let Some((index, _)) = board {
+        env.set(contract::ENV_SCOREBOARD_FD, board_target);
+        env.set(contract::ENV_SCOREBOARD_SLOT, index);
+    }
     env.set(
         contract::ENV_TIMEOUT,
         cfg.timeout.map_or(0.0, |t| t.as_secs_f64()),

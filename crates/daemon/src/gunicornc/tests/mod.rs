@@ -81,6 +81,9 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         cpu_secs: None,
         cpu_percent: None,
         output_dropped: 0,
+        busy: None,
+        requests: None,
+        busy_changed_secs: None,
     }
 }
 
@@ -132,6 +135,9 @@ fn status() -> Status {
             notify_dropped: 0,
             containment: "process groups".into(),
             output_lines_dropped: 0,
+            workers_busy: 0,
+            workers_idle: 0,
+            workers_unknown: 0,
         },
         workers: vec![
             worker(5, 205, "booting", None),
