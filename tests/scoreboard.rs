@@ -51,12 +51,21 @@ fn counts(st: &Value) -> (Value, Value, Value) {
 }
 
 /// The `BUSY` cell of worker `pid`'s row in `arbiterctl status`.
+/// The value of the unlabelled-but-for-`arbiter` gauge `name` in `metrics`.
+fn gauge(metrics: &str, name: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The BUSY cell of worker `pid` in `arbiterctl status`.
 fn busy_cell(d: &Daemon, pid: i32) -> String {
     let out = d.ctl(["status"]).stdout;
     let pid = pid.to_string();
     out.lines()
         .find(|l| l.split_whitespace().nth(2) == Some(pid.as_str()))
-        .and_then(|l| l.split_whitespace().last())
+        .and_then(|l| l.split_whitespace().nth(10))
         .unwrap_or_default()
         .to_string()
 }
@@ -107,9 +116,9 @@ fn held_request_shows_busy_then_idle(d: &Daemon, n: usize) {
     assert_eq!(busy_cell(d, holder), "busy", "{}", d.ctl(["status"]).stdout);
     let metrics = d.ctl(["metrics"]).stdout;
     assert!(
-        metrics.contains("\narbiter_workers_busy 1\n")
-            && metrics.contains(&format!("\narbiter_workers_idle {}\n", n - 1))
-            && metrics.contains("\narbiter_workers_unknown 0\n"),
+        gauge(&metrics, "arbiter_workers_busy") == Some(1)
+            && gauge(&metrics, "arbiter_workers_idle") == Some(n as u64 - 1)
+            && gauge(&metrics, "arbiter_workers_unknown") == Some(0),
         "{metrics}"
     );
     let r = req.join().expect("the held request");
@@ -168,8 +177,8 @@ fn a_worker_that_does_not_report_is_unknown_not_idle() {
     assert_eq!(counts(&st), (0.into(), 0.into(), 2.into()), "{st}");
     let metrics = d.ctl(["metrics"]).stdout;
     assert!(
-        metrics.contains("\narbiter_workers_unknown 2\n")
-            && metrics.contains("\narbiter_workers_idle 0\n")
+        gauge(&metrics, "arbiter_workers_unknown") == Some(2)
+            && gauge(&metrics, "arbiter_workers_idle") == Some(0)
             && !metrics.contains("\narbiter_worker_requests_total{"),
         "{metrics}"
     );
