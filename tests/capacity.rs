@@ -159,3 +159,27 @@ fn autoscaling_goes_from_min_to_max_under_a_queue_and_back_when_idle() {
     assert!(out.stdout.contains("adapting within 1..4"), "{out:?}");
     assert_eq!(status(&d)["master"]["autoscale"]["max"], 4);
 }
+
+#[test]
+fn autoscaling_adds_a_worker_when_every_scoreboard_worker_is_busy() {
+    // No queue at all: the built-in worker takes every connection at once, but
+    // says on the scoreboard that it has a request in hand.
+    let d = Daemon::start(["-w", "1..2"]);
+    wait_ready(&d, 1);
+    let held = spawn_get(d.listener(), "/sleep?ms=5000", LONG);
+    d.wait_until(LONG, "a second worker for a busy one", || {
+        let m = status(&d)["master"].clone();
+        if m["target"] == 2 {
+            Ok(())
+        } else {
+            Err(format!("{m}"))
+        }
+    });
+    assert!(
+        d.log_lines_with("every worker was busy").len() == 1,
+        "the reason is logged: {}",
+        d.log()
+    );
+    assert_eq!(queue(&status(&d)).0, 0, "there was no queue to see");
+    assert_eq!(held.join().map(|r| r.status).ok(), Some(200));
+}

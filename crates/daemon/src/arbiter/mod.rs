@@ -639,10 +639,11 @@ impl Arbiter {
             .filter_map(|l| crate::queue::of(l.as_fd()).ok())
             .map(|q| u64::from(q.len))
             .sum();
+        let (busy, idle) = self.pool.busy_idle();
         let sample = autoscale::Sample {
             queued,
-            busy: 0,
-            idle: 0,
+            busy,
+            idle,
             target: self.pool.target(),
         };
         // Not while stopping or reloading: the pool is busy changing already.

@@ -267,6 +267,26 @@ impl Pool {
         self.scoreboard.as_ref()?.report(w.board?, w.id, now_ns)
     }
 
+    /// Ready workers of the current generation that say, on the scoreboard, they
+    /// are busy and idle (the autoscaler's sample; those that say nothing count
+    /// in neither).
+    pub fn busy_idle(&self) -> (usize, usize) {
+        let now_ns = arbiter_proto::scoreboard::monotonic_ns();
+        let mut counts = (0, 0);
+        for w in self
+            .workers
+            .iter()
+            .filter(|w| w.is_ready() && w.generation == self.generation)
+        {
+            match self.board_report(w, now_ns).map(|r| r.busy) {
+                Some(true) => counts.0 += 1,
+                Some(false) => counts.1 += 1,
+                None => {}
+            }
+        }
+        counts
+    }
+
     /// Workers serving now, of any generation: during a reload the old ones
     /// serve until new ones replace them, so a healthy reload is never below
     /// the target.
