@@ -183,3 +183,117 @@ fn autoscaling_adds_a_worker_when_every_scoreboard_worker_is_busy() {
     assert_eq!(queue(&status(&d)).0, 0, "there was no queue to see");
     assert_eq!(held.join().map(|r| r.status).ok(), Some(200));
 }
+
+// ------------------------------------------------------------------ top
+
+#[test]
+fn top_once_prints_one_plain_frame_with_queues_and_workers() {
+    let d = Daemon::start(["-w", "3"]);
+    wait_ready(&d, 3);
+    let out = d.ctl(["top", "--once"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0].contains(&format!("(pid {})", d.pid())) && lines[0].contains("3/3 ready"),
+        "{out:?}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("LISTENER")), "{out:?}");
+    let addr = format!("http://{}", d.addr());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&addr) && l.split_whitespace().nth(1) == Some("0")),
+        "the listener with its empty queue: {out:?}"
+    );
+    let header = lines
+        .iter()
+        .position(|l| l.split_whitespace().next() == Some("ID"))
+        .unwrap_or_else(|| d.fail(&format!("no worker header: {out:?}")));
+    let workers = &lines[header + 1..];
+    assert_eq!(workers.len(), 3, "{out:?}");
+    for w in workers {
+        let f: Vec<&str> = w.split_whitespace().collect();
+        assert_eq!((f[3], f[4]), ("ready", "idle"), "{w:?}");
+    }
+    assert!(
+        !out.stdout.contains('\x1b'),
+        "no terminal codes off a terminal"
+    );
+}
+
+#[test]
+fn top_off_a_terminal_prints_frame_after_frame() {
+    let d = Daemon::start(["-w", "1"]);
+    wait_ready(&d, 1);
+    // Until killed at the timeout, as `watch` would run.
+    let out = Run::new(ARBITERCTL)
+        .arg("--control")
+        .arg(d.control_path())
+        .args(["top", "--interval", "0.2"])
+        .timeout(secs(2))
+        .run();
+    let frames = out.stdout.matches("LISTENER").count();
+    assert!(frames >= 3, "{frames} frames in 2 s: {out:?}");
+}
+
+#[test]
+fn top_on_a_terminal_quits_on_q_and_gives_the_terminal_back() {
+    // `script` gives arbiterctl a pseudo-terminal; what we type goes to its stdin.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return tool_missing("script(1) is not installed (apt-get install util-linux)");
+    }
+    let d = Daemon::start(["-w", "2"]);
+    wait_ready(&d, 2);
+    let cmd = format!(
+        "{} --control {} top",
+        ARBITERCTL,
+        d.control_path().display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .env(TAG_VAR, d.tag())
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    d.wait_until(SHORT, "a frame drawn on the alternate screen", || {
+        let t = text();
+        if t.contains("\x1b[?1049h") && t.contains("LISTENER") {
+            Ok(())
+        } else {
+            Err(t)
+        }
+    });
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"q").unwrap();
+    let status = d.wait_until(SHORT, "top to quit on q", || {
+        child.try_wait().unwrap().ok_or_else(text)
+    });
+    assert!(status.success(), "{status}: {}", text());
+    reader.join().unwrap();
+    let t = text();
+    assert!(
+        t.ends_with("\x1b[?25h\x1b[?1049l") || t.contains("\x1b[?25h\x1b[?1049l"),
+        "the cursor and the screen are given back: {t:?}"
+    );
+}

@@ -55,6 +55,9 @@ _arbiterctl() {
             arbiterctl,stop)
                 cmd="arbiterctl__subcmd__stop"
                 ;;
+            arbiterctl,top)
+                cmd="arbiterctl__subcmd__top"
+                ;;
             arbiterctl,upgrade)
                 cmd="arbiterctl__subcmd__upgrade"
                 ;;
@@ -88,6 +91,9 @@ _arbiterctl() {
             arbiterctl__subcmd__help,stop)
                 cmd="arbiterctl__subcmd__help__subcmd__stop"
                 ;;
+            arbiterctl__subcmd__help,top)
+                cmd="arbiterctl__subcmd__help__subcmd__top"
+                ;;
             arbiterctl__subcmd__help,upgrade)
                 cmd="arbiterctl__subcmd__help__subcmd__upgrade"
                 ;;
@@ -101,7 +107,7 @@ _arbiterctl() {
 
     case "${cmd}" in
         arbiterctl)
-            opts="-n -h -V --name --control --pid --trust-uid --json --timeout --help --version status scale reload upgrade reopen stop kill metrics ping version help"
+            opts="-n -h -V --name --control --pid --trust-uid --json --timeout --help --version status scale reload upgrade reopen stop kill metrics top ping version help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -139,7 +145,7 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__help)
-            opts="status scale reload upgrade reopen stop kill metrics ping version help"
+            opts="status scale reload upgrade reopen stop kill metrics top ping version help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -265,6 +271,20 @@ _arbiterctl() {
             return 0
             ;;
         arbiterctl__subcmd__help__subcmd__stop)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        arbiterctl__subcmd__help__subcmd__top)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -587,6 +607,48 @@ _arbiterctl() {
                 return 0
             fi
             case "${prev}" in
+                --name)
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
+                    return 0
+                    ;;
+                --control)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust-uid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        arbiterctl__subcmd__top)
+            opts="-n -h --once --interval --name --control --pid --trust-uid --json --timeout --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --name)
                     COMPREPLY=($(compgen -W "$(__arbiter_names)" -- "${cur}"))
                     return 0

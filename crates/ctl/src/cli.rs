@@ -112,10 +112,29 @@ pub enum Command {
     /// arbiter="NAME": worker states, RSS, CPU seconds, heartbeat ages, restarts,
     /// reload and upgrade counts
     Metrics,
+    /// A live view refreshed every second: the listeners with their accept
+    /// queues, then one line per worker (state, busy, requests, CPU%, RSS, beat
+    /// age); q quits. Plain frames when not on a terminal
+    Top {
+        /// Print one frame and exit (for scripts)
+        #[arg(long)]
+        once: bool,
+        /// Seconds between frames
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+        interval: std::time::Duration,
+    },
     /// Is the master answering?
     Ping,
     /// Versions of arbiterctl and of the master, with their protocol versions
     Version,
+}
+
+/// `top --interval`: from a tenth of a second to an hour.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("expected seconds from 0.1 to 3600, got {s:?}")),
+    }
 }
 
 impl Cli {

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod metrics;
 pub mod render;
 pub mod resolve;
+mod top;
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -240,6 +241,9 @@ fn run(cli: &Cli) -> Report {
     if cli.command == Command::Version {
         return version(cli);
     }
+    if let Command::Top { once, interval } = cli.command {
+        return top::run(cli, once, interval);
+    }
     match execute(cli) {
         Ok(done) => Report {
             stdout: if cli.json {
@@ -404,6 +408,7 @@ fn execute(cli: &Cli) -> Result<Done, Fail> {
             other => Err(unexpected("ping", &other)),
         },
         Command::Version => unreachable!("handled by version()"),
+        Command::Top { .. } => unreachable!("handled by top::run()"),
     }
 }
 
