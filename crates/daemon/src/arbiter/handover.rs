@@ -43,6 +43,7 @@ impl Arbiter {
             &mut self.events,
             &self.start,
             &self.listeners,
+            self.metrics.as_ref().map(|m| m.listener()),
             &env,
             self.manager.service_manager(),
             self.pidfile.as_mut(),
@@ -137,6 +138,9 @@ impl Arbiter {
             if let Some(config::BindSpec::Unix(path)) = &l.spec {
                 l.owned_path = Some(path.clone());
             }
+        }
+        if let Some(m) = &mut self.metrics {
+            m.own_path();
         }
         info!("Master has been promoted (the old master, pid {old}, is gone).");
     }

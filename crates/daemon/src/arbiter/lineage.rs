@@ -289,6 +289,7 @@ impl Lineage {
         ev: &mut Events,
         start: &StartContext,
         listeners: &[Listener],
+        metrics: Option<&Listener>,
         base: &ChildEnv,
         manager: Option<&ServiceManager>,
         pidfile: Option<&mut Pidfile>,
@@ -318,6 +319,15 @@ impl Lineage {
         );
         env.set(upgrade::ENV_READY_FD, contract::LISTEN_FDS_START + n);
         env.set(upgrade::ENV_PARENT_FD, contract::LISTEN_FDS_START + n + 1);
+        // The metrics address is handed over too: the new master could not bind
+        // it while we hold it, and scrapes must not fail during the handover.
+        if let Some(m) = metrics
+            && let Some(spec) = &m.spec
+        {
+            fds.push(m.as_fd().as_raw_fd());
+            env.set(upgrade::ENV_METRICS_FD, contract::LISTEN_FDS_START + n + 2);
+            env.set(upgrade::ENV_METRICS_SPEC, spec.to_string());
+        }
         if let Some(m) = manager {
             env.set(contract::ENV_NOTIFY_SOCKET, m.address());
             // The unit's watchdog must stay fed by whoever is the main process.
