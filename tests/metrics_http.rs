@@ -368,3 +368,40 @@ fn a_bad_address_or_a_busy_port_fails_at_start_up_in_one_line() {
         );
     }
 }
+
+#[test]
+fn an_upgrade_hands_the_metrics_socket_to_the_new_master() {
+    // Port 0: the new master could neither bind the same port again while the old
+    // one holds it nor know which port that was; it takes the socket over.
+    let d = Daemon::start(["-w", "1", "--metrics-bind", "127.0.0.1:0"]);
+    d.wait_workers(1);
+    let at = metrics_at(&d);
+    let old = d.pid();
+    let out = Run::new(ARBITERCTL)
+        .arg("--control")
+        .arg(d.control_path())
+        .args(["--json", "upgrade"])
+        .timeout(LONG)
+        .run();
+    if out.code() != Some(0) {
+        d.fail(&format!("arbiterctl upgrade: {out:?}"));
+    }
+    let j: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let new = j["new_pid"].as_i64().unwrap() as i32;
+    d.register_pid(new);
+    assert_ne!(new, old);
+    d.wait_until(LONG, "the new master to answer on the same address", || {
+        let body = scrape(&at);
+        if body.contains(&format!(",pid=\"{new}\"}} 1\n")) {
+            Ok(())
+        } else {
+            Err(body.lines().nth(2).unwrap_or_default().to_string())
+        }
+    });
+    let lines = d.log_lines_with("Metrics at: ");
+    assert!(
+        lines.len() == 2
+            && lines[0].split("Metrics at: ").nth(1) == lines[1].split("Metrics at: ").nth(1),
+        "{lines:?}"
+    );
+}

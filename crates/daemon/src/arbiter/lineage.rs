@@ -283,13 +283,12 @@ impl Lineage {
         }
     }
 
-    /// The check passed: exec the new master with our listeners.
+    /// The check passed: exec the new master with our sockets.
     pub fn start_new_master(
         &mut self,
         ev: &mut Events,
         start: &StartContext,
-        listeners: &[Listener],
-        metrics: Option<&Listener>,
+        sockets: Sockets<'_>,
         base: &ChildEnv,
         manager: Option<&ServiceManager>,
         pidfile: Option<&mut Pidfile>,
@@ -297,6 +296,7 @@ impl Lineage {
         let Stage::Upgrading(u) = &mut self.stage else {
             return Ok(());
         };
+        let Sockets { listeners, metrics } = sockets;
         let binary = u.binary.clone();
         let (ready_r, ready_w) = relay::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (alive_r, alive_w) =
@@ -596,4 +596,10 @@ impl Lineage {
             }
         }
     }
+}
+
+/// The sockets a new master takes over: the listeners, and the `--metrics-bind` one.
+pub struct Sockets<'a> {
+    pub listeners: &'a [Listener],
+    pub metrics: Option<&'a Listener>,
 }
