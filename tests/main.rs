@@ -14,6 +14,7 @@ mod health;
 mod listener_flags;
 mod manpages;
 mod master;
+mod metrics_http;
 mod ops;
 mod reliability;
 mod scoreboard;

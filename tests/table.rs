@@ -105,7 +105,7 @@ fn wait_ready(d: &Daemon, n: usize) -> Vec<i32> {
 /// Samples as a real Prometheus parser reads them: `[family, sample name, labels,
 /// value]`. `None` (with the reason printed) without `prometheus_client`, a
 /// failure under `ARBITER_REQUIRE_EXAMPLES=1`.
-fn parse_with_prometheus_client(text: &str) -> Option<Vec<Value>> {
+pub(crate) fn parse_with_prometheus_client(text: &str) -> Option<Vec<Value>> {
     let py = crate::examples::python_with("prometheus_client", "prometheus_client")?;
     let script = "\
 import json, sys

@@ -35,7 +35,7 @@ _arbiterd() {
 
     case "${cmd}" in
         arbiterd)
-            opts="-b -w -t -n -p -D -c -h -V --bind --workers --max-workers --timeout --graceful-timeout --ready --boot-timeout --kill-mode --cgroup --name --pid --control --daemon --log-file --log-level --config --max-worker-rss --max-worker-age --reuse-port --backlog --umask --chdir --user --group --check-config --help --version"
+            opts="-b -w -t -n -p -D -c -h -V --bind --workers --max-workers --timeout --graceful-timeout --ready --boot-timeout --kill-mode --cgroup --name --pid --control --metrics-bind --daemon --log-file --log-level --config --max-worker-rss --max-worker-age --reuse-port --backlog --umask --chdir --user --group --check-config --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -106,6 +106,10 @@ _arbiterd() {
                     return 0
                     ;;
                 --control)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metrics-bind)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -23,6 +23,7 @@ off\t''"
 complete -c arbiterd -s n -l name -d 'Instance name: process titles, default paths, logs' -r -f -a "(__arbiter_names)"
 complete -c arbiterd -s p -l pid -d 'Pidfile' -r -F
 complete -c arbiterd -l control -d 'Control socket path' -r -F
+complete -c arbiterd -l metrics-bind -d 'Serve Prometheus metrics at GET /metrics on this address: HOST:PORT, [V6]:PORT or unix:PATH (port 0: any free port, logged as `Metrics at:`)' -r
 complete -c arbiterd -l log-file -d 'Log file; `-` is stderr' -r -F
 complete -c arbiterd -l log-level -d 'debug, info, warning, error or critical' -r -f -a "debug\t''
 info\t''

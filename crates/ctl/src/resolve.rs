@@ -73,6 +73,7 @@ pub const LONG_WITH_VALUE: &[&str] = &[
     "name",
     "pid",
     "control",
+    "metrics-bind",
     "log-file",
     "log-level",
     "config",

@@ -14,6 +14,7 @@ pub mod guardian;
 pub mod gunicornc;
 pub mod listeners;
 pub mod log;
+pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 pub mod queue;

@@ -29,6 +29,20 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listening socket handed over by the old master at an upgrade, bound from
+    /// `spec`. Its socket file, if any, is not ours to remove until promoted.
+    pub fn adopted(fd: OwnedFd, spec: BindSpec) -> Listener {
+        let display = display_of(fd.as_fd());
+        let name = fdname(display.trim_start_matches("http://"));
+        Listener {
+            fd,
+            display,
+            name,
+            owned_path: None,
+            spec: Some(spec),
+        }
+    }
+
     /// Another handle on the same socket (the same listen queue).
     pub fn try_clone(&self) -> io::Result<Listener> {
         Ok(Listener {
@@ -223,7 +237,8 @@ pub fn bind_all(specs: &[BindSpec], opts: &BindOptions) -> Result<Vec<Listener>,
     Ok(out)
 }
 
-fn bind_one(spec: &BindSpec, opts: &BindOptions) -> Result<Listener, BindError> {
+/// Bind one address (see [`bind_all`]).
+pub fn bind_one(spec: &BindSpec, opts: &BindOptions) -> Result<Listener, BindError> {
     let shown = match spec {
         BindSpec::Tcp(a) => a.to_string(),
         BindSpec::Unix(p) => format!("unix:{}", p.display()),

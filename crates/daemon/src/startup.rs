@@ -5,8 +5,8 @@
 
 use crate::arbiter;
 use crate::{
-    BUILTIN_WORKER_ARG, builtin, config, control, daemonize, error, info, listeners, log, pidfile,
-    spawn, upgrade,
+    BUILTIN_WORKER_ARG, builtin, config, control, daemonize, error, info, listeners, log, metrics,
+    pidfile, spawn, upgrade,
 };
 
 use std::process::ExitCode;
@@ -152,6 +152,21 @@ pub fn main() -> ExitCode {
             return fail(e);
         }
     };
+    // Bound before detaching, so that a busy port is reported to the terminal.
+    let metrics = match bind_metrics(&cfg, inherited.as_mut()) {
+        Ok(m) => m,
+        Err(e) => {
+            listeners::close_all(socks);
+            control.shutdown(true);
+            return fail(e);
+        }
+    };
+    // Whatever fails from here on closes it (and removes its socket file).
+    let close_metrics = |m: Option<metrics::MetricsServer>| {
+        if let Some(m) = m {
+            m.close(true);
+        }
+    };
     let under_systemd =
         std::env::var_os("NOTIFY_SOCKET").is_some() || std::env::var_os("INVOCATION_ID").is_some();
     let ready_pipe = inherited.as_mut().and_then(|i| i.ready.take());
@@ -173,6 +188,7 @@ pub fn main() -> ExitCode {
             Err(e) => {
                 listeners::close_all(socks);
                 control.shutdown(true);
+                close_metrics(metrics);
                 return fail(format!("cannot detach: {e}"));
             }
         }
@@ -186,6 +202,7 @@ pub fn main() -> ExitCode {
             Err(e) => {
                 listeners::close_all(socks);
                 control.shutdown(true);
+                close_metrics(metrics);
                 return startup_failed(report, e);
             }
         },
@@ -199,6 +216,7 @@ pub fn main() -> ExitCode {
         listeners: socks,
         pidfile,
         control: Some(control),
+        metrics,
         report,
         daemonized,
         start,
@@ -209,6 +227,30 @@ pub fn main() -> ExitCode {
         Ok(a) => ExitCode::from(a.run()),
         Err((e, report)) => startup_failed(report, format!("cannot set up the master: {e}")),
     }
+}
+
+/// The `--metrics-bind` server: the old master's listener when it was bound from
+/// the same address (an upgrade), else a new one. The error names the address.
+fn bind_metrics(
+    cfg: &config::Config,
+    inherited: Option<&mut upgrade::Inherited>,
+) -> Result<Option<metrics::MetricsServer>, String> {
+    let handed = inherited.and_then(|i| i.metrics.take());
+    let Some(spec) = &cfg.metrics_bind else {
+        return Ok(None);
+    };
+    if let Some((fd, from)) = handed
+        && from == spec.to_string()
+    {
+        let listener = listeners::Listener::adopted(fd, spec.clone());
+        return metrics::MetricsServer::serve(listener)
+            .map(Some)
+            .map_err(|e| format!("--metrics-bind {spec}: {e}"));
+    }
+    // The error names the address: `cannot listen on ADDR: why`.
+    metrics::MetricsServer::bind(spec)
+        .map(Some)
+        .map_err(|e| format!("--metrics-bind: {e}"))
 }
 
 /// A startup failure after the point where a daemon may have detached: tell the

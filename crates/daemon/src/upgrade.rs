@@ -11,7 +11,10 @@
 //! - `ARBITER_UPGRADE_READY_FD`: where to write `ready PID` once its first generation
 //!   is ready (or `error: ...`), the same protocol as `-D`'s launcher pipe;
 //! - `ARBITER_UPGRADE_PARENT_FD`: a pipe whose EOF means the old master is gone: the
-//!   new master is then promoted (it takes the pidfile and control socket names).
+//!   new master is then promoted (it takes the pidfile and control socket names);
+//! - `ARBITER_UPGRADE_METRICS_FD`, `ARBITER_UPGRADE_METRICS`: the `--metrics-bind`
+//!   listener and the address it was bound from, taken over if the new
+//!   configuration names the same address.
 //!
 //! Until promoted, the new master writes `PIDFILE.2`, serves control on `PATH.2`,
 //! and never unlinks a unix socket file (the old master may still use it).
@@ -24,6 +27,8 @@ pub const ENV_FROM: &str = "ARBITER_UPGRADE_FROM";
 pub const ENV_SPECS: &str = "ARBITER_UPGRADE_SPECS";
 pub const ENV_READY_FD: &str = "ARBITER_UPGRADE_READY_FD";
 pub const ENV_PARENT_FD: &str = "ARBITER_UPGRADE_PARENT_FD";
+pub const ENV_METRICS_FD: &str = "ARBITER_UPGRADE_METRICS_FD";
+pub const ENV_METRICS_SPEC: &str = "ARBITER_UPGRADE_METRICS";
 /// `TARGET CONFIGURED`: the old master's worker count and the count its
 /// configuration gave, so a `scale` or TTIN survives the upgrade as it survives a
 /// reload.
@@ -98,6 +103,8 @@ pub struct Inherited {
     pub ready: Option<OwnedFd>,
     pub parent: Option<OwnedFd>,
     pub scaled: Option<Scaled>,
+    /// The old master's `--metrics-bind` listener and the address it came from.
+    pub metrics: Option<(OwnedFd, String)>,
 }
 
 fn take_fd(key: &str) -> Option<OwnedFd> {
@@ -129,6 +136,7 @@ impl Inherited {
         let scaled = std::env::var(ENV_WORKERS)
             .ok()
             .and_then(|s| Scaled::decode(&s));
+        let metrics = take_fd(ENV_METRICS_FD).zip(std::env::var(ENV_METRICS_SPEC).ok());
         // SAFETY: at startup, before any thread could exist.
         unsafe {
             for k in [
@@ -137,6 +145,8 @@ impl Inherited {
                 ENV_READY_FD,
                 ENV_PARENT_FD,
                 ENV_WORKERS,
+                ENV_METRICS_FD,
+                ENV_METRICS_SPEC,
             ] {
                 std::env::remove_var(k);
             }
@@ -147,6 +157,7 @@ impl Inherited {
             ready,
             parent,
             scaled,
+            metrics,
         })
     }
 }

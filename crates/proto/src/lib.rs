@@ -4,6 +4,7 @@
 //! - [`status`]: the status snapshot.
 //! - [`frame`]: newline-delimited framing with a size bound.
 //! - [`client`]: a blocking client with timeouts (arbiterctl and the tests use it).
+//! - [`metrics`]: the status snapshot as Prometheus text (arbiterctl and arbiterd).
 //! - [`paths`]: default locations (the control socket).
 //! - [`scoreboard`]: the shared memory where workers say busy or idle.
 //! - [`signal`]: signal names and numbers as `kill` takes them.
@@ -13,6 +14,7 @@
 pub mod client;
 pub mod control;
 pub mod frame;
+pub mod metrics;
 pub mod paths;
 pub mod scoreboard;
 pub mod signal;

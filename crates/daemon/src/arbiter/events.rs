@@ -19,6 +19,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use crate::control::{ClientId, ControlServer, Interest};
 use crate::critical;
+use crate::metrics::{self, MetricsServer};
 
 /// What a registered fd is, as the loop dispatches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub enum Source {
     ControlListener,
     ControlWatch,
     ControlClient(ClientId),
+    MetricsListener,
+    MetricsClient(u64),
 }
 
 struct Registration {
@@ -124,6 +127,21 @@ impl Events {
                 Interest::Listener => Source::ControlListener,
                 Interest::Watch => Source::ControlWatch,
                 Interest::Client(id) => Source::ControlClient(id),
+            };
+            self.set(fd, source, read, write);
+        }
+    }
+
+    /// The same for the metrics server: its closed sockets out, its listener and
+    /// clients in (at most a few dozen).
+    pub fn sync_metrics(&mut self, server: &mut MetricsServer) {
+        for fd in server.take_retired() {
+            self.remove(fd.as_fd());
+        }
+        for (fd, read, write, interest) in server.interests() {
+            let source = match interest {
+                metrics::Interest::Listener => Source::MetricsListener,
+                metrics::Interest::Client(id) => Source::MetricsClient(id),
             };
             self.set(fd, source, read, write);
         }

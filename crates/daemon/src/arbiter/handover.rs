@@ -7,7 +7,7 @@ use std::time::Duration;
 use arbiter_proto::control::{ErrorKind, Response};
 
 use super::Arbiter;
-use super::lineage::PipeOutcome;
+use super::lineage::{PipeOutcome, Sockets};
 use crate::config;
 use crate::control::ClientId;
 use crate::{error, info};
@@ -42,7 +42,10 @@ impl Arbiter {
         let started = self.lineage.start_new_master(
             &mut self.events,
             &self.start,
-            &self.listeners,
+            Sockets {
+                listeners: &self.listeners,
+                metrics: self.metrics.as_ref().map(|m| m.listener()),
+            },
             &env,
             self.manager.service_manager(),
             self.pidfile.as_mut(),
@@ -137,6 +140,9 @@ impl Arbiter {
             if let Some(config::BindSpec::Unix(path)) = &l.spec {
                 l.owned_path = Some(path.clone());
             }
+        }
+        if let Some(m) = &mut self.metrics {
+            m.own_path();
         }
         info!("Master has been promoted (the old master, pid {old}, is gone).");
     }

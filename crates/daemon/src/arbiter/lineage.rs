@@ -283,12 +283,12 @@ impl Lineage {
         }
     }
 
-    /// The check passed: exec the new master with our listeners.
+    /// The check passed: exec the new master with our sockets.
     pub fn start_new_master(
         &mut self,
         ev: &mut Events,
         start: &StartContext,
-        listeners: &[Listener],
+        sockets: Sockets<'_>,
         base: &ChildEnv,
         manager: Option<&ServiceManager>,
         pidfile: Option<&mut Pidfile>,
@@ -296,6 +296,7 @@ impl Lineage {
         let Stage::Upgrading(u) = &mut self.stage else {
             return Ok(());
         };
+        let Sockets { listeners, metrics } = sockets;
         let binary = u.binary.clone();
         let (ready_r, ready_w) = relay::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (alive_r, alive_w) =
@@ -318,6 +319,15 @@ impl Lineage {
         );
         env.set(upgrade::ENV_READY_FD, contract::LISTEN_FDS_START + n);
         env.set(upgrade::ENV_PARENT_FD, contract::LISTEN_FDS_START + n + 1);
+        // The metrics address is handed over too: the new master could not bind
+        // it while we hold it, and scrapes must not fail during the handover.
+        if let Some(m) = metrics
+            && let Some(spec) = &m.spec
+        {
+            fds.push(m.as_fd().as_raw_fd());
+            env.set(upgrade::ENV_METRICS_FD, contract::LISTEN_FDS_START + n + 2);
+            env.set(upgrade::ENV_METRICS_SPEC, spec.to_string());
+        }
         if let Some(m) = manager {
             env.set(contract::ENV_NOTIFY_SOCKET, m.address());
             // The unit's watchdog must stay fed by whoever is the main process.
@@ -586,4 +596,10 @@ impl Lineage {
             }
         }
     }
+}
+
+/// The sockets a new master takes over: the listeners, and the `--metrics-bind` one.
+pub struct Sockets<'a> {
+    pub listeners: &'a [Listener],
+    pub metrics: Option<&'a Listener>,
 }

@@ -37,6 +37,7 @@ use crate::config::{Config, Loader, WorkerProgram};
 use crate::control::{ClientId, ControlServer, Restore};
 use crate::daemonize::Report;
 use crate::listeners::{self, Listener};
+use crate::metrics::MetricsServer;
 use crate::notify::NotifySocket;
 use crate::pidfile::Pidfile;
 use crate::signals::{self, SignalPipe};
@@ -86,6 +87,8 @@ pub struct Setup {
     pub listeners: Vec<Listener>,
     pub pidfile: Option<Pidfile>,
     pub control: Option<ControlServer>,
+    /// `--metrics-bind`, bound (or taken over from the old master).
+    pub metrics: Option<MetricsServer>,
     /// Who waits to hear that we serve: `-D`'s launcher, or an upgrading old master.
     pub report: Option<Report>,
     pub daemonized: bool,
@@ -107,6 +110,8 @@ pub struct Arbiter {
     lineage: Lineage,
     manager: Manager,
     control: Option<ControlServer>,
+    /// `--metrics-bind`: `GET /metrics` served from this loop.
+    metrics: Option<MetricsServer>,
     notify: NotifySocket,
     signals: SignalPipe,
 
@@ -142,6 +147,7 @@ impl Arbiter {
             listeners,
             pidfile,
             control,
+            metrics,
             report,
             daemonized,
             start,
@@ -185,6 +191,7 @@ impl Arbiter {
             manager: Manager::from_env(),
             events,
             control,
+            metrics,
             notify,
             signals,
             loader,
@@ -243,6 +250,9 @@ impl Arbiter {
         if let Some(c) = &self.control {
             info!("Control socket at {}", c.path().display());
         }
+        if let Some(m) = &self.metrics {
+            info!("Metrics at: {}", m.url());
+        }
     }
 
     fn log_listening(&self) {
@@ -259,6 +269,7 @@ impl Arbiter {
         [
             stopping,
             self.control.as_ref().and_then(|c| c.next_deadline()),
+            self.metrics.as_ref().and_then(|m| m.next_deadline()),
             self.manager.next_deadline(),
             self.lineage.next_deadline(),
             self.reload_gives_up_at(),
@@ -281,6 +292,9 @@ impl Arbiter {
         if let Some(c) = &mut self.control {
             self.events.sync_control(c);
         }
+        if let Some(m) = &mut self.metrics {
+            self.events.sync_metrics(m);
+        }
         let ready = self.events.wait(events::wait_timeout(due, Instant::now()));
         let now = Instant::now();
         let mut woke = Woke {
@@ -288,6 +302,7 @@ impl Arbiter {
             child_exited: false,
         };
         let mut requests = Vec::new();
+        let mut scrapes = Vec::new();
         for source in ready {
             match source {
                 Source::Signals => {
@@ -320,6 +335,28 @@ impl Arbiter {
                         c.write(id);
                         requests.extend(c.read(id, now));
                     }
+                }
+                Source::MetricsListener => {
+                    if let Some(m) = &mut self.metrics {
+                        m.accept(now);
+                    }
+                }
+                Source::MetricsClient(id) => {
+                    if let Some(m) = &mut self.metrics
+                        && let Some(head_only) = m.on_ready(id, now)
+                    {
+                        scrapes.push((id, head_only));
+                    }
+                }
+            }
+        }
+        if !scrapes.is_empty() {
+            // One snapshot for every scrape of this turn.
+            let body =
+                arbiter_proto::metrics::render(&arbiter_proto::metrics::families(&self.snapshot()));
+            if let Some(m) = &mut self.metrics {
+                for (id, head_only) in scrapes {
+                    m.respond(id, head_only, &body, now);
                 }
             }
         }
@@ -472,6 +509,8 @@ impl Arbiter {
                 // until those close; the unix socket path goes away at once, unless
                 // another master serves on it.
                 self.release_listeners();
+                // Its address too is free for a master started in our place.
+                self.close_metrics();
             }
         }
         let deadline = self.shutdown.as_ref().map_or(now, |s| s.deadline);
@@ -539,6 +578,9 @@ impl Arbiter {
 
     /// Timeouts of every part but the pool's limits (see `check_limits`).
     fn check_deadlines(&mut self, now: Instant) {
+        if let Some(m) = &mut self.metrics {
+            m.expire(now);
+        }
         if let Some(c) = &mut self.control {
             c.expire(now);
             match c.restore(now) {
@@ -689,6 +731,17 @@ impl Arbiter {
         listeners::close_all(ls);
     }
 
+    /// Stop serving `/metrics`: its fds out of the event set, then closed; the
+    /// socket file removed unless another master serves on it.
+    fn close_metrics(&mut self) {
+        if let Some(m) = self.metrics.take() {
+            for fd in m.fds() {
+                self.events.remove(fd);
+            }
+            m.close(!self.lineage.shares_paths());
+        }
+    }
+
     // ---------------------------------------------------------------- exit
 
     fn finish(mut self) -> u8 {
@@ -715,6 +768,7 @@ impl Arbiter {
             c.shutdown(self.lineage.successor().is_none());
         }
         self.release_listeners();
+        self.close_metrics();
         self.pool.tear_down();
         if let Some(p) = self.pidfile.take() {
             p.remove();

@@ -32,6 +32,7 @@ pub const KEYS: &[&str] = &[
     "name",
     "pid",
     "control",
+    "metrics-bind",
     "daemon",
     "log-file",
     "log-level",
@@ -69,6 +70,7 @@ struct FileConfig {
     name: Option<At<String>>,
     pid: Option<At<PathBuf>>,
     control: Option<At<PathBuf>>,
+    metrics_bind: Option<At<String>>,
     daemon: Option<At<bool>>,
     log_file: Option<At<PathBuf>>,
     log_level: Option<At<String>>,
@@ -385,6 +387,10 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
             }
             "pid" => f.pid = at(line, string(name, v, PATH).map_err(err)?.into()),
             "control" => f.control = at(line, string(name, v, PATH).map_err(err)?.into()),
+            "metrics-bind" => {
+                let what = "an address string like \"127.0.0.1:9100\" or \"unix:/run/m.sock\"";
+                f.metrics_bind = at(line, string(name, v, what).map_err(err)?);
+            }
             "log-file" => f.log_file = at(line, string(name, v, PATH).map_err(err)?.into()),
             "chdir" => f.chdir = at(line, string(name, v, PATH).map_err(err)?.into()),
             "daemon" => f.daemon = at(line, boolean(name, v).map_err(err)?),
@@ -515,6 +521,7 @@ impl Loader {
         take!(name, "name", |v| v);
         take!(pid, "pid", Some);
         take!(control, "control", Some);
+        take!(metrics_bind, "metrics_bind", Some);
         take!(daemon, "daemon", |v| v);
         take!(log_file, "log_file", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);

@@ -83,6 +83,10 @@ pub struct Cli {
     /// Control socket path
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at GET /metrics on this address: HOST:PORT,
+    /// [V6]:PORT or unix:PATH (port 0: any free port, logged as `Metrics at:`)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_bind: Option<String>,
     /// Detach (double fork, setsid, stdio to /dev/null) once a worker serves, or fail
     /// with the reason within --boot-timeout; the working directory stays
     #[arg(short = 'D', long)]
@@ -301,6 +305,8 @@ pub struct Config {
     pub name: String,
     pub pidfile: Option<PathBuf>,
     pub control: PathBuf,
+    /// `--metrics-bind`: where `/metrics` is served, if anywhere.
+    pub metrics_bind: Option<BindSpec>,
     pub daemon: bool,
     pub check_config: bool,
     pub log_file: PathBuf,
@@ -407,6 +413,33 @@ pub fn parse_bind_form(s: &str) -> Result<BindForm, ConfigError> {
         Ok(ip) => Ok(BindForm::Spec(BindSpec::Tcp(SocketAddr::new(ip, port)))),
         Err(_) => Ok(BindForm::Host(host.to_string(), port)),
     }
+}
+
+/// Parse a `--metrics-bind` value: `HOST:PORT`, `[V6]:PORT` or `unix:PATH`. Unlike
+/// `--bind`, the port is required (gunicorn's default 8000 is the application's
+/// port, not a metrics port) and `fd://` is refused: the master serves it alone.
+pub fn parse_metrics_bind(s: &str) -> Result<BindSpec, ConfigError> {
+    let reword = |e: ConfigError| ConfigError(e.0.replacen("--bind ", "--metrics-bind ", 1));
+    let spec = parse_bind(s).map_err(reword)?;
+    match &spec {
+        BindSpec::Fd(_) => {
+            bail!("--metrics-bind {s}: expected HOST:PORT or unix:PATH, not a file descriptor")
+        }
+        BindSpec::Tcp(_) => {
+            let hostport = s.strip_prefix("tcp://").unwrap_or(s);
+            let port_given = match hostport.strip_prefix('[') {
+                Some(rest) => rest
+                    .split_once(']')
+                    .is_some_and(|(_, p)| p.starts_with(':')),
+                None => hostport.contains(':'),
+            };
+            if !port_given {
+                bail!("--metrics-bind {s}: expected HOST:PORT (a port is required) or unix:PATH");
+            }
+        }
+        BindSpec::Unix(_) => {}
+    }
+    Ok(spec)
 }
 
 /// Find COMMAND the way a shell would, once, so that "not found" is a startup error.
@@ -565,6 +598,13 @@ impl Config {
                 other => other,
             })
             .collect();
+        let metrics_bind = match cli.metrics_bind.as_deref() {
+            None => None,
+            Some(s) => Some(match parse_metrics_bind(s)? {
+                BindSpec::Unix(p) => BindSpec::Unix(absolute(p)),
+                other => other,
+            }),
+        };
         Ok(Config {
             binds,
             default_bind,
@@ -580,6 +620,7 @@ impl Config {
             name: cli.name,
             pidfile,
             control,
+            metrics_bind,
             daemon: cli.daemon,
             check_config: cli.check_config,
             log_file,
@@ -647,6 +688,7 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
         (old.name != new.name, "name"),
         (old.pidfile != new.pidfile, "pid"),
         (old.control != new.control, "control"),
+        (old.metrics_bind != new.metrics_bind, "metrics-bind"),
         (old.daemon != new.daemon, "daemon"),
         (old.umask != new.umask, "umask"),
         (old.chdir != new.chdir, "chdir"),

@@ -453,3 +453,47 @@ fn the_file_takes_every_long_option() {
     keys.sort();
     assert_eq!(longs, keys);
 }
+
+#[test]
+fn metrics_bind_forms_and_reload() {
+    assert_eq!(
+        parse_metrics_bind("127.0.0.1:9100").unwrap(),
+        BindSpec::Tcp("127.0.0.1:9100".parse().unwrap())
+    );
+    assert_eq!(
+        parse_metrics_bind("[::1]:0").unwrap(),
+        BindSpec::Tcp("[::1]:0".parse().unwrap())
+    );
+    assert_eq!(
+        parse_metrics_bind("unix:/run/m.sock").unwrap(),
+        BindSpec::Unix("/run/m.sock".into())
+    );
+    for (bad, says) in [
+        ("127.0.0.1", "a port is required"),
+        ("[::1]", "a port is required"),
+        ("fd://3", "not a file descriptor"),
+        ("127.0.0.1:x", "'x' is not a valid port number"),
+        ("unix:", "empty unix socket path"),
+    ] {
+        let e = parse_metrics_bind(bad).unwrap_err().0;
+        assert!(e.starts_with(&format!("--metrics-bind {bad}: ")), "{e}");
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    // From the file, and restart-only on reload.
+    let old = loader_with_file("metrics-bind = \"127.0.0.1:9100\"\n", &[]).unwrap();
+    assert_eq!(
+        old.metrics_bind,
+        Some(BindSpec::Tcp("127.0.0.1:9100".parse().unwrap()))
+    );
+    let new = loader_with_file("metrics_bind = \"127.0.0.1:9200\"\n", &[]).unwrap();
+    let (changed, restart) = describe_changes(&old, &new);
+    assert!(changed.is_empty(), "{changed:?}");
+    assert_eq!(restart, ["metrics-bind"]);
+    let e = loader_with_file("metrics-bind = 9100\n", &[])
+        .unwrap_err()
+        .0;
+    assert!(
+        e.contains("line 1: metrics-bind: expected an address string"),
+        "{e}"
+    );
+}
