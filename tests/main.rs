@@ -15,6 +15,7 @@ mod listener_flags;
 mod manpages;
 mod master;
 mod ops;
+mod preload;
 mod reliability;
 mod scoreboard;
 mod table;

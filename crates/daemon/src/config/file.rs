@@ -33,6 +33,7 @@ pub const KEYS: &[&str] = &[
     "pid",
     "control",
     "daemon",
+    "preload",
     "log-file",
     "log-level",
     "max-worker-rss",
@@ -70,6 +71,7 @@ struct FileConfig {
     pid: Option<At<PathBuf>>,
     control: Option<At<PathBuf>>,
     daemon: Option<At<bool>>,
+    preload: Option<At<bool>>,
     log_file: Option<At<PathBuf>>,
     log_level: Option<At<String>>,
     max_worker_rss: Option<At<u64>>,
@@ -388,6 +390,7 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
             "log-file" => f.log_file = at(line, string(name, v, PATH).map_err(err)?.into()),
             "chdir" => f.chdir = at(line, string(name, v, PATH).map_err(err)?.into()),
             "daemon" => f.daemon = at(line, boolean(name, v).map_err(err)?),
+            "preload" => f.preload = at(line, boolean(name, v).map_err(err)?),
             "reuse-port" => f.reuse_port = at(line, boolean(name, v).map_err(err)?),
             "max-worker-rss" => {
                 f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB").map_err(err)?);
@@ -516,6 +519,7 @@ impl Loader {
         take!(pid, "pid", Some);
         take!(control, "control", Some);
         take!(daemon, "daemon", |v| v);
+        take!(preload, "preload", |v| v);
         take!(log_file, "log_file", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);
         take!(max_worker_age, "max_worker_age", Some);
