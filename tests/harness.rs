@@ -311,7 +311,7 @@ pub fn tagged_pids(tag: &str) -> Vec<i32> {
 
 /// SIGKILL every process carrying `tag` (and its process group when it leads
 /// one), until none is left or `timeout` passes.
-fn kill_tagged(tag: &str, timeout: Duration) {
+pub fn kill_tagged(tag: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let pids = tagged_pids(tag);

@@ -16,6 +16,7 @@ mod manpages;
 mod master;
 mod metrics_http;
 mod ops;
+mod preload;
 mod reliability;
 mod scoreboard;
 mod table;

@@ -41,5 +41,6 @@ complete -c arbiterd -l group -d 'Run workers as this group (name or gid)' -r
 complete -c arbiterd -s D -l daemon -d 'Detach (double fork, setsid, stdio to /dev/null) once a worker serves, or fail with the reason within --boot-timeout; the working directory stays'
 complete -c arbiterd -l reuse-port -d 'Set SO_REUSEPORT on the listeners'
 complete -c arbiterd -l check-config -d 'Check the configuration (flags, config file, COMMAND) and exit: 0 if it is valid. Binds nothing; used before an upgrade to vet the new binary'
+complete -c arbiterd -l preload -d 'Start COMMAND once per generation as a template that loads the application and forks the workers (docs/workers.md, "Preloading"); HUP starts a new template, so new code is loaded'
 complete -c arbiterd -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c arbiterd -s V -l version -d 'Print version'

@@ -164,6 +164,16 @@ pub fn status_header(st: &Status) -> String {
             .collect();
         let _ = writeln!(out, "listening at {}", addrs.join(", "));
     }
+    for t in &m.templates {
+        let _ = writeln!(
+            out,
+            "template of generation {}: pid {}, {}, RSS {}",
+            t.generation,
+            t.pid,
+            t.state,
+            human_bytes(t.rss_bytes)
+        );
+    }
     if let Some(a) = &m.autoscale {
         let _ = write!(
             out,
@@ -408,6 +418,7 @@ pub(crate) mod tests {
         Status {
             master: MasterStatus {
                 autoscale: None,
+                templates: Vec::new(),
                 host_listen_overflows: None,
                 pid: 1234,
                 name: "web".into(),

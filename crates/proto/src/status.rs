@@ -70,6 +70,9 @@ pub struct MasterStatus {
     /// Workers that say neither (they do not use the scoreboard, or got no entry).
     #[serde(default)]
     pub workers_unknown: u64,
+    /// `--preload`: the templates alive, oldest generation first.
+    #[serde(default)]
+    pub templates: Vec<TemplateStatus>,
     /// `--workers MIN..MAX`: adapting the count to the load; `None` for a fixed count.
     #[serde(default)]
     pub autoscale: Option<AutoscaleStatus>,
@@ -77,6 +80,17 @@ pub struct MasterStatus {
     /// listener on this host dropped for a full accept queue. Host-wide, not ours.
     #[serde(default)]
     pub host_listen_overflows: Option<u64>,
+}
+
+/// `--preload`: a generation's template, which loaded the application once and
+/// forks its workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TemplateStatus {
+    pub generation: u64,
+    pub pid: i32,
+    /// `loading` or `ready`.
+    pub state: String,
+    pub rss_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

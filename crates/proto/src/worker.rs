@@ -38,6 +38,8 @@ pub const ENV_SCOREBOARD_FD: &str = "ARBITER_SCOREBOARD_FD";
 pub const ENV_SCOREBOARD_SLOT: &str = "ARBITER_SCOREBOARD_SLOT";
 /// The heartbeat timeout in seconds (absent or 0: no timeout). Beat at least twice per period.
 pub const ENV_TIMEOUT: &str = "ARBITER_TIMEOUT";
+/// `--preload`: the template's socket to the master (docs/workers.md, "Preloading").
+pub const ENV_TEMPLATE_FD: &str = "ARBITER_TEMPLATE_FD";
 /// sd_notify datagram socket of the master (a leading `@` means the abstract namespace).
 pub const ENV_NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// Set with a timeout, as systemd does: microseconds between required pings.

@@ -30,6 +30,8 @@ pub enum Source {
     Relay(u64),
     /// A worker's exec-status pipe, by worker id.
     Exec(u64),
+    /// A `--preload` template's socket, by its id.
+    Template(u64),
     /// The upgrade checker's output, or the new master's ready pipe.
     Upgrade,
     /// EOF: the old master is gone.

@@ -312,6 +312,15 @@ impl Arbiter {
                     }
                 }
                 Source::Exec(id) => self.pool.on_exec_status(id, &mut self.events),
+                Source::Template(id) => {
+                    let early = self.pool.on_template(id, now, &mut self.events);
+                    for (pid, messages) in early.notes {
+                        self.pool.on_notify(pid, messages, now, &self.cfg);
+                    }
+                    for (pid, death) in early.deaths {
+                        self.on_exit(pid, death, now);
+                    }
+                }
                 Source::Relay(id) => self.pool.on_relay(id, now, &mut self.events),
                 Source::Upgrade => self.on_upgrade_pipe(),
                 Source::Predecessor => self.promote(),

@@ -112,6 +112,17 @@ impl Arbiter {
                 workers_busy: busy,
                 workers_idle: idle,
                 workers_unknown: unknown,
+                templates: self
+                    .pool
+                    .templates()
+                    .into_iter()
+                    .map(|t| snapshot::TemplateStatus {
+                        generation: t.generation,
+                        pid: t.pid,
+                        state: if t.ready { "ready" } else { "loading" }.into(),
+                        rss_bytes: t.rss_bytes,
+                    })
+                    .collect(),
                 autoscale: self.autoscaler.bounds().map(|b| snapshot::AutoscaleStatus {
                     min: b.min as u64,
                     max: b.max as u64,

@@ -34,6 +34,7 @@ pub const KEYS: &[&str] = &[
     "control",
     "metrics-bind",
     "daemon",
+    "preload",
     "log-file",
     "log-level",
     "max-worker-rss",
@@ -72,6 +73,7 @@ struct FileConfig {
     control: Option<At<PathBuf>>,
     metrics_bind: Option<At<String>>,
     daemon: Option<At<bool>>,
+    preload: Option<At<bool>>,
     log_file: Option<At<PathBuf>>,
     log_level: Option<At<String>>,
     max_worker_rss: Option<At<u64>>,
@@ -394,6 +396,7 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
             "log-file" => f.log_file = at(line, string(name, v, PATH).map_err(err)?.into()),
             "chdir" => f.chdir = at(line, string(name, v, PATH).map_err(err)?.into()),
             "daemon" => f.daemon = at(line, boolean(name, v).map_err(err)?),
+            "preload" => f.preload = at(line, boolean(name, v).map_err(err)?),
             "reuse-port" => f.reuse_port = at(line, boolean(name, v).map_err(err)?),
             "max-worker-rss" => {
                 f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB").map_err(err)?);
@@ -523,6 +526,7 @@ impl Loader {
         take!(control, "control", Some);
         take!(metrics_bind, "metrics_bind", Some);
         take!(daemon, "daemon", |v| v);
+        take!(preload, "preload", |v| v);
         take!(log_file, "log_file", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);
         take!(max_worker_age, "max_worker_age", Some);

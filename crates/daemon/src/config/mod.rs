@@ -134,6 +134,11 @@ pub struct Cli {
     /// valid. Binds nothing; used before an upgrade to vet the new binary
     #[arg(long)]
     pub check_config: bool,
+    /// Start COMMAND once per generation as a template that loads the application
+    /// and forks the workers (docs/workers.md, "Preloading"); HUP starts a new
+    /// template, so new code is loaded
+    #[arg(long)]
+    pub preload: bool,
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -309,6 +314,8 @@ pub struct Config {
     pub metrics_bind: Option<BindSpec>,
     pub daemon: bool,
     pub check_config: bool,
+    /// `--preload`: workers are forked by a template per generation.
+    pub preload: bool,
     pub log_file: PathBuf,
     pub log_level: Level,
     pub reuse_port: bool,
@@ -565,6 +572,9 @@ impl Config {
                 .map(|b| parse_bind(b))
                 .collect::<Result<_, _>>()?
         };
+        if cli.preload && cli.command.is_empty() {
+            bail!("--preload needs a COMMAND: the built-in worker has nothing to preload");
+        }
         let program = match cli.command.split_first() {
             None => WorkerProgram::Builtin,
             Some((cmd, _)) => WorkerProgram::Command {
@@ -623,6 +633,7 @@ impl Config {
             metrics_bind,
             daemon: cli.daemon,
             check_config: cli.check_config,
+            preload: cli.preload,
             log_file,
             log_level: cli.log_level,
             reuse_port: cli.reuse_port,

@@ -9,7 +9,10 @@ mod remains;
 
 use remains::Remains;
 mod spawn;
+mod template;
 mod timers;
+
+use template::Template;
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -22,7 +25,7 @@ use nix::unistd::Pid;
 use arbiter_proto::worker as contract;
 
 use super::events::Events;
-use crate::config::{Config, ReadyMode, WorkerProgram};
+use crate::config::{Config, KillMode, ReadyMode, WorkerProgram};
 use crate::guardian::Guardian;
 use crate::listeners::Listener;
 use crate::notify::Message;
@@ -148,6 +151,20 @@ pub struct Pool {
     served: bool,
     /// Heartbeat silence before this instant is not counted (see `forgive_stall`).
     silence_counted_from: Instant,
+    /// `--preload`: the templates (one per generation that still needs one).
+    templates: Vec<Template>,
+    /// Exits of children nobody claimed yet: a forked worker's exit can come
+    /// before its `FORKED` line.
+    unclaimed: Vec<(Pid, Death, Instant)>,
+    /// Notify messages from children nobody claimed yet: a forked worker can say
+    /// `READY=1` before its `FORKED` line is read.
+    early_notes: Vec<(i32, Vec<Message>, Instant)>,
+    /// A template died or could not start: when to try again, and how often it
+    /// failed in a row.
+    template_retry_at: Option<Instant>,
+    template_failures: u32,
+    /// `--kill-mode`, for workers created outside `spawn` (forked by a template).
+    kill_mode: KillMode,
     /// How a worker proves it is ready (`--ready`, or the program's default).
     ready_mode: ReadyMode,
     heartbeat_dir: PathBuf,
@@ -213,6 +230,12 @@ impl Pool {
             last_failure: None,
             silence_counted_from: Instant::now(),
             ready_mode: ready_mode(cfg),
+            templates: Vec::new(),
+            unclaimed: Vec::new(),
+            early_notes: Vec::new(),
+            template_retry_at: None,
+            template_failures: 0,
+            kill_mode: cfg.kill_mode,
             heartbeat_dir: workers::heartbeat_dir(),
             containment,
             guardian,
@@ -250,7 +273,7 @@ impl Pool {
 
     /// No worker, and nothing left of any worker's tree.
     pub fn is_empty(&self) -> bool {
-        self.workers.is_empty() && self.remains.is_empty()
+        self.workers.is_empty() && self.remains.is_empty() && self.templates.is_empty()
     }
 
     pub fn containment(&self) -> &Containment {
@@ -304,6 +327,7 @@ impl Pool {
     /// The configuration changed: how the next workers prove they are ready.
     pub fn configure(&mut self, cfg: &Config) {
         self.ready_mode = ready_mode(cfg);
+        self.kill_mode = cfg.kill_mode;
     }
 
     /// Start a new generation: returns its number.
@@ -344,7 +368,9 @@ impl Pool {
     /// What a worker said on NOTIFY_SOCKET. `sender` is the kernel-checked pid.
     pub fn on_notify(&mut self, sender: i32, messages: Vec<Message>, now: Instant, cfg: &Config) {
         let Some(owner) = self.owner_of(sender) else {
-            debug!("Dropped a notify datagram from pid {sender}: not one of our workers");
+            if !self.keep_early_notes(sender, messages, now) {
+                debug!("Dropped a notify datagram from pid {sender}: not one of our workers");
+            }
             return;
         };
         let Some(w) = self.workers.iter_mut().find(|w| w.pid == owner) else {
@@ -466,7 +492,11 @@ impl Pool {
             reloading,
             stopping,
         } = phase;
+        if let Some(exit) = self.template_exited(pid, death, now, phase) {
+            return exit;
+        }
         let Some(idx) = self.workers.iter().position(|w| w.pid == pid) else {
+            self.keep_unclaimed(pid, death, now);
             return Exit::NotAWorker;
         };
         let mut w = self.workers.remove(idx);
@@ -559,6 +589,7 @@ impl Pool {
     /// Ask every worker to stop with `sig`, KILL at `deadline`. A graceful stop
     /// leaves workers already on their way out alone.
     pub fn stop_all(&mut self, sig: Signal, deadline: Instant, graceful: bool) {
+        self.signal_templates(Signal::SIGTERM);
         for w in &mut self.workers {
             match w.state {
                 State::Killed => {}
@@ -571,6 +602,7 @@ impl Pool {
     /// The shutdown deadline passed: KILL whatever is left.
     pub fn kill_all(&mut self) {
         self.kill_remains();
+        self.signal_templates(Signal::SIGKILL);
         for w in &mut self.workers {
             if w.state != State::Killed {
                 warning!(
@@ -648,6 +680,8 @@ impl Pool {
                 self.retire(pid, "scale down", cfg);
             }
         }
+
+        self.retire_templates(cfg.preload);
 
         // Missing workers of the current generation.
         self.spawn_pending = false;

@@ -104,7 +104,7 @@ impl Pool {
         }
     }
 
-    fn forget_tree(&mut self, tree: &Tree) {
+    pub(super) fn forget_tree(&mut self, tree: &Tree) {
         tree.remove();
         if let Some(g) = &mut self.guardian {
             g.forget(tree.pid);

@@ -19,6 +19,9 @@ use crate::{error, info};
 impl Pool {
     pub(super) fn spawn_missing(&mut self, now: Instant, ctx: &SpawnContext<'_>, ev: &mut Events) {
         self.revive_guardian(ctx.cfg, ctx.env);
+        if ctx.cfg.preload {
+            self.ensure_template(now, ctx, ev);
+        }
         let current_gen = self.generation;
         let mut used = vec![false; self.target + self.workers.len()];
         for w in &self.workers {
@@ -32,6 +35,11 @@ impl Pool {
                 && w.slot < used.len()
             {
                 used[w.slot] = true;
+            }
+        }
+        for slot in self.pending_slots() {
+            if let Some(u) = used.get_mut(slot) {
+                *u = true;
             }
         }
         let active = used.iter().filter(|&&u| u).count();
@@ -61,7 +69,12 @@ impl Pool {
                 {
                     break;
                 }
-                if !self.spawn(slot, now, ctx, ev) {
+                let started = if ctx.cfg.preload {
+                    self.fork_from_template(slot, now, ctx, ev)
+                } else {
+                    self.spawn(slot, now, ctx, ev)
+                };
+                if !started {
                     break;
                 }
                 spawned += 1;
@@ -195,7 +208,7 @@ impl Pool {
         true
     }
 
-    fn spawn_failed(&mut self, what: String, now: Instant) {
+    pub(super) fn spawn_failed(&mut self, what: String, now: Instant) {
         let failures = self.spawn_trouble.as_ref().map_or(0, |t| t.failures) + 1;
         let delay = backoff(failures + 1);
         error!(

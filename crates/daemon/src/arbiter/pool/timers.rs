@@ -56,6 +56,11 @@ impl Pool {
                 State::Killed => {}
             }
         }
+        if let Some(t) = self.template_deadline(cfg.boot_timeout)
+            && !stopping
+        {
+            at(t);
+        }
         if let Some(t) = self.remains_due() {
             at(t);
         }
@@ -127,6 +132,7 @@ impl Pool {
     /// Timeouts: boot, heartbeat, graceful stop, abort grace, trees left behind.
     pub fn check_deadlines(&mut self, now: Instant, cfg: &Config) {
         self.check_remains(now);
+        self.check_templates(now, cfg.boot_timeout);
         for i in 0..self.workers.len() {
             let heartbeat_due = self.heartbeat_due(&self.workers[i], cfg);
             let counted_from = self.silence_counted_from;

@@ -91,6 +91,7 @@ fn status() -> Status {
     Status {
         master: MasterStatus {
             autoscale: None,
+            templates: Vec::new(),
             host_listen_overflows: None,
             pid: 100,
             name: "web".into(),
