@@ -148,10 +148,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// A status probe from its own thread every 50 ms: each call's duration, errors.
+/// A status probe from its own thread every 50 ms: each call's duration, errors,
+/// and how often the master said `busy` (out of fds for a moment: the answer it
+/// gives then instead of leaving the client waiting; a script tries again).
 struct Probe {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(Vec<Duration>, Vec<String>)>,
+    handle: std::thread::JoinHandle<(Vec<Duration>, Vec<String>, u32)>,
 }
 
 impl Probe {
@@ -162,15 +164,17 @@ impl Probe {
         let handle = std::thread::spawn(move || {
             let mut took = Vec::new();
             let mut errors = Vec::new();
+            let mut busy = 0;
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 match status_at(&path) {
                     Ok(_) => took.push(t.elapsed()),
+                    Err(e) if e.contains(r#""kind":"busy""#) => busy += 1,
                     Err(e) => errors.push(e),
                 }
                 std::thread::sleep(ms(50));
             }
-            (took, errors)
+            (took, errors, busy)
         });
         Probe { stop, handle }
     }
@@ -178,7 +182,7 @@ impl Probe {
     /// Stop; assert every call succeeded within 1 s; return a summary.
     fn finish(self, d: &Daemon) -> String {
         self.stop.store(true, Ordering::Relaxed);
-        let (mut took, errors) = self.handle.join().unwrap();
+        let (mut took, errors, busy) = self.handle.join().unwrap();
         if !errors.is_empty() {
             d.fail(&format!("status calls failed: {errors:?}"));
         }
@@ -189,7 +193,7 @@ impl Probe {
         }
         let over100 = took.iter().filter(|t| **t >= ms(100)).count();
         format!(
-            "status calls {} p50 {:.1?} p99 {:.1?} max {:.1?} >=100ms {}",
+            "status calls {} p50 {:.1?} p99 {:.1?} max {:.1?} >=100ms {} busy {busy}",
             took.len(),
             percentile(&took, 0.5),
             percentile(&took, 0.99),
