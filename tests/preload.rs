@@ -339,3 +339,92 @@ fn gunicorn_preload_keeps_serving_the_old_code_after_hup() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// The reference template for Python (`python/arbiter_preload`) under the real
+/// master: a WSGI application loaded once, served by forked workers, a changed
+/// application served after a HUP, and no request lost across reloads.
+#[test]
+fn the_python_reference_template_preloads_and_reloads_new_code_under_load() {
+    let b = Daemon::builder();
+    let app = b.path("app.py");
+    let write_app = |version: &str| {
+        std::fs::write(
+            &app,
+            format!(
+                "import os\nVERSION = {version:?}\nLOADED_BY = os.getpid()\n\
+                 def app(environ, start_response):\n    \
+                 body = ('{{\"version\": \"%s\", \"loaded_by\": %d, \"pid\": %d}}' % (VERSION, LOADED_BY, os.getpid())).encode()\n    \
+                 start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', str(len(body)))])\n    \
+                 return [body]\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_app("v1");
+    let python_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+    let d = b
+        .env("PYTHONPATH", &python_dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .args(["--preload", "-w", "2", "--ready", "notify", "--"])
+        .arg(python3())
+        .args(["-m", "arbiter_preload", "app:app"])
+        .start();
+    let answer = |d: &Daemon| -> Result<Value, String> {
+        let r = http_get(d.listener(), "/", SHORT).map_err(|e| e.to_string())?;
+        Ok(r.json())
+    };
+    let first = d.wait_until(LONG, "v1 served by a forked worker", || {
+        let j = answer(&d)?;
+        if j["version"] == "v1" {
+            Ok(j)
+        } else {
+            Err(format!("{j}"))
+        }
+    });
+    assert_ne!(
+        first["loaded_by"], first["pid"],
+        "loaded once, in the template: {first}"
+    );
+    assert_eq!(
+        Some(first["loaded_by"].as_i64().unwrap() as i32),
+        template_pid(&d)
+    );
+    let load = Load::start(d.listener().clone());
+    for g in 2..=3u64 {
+        write_app(&format!("v{g}"));
+        let out = d.ctl(["reload"]);
+        if out.code() != Some(0) {
+            d.fail(&format!("reload {g}: {out:?}"));
+        }
+        let want = format!("v{g}");
+        d.wait_until(LONG, &format!("{want} served"), || {
+            let j = answer(&d)?;
+            if j["version"] == want.as_str() {
+                Ok(())
+            } else {
+                Err(format!("{j}"))
+            }
+        });
+        load.wait_more(&d, 20);
+    }
+    let stats = load.finish();
+    assert_eq!(stats.failed, 0, "{:#?}", stats.failures);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).code(), Some(0), "{}", d.log());
+    d.wait_no_leftovers(SHORT);
+}
+
+/// `python/tests`: the reference template against a master played by the test
+/// (the protocol's corners: FAILED, EOF, fds, the worker's session and fds).
+#[test]
+fn the_python_reference_templates_own_tests_pass() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Run::new(python3())
+        .args(["-m", "unittest", "discover", "-s", "python/tests"])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(root)
+        .timeout(secs(120))
+        .run();
+    assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+}

@@ -1,0 +1,65 @@
+"""What a worker gets from arbiterd and how it talks back (docs/workers.md):
+the listening sockets, sd_notify on NOTIFY_SOCKET, the heartbeat file."""
+
+import os
+import socket
+import time
+
+SD_LISTEN_FDS_START = 3
+EX_CONFIG = 78
+
+
+def notify(message):
+    """One datagram to NOTIFY_SOCKET (`@name`: the abstract namespace). False if
+    there is no socket or the send failed."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        s.sendto(message.encode(), address)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def listen_fds():
+    """The number of listeners at fds 3, 4, ... meant for this process (0 if
+    LISTEN_PID names another process)."""
+    pid = os.environ.get("LISTEN_PID")
+    if pid is not None and pid != str(os.getpid()):
+        return 0
+    try:
+        return int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return 0
+
+
+class Heartbeat:
+    """Changes the ctime of ARBITER_HEARTBEAT_FD (fchmod) at most every `period`
+    seconds; `beat()` is cheap to call from every turn of a serving loop. Without
+    a heartbeat fd, a no-op."""
+
+    def __init__(self, period=0.5):
+        try:
+            self.fd = int(os.environ["ARBITER_HEARTBEAT_FD"])
+        except (KeyError, ValueError):
+            self.fd = None
+        self.period = period
+        self.last = 0.0
+
+    def beat(self, force=False):
+        if self.fd is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < self.period:
+            return
+        self.last = now
+        try:
+            os.fchmod(self.fd, 0o600)  # any chmod changes the ctime
+        except OSError:
+            self.fd = None  # gone: nothing more to beat on

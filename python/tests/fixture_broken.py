@@ -1,0 +1,3 @@
+"""An application that cannot be imported."""
+
+raise ImportError("fixture_broken: this application does not load")
