@@ -389,6 +389,22 @@ fn the_python_reference_template_preloads_and_reloads_new_code_under_load() {
         Some(first["loaded_by"].as_i64().unwrap() as i32),
         template_pid(&d)
     );
+    // What the workers share with the template shows: PSS below RSS, private
+    // pages below both.
+    let st = status(&d);
+    for w in st["workers"].as_array().unwrap() {
+        let (rss, pss, private) = (
+            w["rss_bytes"].as_u64().unwrap_or(0),
+            w["pss_bytes"].as_u64().unwrap_or(0),
+            w["private_bytes"].as_u64().unwrap_or(0),
+        );
+        assert!(0 < private && private < pss && pss < rss, "{w}");
+    }
+    assert!(
+        d.ctl(["metrics"])
+            .stdout
+            .contains("\narbiter_worker_pss_bytes{")
+    );
     let load = Load::start(d.listener().clone());
     for g in 2..=3u64 {
         write_app(&format!("v{g}"));

@@ -382,6 +382,8 @@ pub(crate) mod tests {
             restarts: 0,
             crash_looping: false,
             rss_bytes: Some(12_900_000),
+            pss_bytes: None,
+            private_bytes: None,
             cpu_secs: Some(3.5),
             cpu_percent: Some(0.42),
             output_dropped: 0,

@@ -245,6 +245,32 @@ fn unlabelled_families(st: &Status) -> Vec<Family> {
         }
     }
     out.extend([up, rss, beat, cpu]);
+    // `--preload` only: what the workers share with their template.
+    if workers.iter().any(|w| w.pss_bytes.is_some()) {
+        let mut pss = family(
+            "arbiter_worker_pss_bytes",
+            "gauge",
+            "Proportional set size of the worker (shared pages divided among their sharers), in bytes; --preload only.",
+        );
+        let mut private = family(
+            "arbiter_worker_private_bytes",
+            "gauge",
+            "Pages of the worker nobody else maps, in bytes; --preload only.",
+        );
+        for w in &workers {
+            if let (Some(p), Some(v)) = (w.pss_bytes, w.private_bytes) {
+                pss.samples.push(Sample {
+                    labels: ids(w),
+                    value: p as f64,
+                });
+                private.samples.push(Sample {
+                    labels: ids(w),
+                    value: v as f64,
+                });
+            }
+        }
+        out.extend([pss, private]);
+    }
 
     // Every slot has a sample, also while it has no worker because it waits out a
     // restart backoff: that is when an alert on a crash loop must see it.

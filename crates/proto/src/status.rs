@@ -176,6 +176,14 @@ pub struct WorkerStatus {
     pub crash_looping: bool,
     /// Resident set size in bytes, from /proc.
     pub rss_bytes: Option<u64>,
+    /// `--preload` only (reading it walks the process's page tables): the worker's
+    /// proportional set size (shared pages divided among their sharers) and its
+    /// private pages, from `/proc/PID/smaps_rollup`, in bytes. What preloading
+    /// saves shows as PSS far below RSS, and private pages far below both.
+    #[serde(default)]
+    pub pss_bytes: Option<u64>,
+    #[serde(default)]
+    pub private_bytes: Option<u64>,
     /// CPU seconds used so far: by the worker's whole tree where it has a cgroup,
     /// else by its main process and the children it reaped.
     #[serde(default)]

@@ -32,6 +32,12 @@ impl Arbiter {
                     .map_or(0, |h| h.failures);
                 let dropped = dropped.get(&w.id).copied().unwrap_or(0);
                 let mut st = worker_status(w, now, failures, dropped);
+                if self.cfg.preload
+                    && let Some((pss, private)) = smaps_rollup(w.pid.as_raw())
+                {
+                    st.pss_bytes = Some(pss);
+                    st.private_bytes = Some(private);
+                }
                 if let Some(r) = self.pool.board_report(w, now_ns) {
                     st.busy = Some(r.busy);
                     st.requests = Some(r.requests);
@@ -138,6 +144,26 @@ impl Arbiter {
     }
 }
 
+/// PSS and private (clean + dirty) bytes of `pid`, from `/proc/PID/smaps_rollup`.
+fn smaps_rollup(pid: i32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_smaps_rollup(&text)
+}
+
+fn parse_smaps_rollup(text: &str) -> Option<(u64, u64)> {
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let pss = kib("Pss:")?;
+    let private = kib("Private_Clean:")? + kib("Private_Dirty:")?;
+    Some((pss * 1024, private * 1024))
+}
+
 fn worker_status(
     w: &Worker,
     now: Instant,
@@ -168,6 +194,8 @@ fn worker_status(
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
         rss_bytes: w.rss_bytes(),
+        pss_bytes: None,
+        private_bytes: None,
         cpu_secs,
         cpu_percent,
         output_dropped,
@@ -199,5 +227,17 @@ fn reload_outcome(r: &ReloadOutcome) -> snapshot::ReloadOutcome {
             message: reason.clone(),
             at: rfc3339(*at),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_smaps_rollup;
+
+    #[test]
+    fn smaps_rollup_fields() {
+        let text = "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss: 20000 kB\nPss: 6000 kB\nPss_Anon: 1 kB\nShared_Clean: 14000 kB\nPrivate_Clean: 500 kB\nPrivate_Dirty: 1500 kB\n";
+        assert_eq!(parse_smaps_rollup(text), Some((6000 * 1024, 2000 * 1024)));
+        assert_eq!(parse_smaps_rollup("Rss: 1 kB\n"), None);
     }
 }

@@ -78,6 +78,8 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         restarts: 0,
         crash_looping: false,
         rss_bytes: None,
+        pss_bytes: None,
+        private_bytes: None,
         cpu_secs: None,
         cpu_percent: None,
         output_dropped: 0,
