@@ -385,6 +385,7 @@ class Cap:
         self.r.setdefault("loadavg_start", {})[name] = la
         log(f"== {name} (load average {la})")
         t = time.monotonic()
+        p0 = H.cpu_pressure_us()
         try:
             fn()
         except KeyboardInterrupt:
@@ -393,7 +394,12 @@ class Cap:
             self.r["errors"][name] = f"{type(e).__name__}: {e}"
             log(f"{name} FAILED: {e}")
             traceback.print_exc()
-        log(f"   {name} took {time.monotonic() - t:.0f} s")
+        took = time.monotonic() - t
+        p1 = H.cpu_pressure_us()
+        if p0 is not None and p1 is not None:
+            # Share of the part's wall time during which some runnable task waited for a CPU.
+            self.r.setdefault("cpu_pressure", {})[name] = (p1 - p0) / 1e6 / took
+        log(f"   {name} took {took:.0f} s")
 
     # -- 1. the load step
 
@@ -480,8 +486,7 @@ class Cap:
         res["samples"] = sm
         res["sampler_errors"] = sampler.errors
         res["max_queue"] = max((x["queue"] for x in sm), default=None)
-        low_q = [x["t"] for x in sm if x["t"] >= 0 and x["t"] <= self.high_secs and x["queue"] <= 1]
-        res["queue_le1_after"] = low_q[0] if low_q else None
+        res["queue_le1_after"] = queue_le1(sm, self.high_secs)
         h = res["high_phase"]
         log(f"   -w {spec}, {self.low}->{high} clients: high p50 {fmt_ms(h['p50'])} p99 {fmt_ms(h['p99'])}, "
             f"{h['requests']} requests, failed {res['all']['failed']} {res['all']['fail_kinds']}, "
@@ -622,6 +627,12 @@ class Cap:
 # ---------------------------------------------------------------- report
 
 
+def queue_le1(samples, high_secs):
+    """The first queue sample after the step (t > 0) with a summed queue of at most 1."""
+    t = [x["t"] for x in samples if 0 < x["t"] <= high_secs and x["queue"] <= 1]
+    return t[0] if t else None
+
+
 def fmt_ms(x, d=0):
     if x is None:
         return "n/a"
@@ -646,6 +657,12 @@ def report(cap, command):
       "and after where there is a window). One benchmark process at a time. To reproduce:")
     w("")
     w(f"    {command}")
+    w("")
+    w("Load average at the start of each part: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("loadavg_start", {}).items())
+      + "; CPU pressure during it (share of the time some runnable task waited for a CPU, `/proc/pressure/cpu`): "
+      + ", ".join(f"{k} {v:.0%}" for k, v in r.get("cpu_pressure", {}).items())
+      + "; the pressure counts the benchmark's own processes too: the load parts keep both cores busy by "
+        "themselves (Python clients and Python workers), so only the idle sample part tells others' load apart.")
     w("")
     if "step" in r:
         w("### A load step under autoscaling")
@@ -676,7 +693,7 @@ def report(cap, command):
             w(f"| {x['spec']} | {x['low']} -> {x['high']} | {x['workers_at_step']} | {fmt_ms(h['p50'])} / "
               f"{fmt_ms(h['p99'])} | {fmt_ms(x['high_last10']['p99'])} | {h['rps']:.0f} | {failed} of "
               f"{x['all']['requests']} | {fmt_s(x['absorb_first'])} / {fmt_s(x['absorb_stays'])} | "
-              f"{fmt_s(x['queue_le1_after'])} | "
+              f"{fmt_s(queue_le1(x['samples'], x['high_secs']))} | "
               + (f"{x['ups']}/{x['downs']}, {x['direction_changes']}" if auto else "off") + " | "
               + (fmt_s(x['reached_max_after']) if auto else "n/a") + f" | {x['max_queue']} | "
               f"{x['master_ticks']} ticks ({x['master_cpu_ms']:.0f} ms) in {x['run_secs']:.0f} s | "
@@ -704,6 +721,43 @@ def report(cap, command):
                     w(f"- With {high} clients, fixed {ref[0]['spec']} held p99 {fmt_ms(ref_p99)} over its last "
                       f"10 s; `-w {x['spec']}` first had a 1 s window within 1.25x of that "
                       f"({fmt_ms(1.25 * ref_p99)}) {fmt_s(m[0] if m else None)} after the step.")
+        w("")
+        w("Reading the table:")
+        w("")
+        mx = max(y["max"] for y in r["step"])
+        for x in r["step"]:
+            if x["high"] > mx and ".." not in x["spec"] and int(x["spec"]) == mx:
+                w(f"- {x['high']} closed-loop clients are more than MAX = {mx} workers can hold: "
+                  f"{x['high'] - mx} connections always wait (fixed {mx}: queue up to {x['max_queue']}, p99 "
+                  f"{fmt_ms(x['high_last10']['p99'])} = {x['high']} x {SERVICE * 1000:.0f} ms / {mx}), so with "
+                  f"{x['high']} clients no configuration can meet the 3x or the queue criterion; the 1.25x-of-"
+                  f"fixed-{mx} line above is the comparison there.")
+        for x in r["step"]:
+            if ".." not in x["spec"]:
+                continue
+            ups = [e for e in x["events"] if e["t"] > 0 and e["to"] > e["from"]]
+            if len(ups) >= 2:
+                gaps = [b["t"] - a["t"] for a, b in zip(ups, ups[1:])]
+                w(f"- `-w {x['spec']}`, {x['low']} -> {x['high']} clients: {len(ups)} steps up after the step, "
+                  f"{median(gaps):.2f} s apart (median; the first {ups[0]['t']:.1f} s after the step): one worker "
+                  "per second of queue, and each step restarts the window, so with samples every 250 ms a step "
+                  f"takes about 1.25 s; MAX after {fmt_s(x['reached_max_after'])}.")
+            if x["workers_at_step"] > x["min"]:
+                w(f"- `-w {x['spec']}`: {x['low']} clients already queue on MIN = {x['min']} workers, so it "
+                  f"had scaled to {x['workers_at_step']} before the step.")
+            downs = [e for e in x["events"] if 0 < e["t"] <= x["high_secs"] and e["to"] < e["from"]]
+            if downs:
+                w(f"- `-w {x['spec']}`, {x['low']} -> {x['high']} clients: **it stepped down while the load was "
+                  "unchanged** (" + ", ".join(f"{e['t']:+.1f} s {e['from']}->{e['to']}" for e in downs)
+                  + f"), then up again; {x['direction_changes']} changes of direction in the run. With "
+                  f"{x['high']} clients on {x['high']} workers every worker is busy but no connection waits, and "
+                  "`slow_app.py` keeps no scoreboard, so the autoscaler judges by the queue alone: 10 s of an empty "
+                  "queue is slack, the step down makes a queue, and a step up follows about 1.25 s later. "
+                  "Measured as is; the daemon was not tuned.")
+            fails = x["all"]["failed"]
+            if fails:
+                w(f"- `-w {x['spec']}`, {x['low']} -> {x['high']} clients: **{fails} failed requests** "
+                  f"({x['all']['fail_kinds']}).")
         w("")
     if "sample" in r:
         sm = r["sample"]
@@ -737,6 +791,11 @@ def report(cap, command):
               f"schedstat CPU, {dw:g} wakeups over {sm['idle_secs']} s; per sample ({samples:.0f}): "
               f"{dt * 1e6 / CLK_TCK / samples:.0f} us by ticks, **{dc * 1000 / samples:.0f} us** by schedstat, "
               f"{dw / samples:.2f} wakeups.")
+        w("")
+        w(f"The fixed master barely wakes in the window ({median([d['wakeups'] for d in fx]):g} wakeups, median); "
+          "with a range it wakes 4 times a second, each wake a queue sample. The "
+          "figure is the whole wakeup (timer, sample, decision, back to sleep) at this worker count; ticks are "
+          "10 ms each, so the tick-based figure is only good to about +-10 ms / 120 = +-80 us per sample.")
         w("")
     if "python" in r:
         p = r["python"]
@@ -787,6 +846,13 @@ def report(cap, command):
                   + f" | {fmt_ms(x['p50'])} / {fmt_ms(x['p99'])} | "
                   + (f"{x.get('reloads')}" if x["kind"] == "arbiterd" else "n/a (not counted)")
                   + f" | {x['loadavg'][0]:.2f} -> {x['loadavg'][1]:.2f} |")
+        w("")
+    if "python" in r:
+        w("arbiterd's workers here are two Python processes each: a gunicorn master, exec'd, importing "
+          "gunicorn and (preload) the app, then forking its one worker; gunicorn's TTIN forks its already-loaded "
+          "master without an exec. So TTIN and boot compare the cost of a fresh Python + gunicorn per worker against "
+          "a fork, not the two masters; the load generator (Python threads) shares the 2 cores with the "
+          "servers, so requests per second are bounded by the machine, not by either master.")
         w("")
     if r["errors"]:
         w("### What failed to run")
@@ -839,6 +905,22 @@ def write_section(path, text):
         f.write(new)
 
 
+SETTINGS = ("low", "low_secs", "high_secs", "specs", "highs", "sample_n", "idle_secs", "py_ns", "workdir")
+
+
+def report_from(path, write):
+    """Write the report again from a run's results.json (nothing is measured)."""
+    import types
+    with open(path) as f:
+        d = json.load(f)
+    cap = types.SimpleNamespace(r=d["results"], commands=d["commands"], **d["settings"])
+    text = report(cap, d["command"])
+    print(text)
+    if write:
+        write_section(RESULTS, text)
+        log(f"wrote the section into {RESULTS} from {path}")
+
+
 def main():
     global PROCS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -855,7 +937,11 @@ def main():
     ap.add_argument("--ttin-trials", type=int, default=5)
     ap.add_argument("--reload-clients", type=int, default=32)
     ap.add_argument("--write", action="store_true", help="put the report into bench/RESULTS.md")
+    ap.add_argument("--report-from", metavar="RESULTS_JSON", help="only write the report again from a run's results.json")
     args = ap.parse_args()
+    if args.report_from:
+        report_from(args.report_from, args.write)
+        return
     for path in (ARBITERD, ARBITERCTL):
         if not os.access(path, os.X_OK):
             sys.exit(f"{path} not found: cargo build --release --bins")
@@ -887,7 +973,8 @@ def main():
         shutil.rmtree(cap.sockdir, ignore_errors=True)
     cap.r["took_secs"] = time.monotonic() - t
     with open(os.path.join(cap.workdir, "results.json"), "w") as f:
-        json.dump({"results": cap.r, "commands": cap.commands}, f, indent=1)
+        json.dump({"results": cap.r, "commands": cap.commands, "command": command,
+                   "settings": {k: getattr(cap, k) for k in SETTINGS}}, f, indent=1)
     text = report(cap, command)
     with open(os.path.join(cap.workdir, "capacity.md"), "w") as f:
         f.write(text + "\n")
