@@ -11,6 +11,12 @@
 //! - Each change restarts both windows (hysteresis: a change is judged on what
 //!   follows it), so the count moves at most one step per `UP_AFTER` up and per
 //!   `DOWN_AFTER` down, never past the bounds.
+//! - A step down that pressure undoes at once (`FLAP_WITHIN`) was a mistake: the
+//!   load sits exactly at the worker count, which an empty queue alone cannot
+//!   tell apart from slack (workers that keep no scoreboard). The down window then
+//!   doubles, up to `DOWN_AFTER_MAX`, so such a load costs one flap, then one per
+//!   20 s, 40 s, ... instead of one every 11 s. It is back to `DOWN_AFTER` once a
+//!   step down stands.
 //!
 //! It samples every `SAMPLE_EVERY` while on; off, it never wakes the master.
 
@@ -21,6 +27,9 @@ use crate::config::WorkerCount;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 pub const UP_AFTER: Duration = Duration::from_secs(1);
 pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+pub const DOWN_AFTER_MAX: Duration = Duration::from_secs(320);
+/// A step up this soon after a step down undoes it: a flap.
+pub const FLAP_WITHIN: Duration = Duration::from_secs(5);
 
 /// What the master saw at one sample.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +59,10 @@ pub struct Autoscaler {
     pressure_since: Option<Instant>,
     /// Slack in every sample since.
     slack_since: Option<Instant>,
+    /// How long slack must last for a step down (doubled by each flap).
+    down_after: Duration,
+    /// The latest step down, until it is judged (a flap, or it stood).
+    last_down: Option<Instant>,
     pub ups: u64,
     pub downs: u64,
     /// The latest decision, for `status`.
@@ -63,6 +76,8 @@ impl Autoscaler {
             next_sample: now + SAMPLE_EVERY,
             pressure_since: None,
             slack_since: None,
+            down_after: DOWN_AFTER,
+            last_down: None,
             ups: 0,
             downs: 0,
             last: None,
@@ -116,8 +131,21 @@ impl Autoscaler {
         let held = |since: Option<Instant>, window: Duration| {
             since.is_some_and(|t| now.saturating_duration_since(t) >= window)
         };
+        // A step down that stood long enough: the window is back to normal.
+        if self
+            .last_down
+            .is_some_and(|t| now.saturating_duration_since(t) >= FLAP_WITHIN)
+        {
+            self.last_down = None;
+            if self.pressure_since.is_none() {
+                self.down_after = DOWN_AFTER;
+            }
+        }
         let decision = if held(self.pressure_since, UP_AFTER) && s.target < bounds.max {
             self.ups += 1;
+            if self.last_down.take().is_some() {
+                self.down_after = (self.down_after * 2).min(DOWN_AFTER_MAX);
+            }
             Decision {
                 to: s.target + 1,
                 reason: if s.queued > 0 {
@@ -130,16 +158,20 @@ impl Autoscaler {
                     format!("every worker was busy for {:.1}s", UP_AFTER.as_secs_f64())
                 },
             }
-        } else if held(self.slack_since, DOWN_AFTER) && s.target > bounds.min {
+        } else if held(self.slack_since, self.down_after) && s.target > bounds.min {
             self.downs += 1;
+            self.last_down = Some(now);
             Decision {
                 to: s.target - 1,
                 reason: if reporting == 0 {
-                    format!("no connection waited for {:.0}s", DOWN_AFTER.as_secs_f64())
+                    format!(
+                        "no connection waited for {:.0}s",
+                        self.down_after.as_secs_f64()
+                    )
                 } else {
                     format!(
                         "at least two workers were idle for {:.0}s",
-                        DOWN_AFTER.as_secs_f64()
+                        self.down_after.as_secs_f64()
                     )
                 },
             }
@@ -248,6 +280,34 @@ mod tests {
                 [0usize; 0]
             );
         }
+    }
+
+    #[test]
+    fn a_step_down_undone_at_once_doubles_the_down_window() {
+        // Load exactly at the worker count, workers that keep no scoreboard: an
+        // empty queue looks like slack, one fewer makes a queue.
+        let now = Instant::now();
+        let mut t = now;
+        let mut a = Autoscaler::new(Some(WorkerCount { min: 2, max: 16 }), now);
+        let mut target = 16;
+        let mut steps = Vec::new();
+        let end = now + Duration::from_secs(200);
+        while t < end {
+            t += SAMPLE_EVERY;
+            let queued = if target < 16 { 3 } else { 0 };
+            if let Some(d) = a.sample(sample(queued, 0, 0, target), t) {
+                steps.push((t.duration_since(now).as_secs(), d.to));
+                target = d.to;
+            }
+        }
+        let downs: Vec<u64> = steps.iter().filter(|s| s.1 == 15).map(|s| s.0).collect();
+        // Down after 10 s, then 20 s, 40 s, 80 s of slack: 4 flaps in 200 s, not 18.
+        assert_eq!(downs.len(), 4, "{steps:?}");
+        assert!(downs.windows(2).all(|w| w[1] - w[0] >= 20), "{steps:?}");
+        assert!(
+            steps.iter().all(|s| s.1 >= 15),
+            "never more than one step off"
+        );
     }
 
     #[test]
