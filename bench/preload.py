@@ -164,7 +164,9 @@ def measure(kind, preload, n, workdir):
         pids = distinct_pids(port, n)
         boot = time.monotonic() - s.t0
         time.sleep(1.0)  # let the workers settle (first requests, gc)
-        procs = session_pids(s.master())
+        # The server's own session (master, template, gunicorn's workers) and the
+        # workers wherever they are (arbiterd's lead sessions of their own).
+        procs = set(session_pids(s.master())) | set(pids)
         worker_pss = [pss(p) for p in pids]
         total = sum(x for x in (pss(p) for p in procs) if x)
         # TTIN until a pid never seen answers.
