@@ -33,7 +33,8 @@ fn main() {
         println!("cargo::rerun-if-changed={}", d.display());
     }
 
-    let tools: [(&str, bool); 10] = [
+    let tools: [(&str, bool); 11] = [
+        ("script", binary("script")),
         ("socat", binary("socat")),
         ("logrotate", binary("logrotate")),
         ("man", binary("man")),

@@ -237,6 +237,10 @@ fn top_off_a_terminal_prints_frame_after_frame() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_script),
+    ignore = "script(1) is not installed (apt-get install util-linux)"
+)]
 fn top_on_a_terminal_quits_on_q_and_gives_the_terminal_back() {
     // `script` gives arbiterctl a pseudo-terminal; what we type goes to its stdin.
     if std::process::Command::new("script")
