@@ -362,11 +362,16 @@ fn upgrade_reports_the_takeover_when_the_old_master_is_stopped_mid_upgrade() {
                 .run()
         })
     };
-    // The new master is started (waiting at the gate): stop the old one.
+    // The new master is started (waiting at the gate): stop the old one. Not the
+    // `--check-config` run before it, which goes through the same script: the
+    // old master stopped then never starts a new one.
     let new = d.wait_until(LONG, "the new master started", || {
         children_of(old)
             .into_iter()
-            .find(|c| cmdline(c.pid).contains("gated-arbiterd.sh"))
+            .find(|c| {
+                let line = cmdline(c.pid);
+                line.contains("gated-arbiterd.sh") && !line.contains("--check-config")
+            })
             .map(|c| c.pid)
             .ok_or_else(|| "no new master yet".to_string())
     });
