@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A WSGI app under the standard library's wsgiref server on fd 3, reporting
-busy/idle on arbiterd's scoreboard through `arbiter_scoreboard.WSGIMiddleware`.
+busy/idle on arbiterd's scoreboard through `arbiter_preload.scoreboard.WSGIMiddleware`
+(python/arbiter_preload/scoreboard.py: one file, standard library only).
 
   GET /            -> {"pid": ..., "worker_id": ...}
   GET /sleep?ms=N  -> the same, after N ms (at most 60 s): busy meanwhile
@@ -14,8 +15,9 @@ import json, os, signal, socket, sys, threading, time
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from arbiter_scoreboard import WSGIMiddleware  # noqa: E402
+# The repository's python/ (or `pip install ./python`).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+from arbiter_preload.scoreboard import WSGIMiddleware  # noqa: E402
 
 
 def app(environ, start_response):

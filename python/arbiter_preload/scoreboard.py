@@ -1,4 +1,6 @@
-"""Say busy or idle on arbiterd's scoreboard (a copy of examples/scoreboard/arbiter_scoreboard.py).
+"""Say busy or idle on arbiterd's scoreboard, from any Python worker (one file,
+standard library only: it can be copied next to an application that does not
+install the package; examples/scoreboard uses it).
 
 arbiterd hands each worker ARBITER_SCOREBOARD_FD (shared memory) and
 ARBITER_SCOREBOARD_SLOT (its entry); the layout is in docs/workers.md. Marking
