@@ -2,7 +2,7 @@
 //! `crate::spawn`), registered with the event set at once, and backed off when
 //! fork or its preparations fail.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Instant, SystemTime};
 
 use arbiter_proto::worker as contract;
@@ -15,6 +15,7 @@ use crate::spawn::{Plan, Prepared};
 use crate::trees::Tree;
 use crate::workers::{Heartbeat, State, Worker};
 use crate::{error, info};
+use nix::unistd::Pid;
 
 impl Pool {
     pub(super) fn spawn_missing(&mut self, now: Instant, ctx: &SpawnContext<'_>, ev: &mut Events) {
@@ -96,54 +97,32 @@ impl Pool {
         ctx: &SpawnContext<'_>,
         ev: &mut Events,
     ) -> bool {
-        let credentials = ctx.cfg.worker_credentials();
-        let heartbeat = match Heartbeat::create(&self.heartbeat_dir, credentials) {
-            Ok(h) => h,
-            Err(e) => {
-                let dir = self.heartbeat_dir.display().to_string();
-                self.spawn_failed(format!("cannot create a heartbeat file in {dir}: {e}"), now);
-                return false;
-            }
+        let Some(parts) = self.worker_parts(ctx, now) else {
+            return false;
         };
-        let id = self.next_worker_id;
-        let (relay_read, relay_write) = match relay::pipe() {
-            Ok(p) => p,
-            Err(e) => {
-                self.spawn_failed(format!("cannot create the output pipe: {e}"), now);
-                return false;
-            }
+        let Some(parts) = parts.with_write_end() else {
+            return false;
         };
-        let cgroup = match self.containment.prepare(id) {
-            Ok(c) => c,
-            Err(e) => {
-                self.spawn_failed(format!("cannot make the worker's cgroup: {e}"), now);
-                return false;
-            }
-        };
-        // No free entry (more workers alive than a reload at --max-workers
-        // needs): the worker runs without one and shows as unknown.
-        let board = self
-            .scoreboard
-            .as_mut()
-            .and_then(|sb| Some((sb.claim(id)?, sb.fd().as_raw_fd())));
+        let (mut parts, relay_write) = parts;
+        let (id, board) = (parts.id, parts.board);
         let prepared = prepare(
             ctx,
             id,
             slot,
             self.generation,
-            &heartbeat,
+            &parts.heartbeat,
             board,
             relay_write.as_raw_fd(),
         );
         let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
-                self.release_board(board.map(|b| b.0));
+                self.discard(parts);
                 self.spawn_failed(format!("cannot prepare the worker: {e}"), now);
                 return false;
             }
         };
-        if let Some(c) = &cgroup {
+        if let Some(c) = &parts.cgroup {
             prepared.join_cgroup(c.dir_fd.as_raw_fd(), c.procs.as_raw_fd());
         }
         let spawned = prepared.spawn();
@@ -153,7 +132,7 @@ impl Pool {
         let (pid, exec_status) = match spawned {
             Ok(s) => s,
             Err(e) => {
-                self.release_board(board.map(|b| b.0));
+                self.discard(parts);
                 let why = if e.raw_os_error() == Some(libc::EAGAIN) {
                     format!("fork failed: {e} (process limit)")
                 } else {
@@ -163,26 +142,106 @@ impl Pool {
                 return false;
             }
         };
-        // Ours to keep for the worker's life: out of the range children copy.
-        let relay_read = crate::spawn::keep_from_children(relay_read);
-        let mut heartbeat = heartbeat;
-        heartbeat.keep_from_children();
-        ev.add(relay_read.as_fd(), Source::Relay(id));
         ev.add(exec_status.as_fd(), Source::Exec(id));
-        self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
-        self.next_worker_id += 1;
-        self.workers_spawned += 1;
-        self.spawn_trouble = None;
         info!(
             "Booting worker with pid: {pid} (id:{id} slot:{slot} gen:{})",
             self.generation
         );
+        parts.relay_write = None;
+        self.adopt(parts, slot, pid, Some(exec_status), now, ev);
+        self.spawn_trouble = None;
+        true
+    }
+
+    /// What a worker needs from the master before it exists (its heartbeat file,
+    /// output pipe, cgroup, scoreboard entry), for an exec'd worker and for one a
+    /// template forks alike. `None` (a backoff is set) if any cannot be made.
+    pub(super) fn worker_parts(
+        &mut self,
+        ctx: &SpawnContext<'_>,
+        now: Instant,
+    ) -> Option<WorkerParts> {
+        let credentials = ctx.cfg.worker_credentials();
+        let heartbeat = match Heartbeat::create(&self.heartbeat_dir, credentials) {
+            Ok(h) => h,
+            Err(e) => {
+                let dir = self.heartbeat_dir.display().to_string();
+                self.spawn_failed(format!("cannot create a heartbeat file in {dir}: {e}"), now);
+                return None;
+            }
+        };
+        let id = self.next_worker_id;
+        let (relay_read, relay_write) = match relay::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                self.spawn_failed(format!("cannot create the output pipe: {e}"), now);
+                return None;
+            }
+        };
+        let cgroup = match self.containment.prepare(id) {
+            Ok(c) => c,
+            Err(e) => {
+                self.spawn_failed(format!("cannot make the worker's cgroup: {e}"), now);
+                return None;
+            }
+        };
+        // No free entry (more workers alive than a reload at --max-workers
+        // needs): the worker runs without one and shows as unknown.
+        let board = self
+            .scoreboard
+            .as_mut()
+            .and_then(|sb| Some((sb.claim(id)?, sb.fd().as_raw_fd())));
+        self.next_worker_id += 1;
+        Some(WorkerParts {
+            id,
+            heartbeat,
+            relay_read,
+            relay_write: Some(relay_write),
+            cgroup,
+            board,
+        })
+    }
+
+    /// Parts of a worker that will not be: its scoreboard entry back, its cgroup
+    /// (empty: nobody was born in it) gone.
+    pub(super) fn discard(&mut self, parts: WorkerParts) {
+        self.release_board(parts.board.map(|b| b.0));
+        if let Some(c) = parts.cgroup {
+            let _ = std::fs::remove_dir(&c.dir);
+        }
+    }
+
+    /// Worker `parts.id` exists as `pid` (exec'd, with its exec-status pipe, or
+    /// forked by a template): the pool takes it in.
+    pub(super) fn adopt(
+        &mut self,
+        parts: WorkerParts,
+        slot: usize,
+        pid: Pid,
+        exec_status: Option<OwnedFd>,
+        now: Instant,
+        ev: &mut Events,
+    ) {
+        let WorkerParts {
+            id,
+            mut heartbeat,
+            relay_read,
+            cgroup,
+            board,
+            ..
+        } = parts;
+        // Ours to keep for the worker's life: out of the range children copy.
+        let relay_read = crate::spawn::keep_from_children(relay_read);
+        heartbeat.keep_from_children();
+        ev.add(relay_read.as_fd(), Source::Relay(id));
+        self.relays.push(Relay::new(relay_read, pid.as_raw(), id));
+        self.workers_spawned += 1;
         if let Some(g) = &mut self.guardian {
             g.watch(pid);
         }
         self.workers.push(Worker {
             tree: Tree::of_live_worker(pid, cgroup.map(|c| c.dir)),
-            kill_mode: ctx.cfg.kill_mode,
+            kill_mode: self.kill_mode,
             board: board.map(|b| b.0),
             cpu_samples: Default::default(),
             id,
@@ -192,7 +251,7 @@ impl Pool {
             state: State::Booting,
             started: now,
             started_wall: SystemTime::now(),
-            exec_status: Some(exec_status),
+            exec_status,
             heartbeat,
             sent: None,
             status_text: None,
@@ -205,7 +264,6 @@ impl Pool {
                 .ok()
                 .map(|f| std::fs::File::from(crate::spawn::keep_from_children(f.into()))),
         });
-        true
     }
 
     pub(super) fn spawn_failed(&mut self, what: String, now: Instant) {
@@ -222,6 +280,26 @@ impl Pool {
             since,
             error: what,
         });
+    }
+}
+
+/// What [`Pool::worker_parts`] makes for one worker.
+pub(super) struct WorkerParts {
+    pub id: u64,
+    pub heartbeat: Heartbeat,
+    pub relay_read: OwnedFd,
+    /// The output pipe's write end, until it is handed to the worker (or its
+    /// template): ours must then close, so EOF means the worker is gone.
+    pub relay_write: Option<OwnedFd>,
+    pub cgroup: Option<crate::trees::Prepared>,
+    pub board: Option<(u32, RawFd)>,
+}
+
+impl WorkerParts {
+    /// The parts and the write end, apart.
+    pub fn with_write_end(mut self) -> Option<(WorkerParts, OwnedFd)> {
+        let w = self.relay_write.take()?;
+        Some((self, w))
     }
 }
 

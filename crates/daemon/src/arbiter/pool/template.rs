@@ -15,7 +15,7 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 
 use arbiter_proto::worker as contract;
 
+use super::spawn::WorkerParts;
 use super::{Death, Exit, Phase, Pool, SpawnContext, backoff};
 use crate::arbiter::events::{Events, Source};
 use crate::config::WorkerProgram;
@@ -30,7 +31,6 @@ use crate::notify::Message;
 use crate::relay::{self, Relay};
 use crate::spawn::{Plan, Prepared};
 use crate::trees::Tree;
-use crate::workers::{Heartbeat, State, Worker};
 use crate::{error, info, warning};
 
 /// How long a worker's exit is kept while its `FORKED` line may still come.
@@ -73,12 +73,8 @@ pub struct Early {
 
 /// What was prepared for a worker the template has been asked to fork.
 pub struct Pending {
-    id: u64,
     slot: usize,
-    heartbeat: Heartbeat,
-    relay_read: OwnedFd,
-    board: Option<u32>,
-    cgroup: Option<std::path::PathBuf>,
+    parts: WorkerParts,
 }
 
 /// A template's status line (`status`).
@@ -122,34 +118,14 @@ impl Pool {
         if self.ready_template().is_none() {
             return false;
         }
-        let credentials = ctx.cfg.worker_credentials();
-        let heartbeat = match Heartbeat::create(&self.heartbeat_dir, credentials) {
-            Ok(h) => h,
-            Err(e) => {
-                let dir = self.heartbeat_dir.display().to_string();
-                self.spawn_failed(format!("cannot create a heartbeat file in {dir}: {e}"), now);
-                return false;
-            }
+        let Some(parts) = self
+            .worker_parts(ctx, now)
+            .and_then(WorkerParts::with_write_end)
+        else {
+            return false;
         };
-        let (relay_read, relay_write) = match relay::pipe() {
-            Ok(p) => p,
-            Err(e) => {
-                self.spawn_failed(format!("cannot create the output pipe: {e}"), now);
-                return false;
-            }
-        };
-        let id = self.next_worker_id;
-        let cgroup = match self.containment.prepare(id) {
-            Ok(c) => c,
-            Err(e) => {
-                self.spawn_failed(format!("cannot make the worker's cgroup: {e}"), now);
-                return false;
-            }
-        };
-        let board = self
-            .scoreboard
-            .as_mut()
-            .and_then(|sb| Some((sb.claim(id)?, sb.fd().as_raw_fd())));
+        let (parts, relay_write) = parts;
+        let (id, board) = (parts.id, parts.board);
         // The worker's environment: what an exec'd worker gets that is its own.
         let listeners = ctx.listeners.len() as i32;
         let mut lines = vec![
@@ -162,7 +138,7 @@ impl Pool {
                 contract::LISTEN_FDS_START + listeners
             ),
         ];
-        let mut fds: Vec<RawFd> = vec![relay_write.as_raw_fd(), heartbeat.fd()];
+        let mut fds: Vec<RawFd> = vec![relay_write.as_raw_fd(), parts.heartbeat.fd()];
         let mut names = vec!["stdio", "heartbeat"];
         if let Some((index, fd)) = board {
             lines.push(format!(
@@ -174,7 +150,7 @@ impl Pool {
             fds.push(fd);
             names.push("scoreboard");
         }
-        if let Some(c) = &cgroup {
+        if let Some(c) = &parts.cgroup {
             fds.push(c.procs.as_raw_fd());
             names.push("cgroup");
         }
@@ -184,6 +160,7 @@ impl Pool {
         lines.push(format!("FDS={}", names.join(",")));
         let message = lines.join("\n");
         let Some(t) = self.ready_template() else {
+            self.discard(parts);
             return false;
         };
         let cmsg = [ControlMessage::ScmRights(&fds)];
@@ -198,20 +175,12 @@ impl Pool {
         // EOF on the relay means the worker (and its children) are gone.
         drop(relay_write);
         if let Err(e) = sent {
-            self.release_board(board.map(|b| b.0));
+            self.discard(parts);
             self.spawn_failed(format!("cannot ask the template to fork: {e}"), now);
             return false;
         }
         let template_pid = t.pid;
-        t.pending.push(Pending {
-            id,
-            slot,
-            heartbeat,
-            relay_read,
-            board: board.map(|b| b.0),
-            cgroup: cgroup.map(|c| c.dir),
-        });
-        self.next_worker_id += 1;
+        t.pending.push(Pending { slot, parts });
         info!(
             "Asked the template (pid:{template_pid}) for worker id:{id} slot:{slot} gen:{}",
             self.generation
@@ -444,7 +413,7 @@ impl Pool {
                     if let Ok(wid) = wid.parse::<u64>()
                         && let Some(p) = take_pending(&mut self.templates[i], wid)
                     {
-                        self.release_board(p.board);
+                        self.discard(p.parts);
                         self.spawn_failed(format!("the template could not fork: {reason}"), now);
                     }
                 }
@@ -465,50 +434,19 @@ impl Pool {
             warning!("Template said it forked worker id:{wid}, which was not asked for");
             return false;
         };
-        let relay_read = crate::spawn::keep_from_children(p.relay_read);
-        let mut heartbeat = p.heartbeat;
-        heartbeat.keep_from_children();
-        ev.add(relay_read.as_fd(), Source::Relay(wid));
-        self.relays.push(Relay::new(relay_read, pid.as_raw(), wid));
-        self.workers_spawned += 1;
-        self.spawn_trouble = None;
         info!(
             "Booting worker with pid: {pid} (id:{wid} slot:{} gen:{generation}, forked from the template)",
             p.slot
         );
-        if let Some(g) = &mut self.guardian {
-            g.watch(pid);
-        }
-        let mut w = Worker {
-            tree: Tree::of_live_worker(pid, p.cgroup),
-            kill_mode: self.kill_mode,
-            board: p.board,
-            cpu_samples: Default::default(),
-            id: wid,
-            slot: p.slot,
-            pid,
-            generation,
-            state: State::Booting,
-            started: now,
-            started_wall: SystemTime::now(),
-            exec_status: None,
-            heartbeat,
-            sent: None,
-            status_text: None,
-            ready_at: None,
-            retiring: false,
-            extended_until: None,
-            recycle: false,
-            statm: std::fs::File::open(format!("/proc/{pid}/statm"))
-                .ok()
-                .map(|f| std::fs::File::from(crate::spawn::keep_from_children(f.into()))),
-        };
+        self.spawn_trouble = None;
+        self.adopt(p.parts, p.slot, pid, None, now, ev);
         // Forked, not exec'd: with exec readiness it counts from now, as an exec'd
         // worker counts from its exec.
-        if self.ready_mode == crate::config::ReadyMode::Exec {
+        if self.ready_mode == crate::config::ReadyMode::Exec
+            && let Some(w) = self.workers.last_mut()
+        {
             w.mark_ready(now);
         }
-        self.workers.push(w);
         true
     }
 
@@ -561,7 +499,7 @@ impl Pool {
             info!("Template (pid:{pid}) killed for loading too long");
         }
         for p in t.pending {
-            self.release_board(p.board);
+            self.discard(p.parts);
         }
         // Its own helpers, if any are left; the workers it forked live on in
         // their own groups and cgroups.
@@ -693,6 +631,6 @@ fn rss_of(pid: Pid) -> Option<u64> {
 }
 
 fn take_pending(t: &mut Template, wid: u64) -> Option<Pending> {
-    let at = t.pending.iter().position(|p| p.id == wid)?;
+    let at = t.pending.iter().position(|p| p.parts.id == wid)?;
     Some(t.pending.swap_remove(at))
 }
