@@ -135,9 +135,8 @@ pub fn human_time(rfc3339: &str) -> String {
     }
 }
 
-/// The lines above the table: the master line, then listeners and notes.
-pub fn status_header(st: &Status) -> String {
-    let m = &st.master;
+/// `web (pid 4100) v0.1.0: 3/4 ready, generation 2, up 3h12m` (and `, stopping`).
+pub fn master_line(m: &arbiter_proto::status::MasterStatus) -> String {
     let mut out = format!(
         "{} (pid {}) v{}: {}/{} ready, generation {}, up {}",
         m.name,
@@ -151,6 +150,13 @@ pub fn status_header(st: &Status) -> String {
     if m.state != "running" {
         let _ = write!(out, ", {}", m.state);
     }
+    out
+}
+
+/// The lines above the table: the master line, then listeners and notes.
+pub fn status_header(st: &Status) -> String {
+    let m = &st.master;
+    let mut out = master_line(m);
     out.push('\n');
     if !m.listeners.is_empty() {
         // With each listener, its accept queue: connections no worker took yet.

@@ -18,7 +18,7 @@ use arbiter_proto::status::{Status, WorkerStatus};
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use unicode_width::UnicodeWidthStr;
 
-use crate::render::{beat_cell, cpu_cell, human_bytes, human_duration};
+use crate::render::{beat_cell, cpu_cell, human_bytes, master_line};
 use crate::{Cli, DEFAULT_TIMEOUT, Fail, Report, bound, connect_target, json_line};
 
 /// One status snapshot from the master.
@@ -203,25 +203,13 @@ const WORKER_COLUMNS: [&str; 9] = [
 pub fn frame(st: &Status, cols: usize, rows: usize) -> String {
     let m = &st.master;
     let mut lines: Vec<String> = Vec::new();
-    let mut head = format!(
-        "{} (pid {}) v{}: {}/{} ready, generation {}, up {}",
-        m.name,
-        m.pid,
-        m.version,
-        m.ready,
-        m.target,
-        m.generation,
-        human_duration(m.uptime_secs)
-    );
+    let mut head = master_line(m);
     let reporting = m.workers_busy + m.workers_idle;
     if reporting > 0 {
         let _ = write!(head, ", busy {}/{reporting}", m.workers_busy);
     }
     if let Some(a) = &m.autoscale {
         let _ = write!(head, ", adapting within {}..{}", a.min, a.max);
-    }
-    if m.state != "running" {
-        let _ = write!(head, ", {}", m.state);
     }
     lines.push(head);
     let addr_width = m
