@@ -444,3 +444,51 @@ fn the_python_reference_templates_own_tests_pass() {
     assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
 }
+
+#[test]
+fn an_upgraded_preloading_master_starts_its_own_template_and_loses_no_request() {
+    let (d, file) = preloaded(2, "v1");
+    wait_answers(&d, 2, 1, "v1");
+    let old_master = d.pid();
+    let old_template = template_pid(&d).unwrap();
+    std::fs::write(&file, "v2").unwrap();
+    let load = Load::start(d.listener().clone());
+    let out = Run::new(ARBITERCTL)
+        .arg("--control")
+        .arg(d.control_path())
+        .arg("upgrade")
+        .timeout(LONG)
+        .run();
+    if out.code() != Some(0) {
+        d.fail(&format!("upgrade: {out:?}"));
+    }
+    let new_master = d.wait_until(LONG, "the new master answering", || {
+        let st = status_at(&d.control_path())?;
+        match st["master"]["pid"].as_i64().map(|p| p as i32) {
+            Some(p) if p != old_master => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    d.register_pid(new_master);
+    d.wait_until(LONG, "the new master's template serving v2", || {
+        let t = template_pid(&d).ok_or("no template")?;
+        let r = http_get(d.listener(), "/", SHORT)
+            .map_err(|e| e.to_string())?
+            .json();
+        if t != old_template && r["answer"] == "v2" && r["template"] == t {
+            Ok(())
+        } else {
+            Err(format!("template {t}, answer {r}"))
+        }
+    });
+    load.wait_more(&d, 20);
+    let stats = load.finish();
+    assert_eq!(stats.failed, 0, "{:#?}", stats.failures);
+    d.wait_until(LONG, "the old master and template gone", || {
+        if is_alive(old_master) || is_alive(old_template) {
+            Err("still alive".to_string())
+        } else {
+            Ok(())
+        }
+    });
+}
