@@ -10,10 +10,11 @@ by N workers (N = 4 and 32) in four ways:
   gunicorn --preload   the sync worker, the app loaded in gunicorn's master
   gunicorn             the sync worker, each worker loads it
 
-For each: boot (launch until N distinct workers answer), memory once serving (PSS
-of every worker and the total PSS of every process of the server, master and
-template included, from /proc/PID/smaps_rollup), TTIN to serving (the signal until
-a new pid answers), and a reload under load (HUP every 2 s for 10 s with a client
+For each: boot (launch until N distinct workers answer a burst of 2N concurrent
+requests), memory once serving (PSS of every worker and the total PSS of every
+process of the server, master and template included, from
+/proc/PID/smaps_rollup), TTIN to serving (the signal until a new pid answers such
+a burst), and a reload under load (HUP every 2 s for 10 s with a client
 loop; failed requests, and whether the answers came from new code).
 
 Stdlib only. Every server runs in its own session and is killed with it.
@@ -101,14 +102,33 @@ def wait_for(what, probe, timeout):
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def burst(port, k):
+    """k concurrent GET / (each on its own connection): the pids that answered.
+    Concurrent, so that every worker gets one: sequential requests mostly go to
+    whichever worker got the last one (it is back in accept first), which would
+    measure the workers' accept fairness instead of when they serve."""
+    pids = set()
+    lock = threading.Lock()
+
+    def one():
+        j = get(port)
+        if j:
+            with lock:
+                pids.add(j["pid"])
+
+    threads = [threading.Thread(target=one) for _ in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return pids
+
+
 def distinct_pids(port, n, timeout=120):
     seen = set()
 
     def probe():
-        for _ in range(4 * n):
-            j = get(port)
-            if j:
-                seen.add(j["pid"])
+        seen.update(burst(port, 2 * n))
         return len(seen) >= n and seen
 
     return wait_for(f"{n} distinct workers", probe, timeout)
@@ -174,8 +194,7 @@ def measure(kind, preload, n, workdir):
         os.kill(s.master(), signal.SIGTTIN)
 
         def new_pid():
-            j = get(port)
-            return j and j["pid"] not in pids and j["pid"]
+            return burst(port, 2 * (n + 1)) - set(pids)
 
         wait_for("the TTIN worker", new_pid, 120)
         ttin = time.monotonic() - t
