@@ -54,20 +54,64 @@ impl Drop for NotifySocket {
 }
 
 /// A fresh directory only we (and root) can enter: `$XDG_RUNTIME_DIR` (a tmpfs of
-/// our own) or `/tmp`, `arbiter-NAME.XXXXXX`.
+/// our own) or `/tmp`, `arbiter-NAME.PIDNS.PID.XXXXXX`. The pid (and its
+/// namespace) in the name lets a later master of the name remove what a killed
+/// one left (SIGKILL skips our drop), as it does with cgroups.
 fn private_dir(name: &str) -> std::io::Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty() && Path::new(d).is_dir())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    let base = private_base();
     // Short: the socket path must fit in 108 bytes.
     let short: String = name
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .take(16)
         .collect();
-    let template = base.join(format!("arbiter-{short}.XXXXXX"));
+    let pidns = std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    });
+    let prefix = format!("arbiter-{short}.{pidns}.");
+    remove_stale(&base, &prefix);
+    let template = base.join(format!("{prefix}{}.XXXXXX", std::process::id()));
     // mkdtemp makes it 0700, with a name nobody could have prepared.
     Ok(nix::unistd::mkdtemp(&template)?)
+}
+
+/// Where the private directories go: `$XDG_RUNTIME_DIR`, else `/tmp`.
+fn private_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty() && Path::new(d).is_dir())
+        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+}
+
+/// Our directories under `base` named `PREFIX.PID.XXXXXX` whose master is gone.
+fn remove_stale(base: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Not following a link, and only what we own: another user's name-alike
+        // is none of our business.
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != me {
+            continue;
+        }
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH)
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// One thing a worker said.
@@ -323,6 +367,31 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, std::process::id() as i32);
         assert_eq!(got[0].1, vec![Message::Ready, Message::Status("hi".into())]);
+    }
+
+    #[test]
+    fn what_a_killed_master_left_is_removed_by_the_next_of_its_name() {
+        // A pid that is surely gone: a child we reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let pidns = std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        let base = private_base();
+        let stale = base.join(format!("arbiter-stalecase.{pidns}.{dead}.abcdef"));
+        let alive = base.join(format!(
+            "arbiter-stalecase.{pidns}.{}.ghijkl",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::create_dir_all(&alive).unwrap();
+        let sock = NotifySocket::bind("stale-case", None).unwrap();
+        assert!(!stale.exists(), "a dead master's directory is removed");
+        assert!(alive.exists(), "a live one's is kept");
+        drop(sock);
+        std::fs::remove_dir_all(&alive).unwrap();
     }
 
     #[test]
