@@ -246,14 +246,27 @@ mod tests {
         assert!(ev.wait(PollTimeout::ZERO).is_empty());
     }
 
+    /// `fd` moved to the lowest free number from 700: a range nothing else in
+    /// this process uses (the master's per-worker fds sit above 1024), so the
+    /// number freed by a close comes back to the next caller even while other
+    /// tests open fds in parallel threads.
+    fn in_quiet_range(fd: std::os::fd::OwnedFd) -> std::os::fd::OwnedFd {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let n = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(700)).unwrap();
+        // SAFETY: a fresh fd from F_DUPFD, owned here alone.
+        unsafe { OwnedFd::from_raw_fd(n) }
+    }
+
     #[test]
     fn an_fd_closed_without_remove_does_not_hide_its_successor() {
         let mut ev = Events::new().unwrap();
         let (r, w) = nix::unistd::pipe().unwrap();
+        let r = in_quiet_range(r);
         let number = r.as_raw_fd();
         ev.add(r.as_fd(), Source::Upgrade);
         drop((r, w));
         let (r2, w2) = nix::unistd::pipe().unwrap();
+        let r2 = in_quiet_range(r2);
         assert_eq!(r2.as_raw_fd(), number, "the number is reused");
         ev.add(r2.as_fd(), Source::Upgrade);
         nix::unistd::write(&w2, b"x").unwrap();
