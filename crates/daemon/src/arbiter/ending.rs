@@ -1,0 +1,144 @@
+//! How the master ends, and who hears about it: the shutdown (graceful or
+//! quick), a halt with a status and a reason, the deadline by which whoever waits
+//! for the first generation (`-D`'s launcher, an old master) hears, and the last
+//! words: replies to waiting clients, sockets, pidfile, the launcher's report.
+
+use std::time::Instant;
+
+use arbiter_proto::control::{ErrorKind, Reply, Response};
+use nix::sys::signal::Signal;
+
+use super::{Arbiter, QUICK_GRACE, Shutdown};
+use crate::{error, info};
+
+impl Arbiter {
+    pub fn begin_shutdown(&mut self, graceful: bool) {
+        let now = Instant::now();
+        match &mut self.shutdown {
+            Some(s) if graceful || !s.graceful => {
+                info!("Already shutting down");
+                return;
+            }
+            Some(s) => {
+                info!("Quick shutdown requested");
+                s.graceful = false;
+                s.deadline = s.deadline.min(now + QUICK_GRACE);
+            }
+            None => {
+                if self.reloads.in_flight.take().is_some() {
+                    self.reply_reload_waiters(Response::err(
+                        ErrorKind::Refused,
+                        "the master is shutting down; the reload was abandoned",
+                    ));
+                }
+                let wait = if graceful {
+                    self.cfg.graceful_timeout
+                } else {
+                    self.cfg.graceful_timeout.min(QUICK_GRACE)
+                };
+                self.shutdown = Some(Shutdown {
+                    graceful,
+                    deadline: now + wait,
+                });
+                self.tell_manager("STOPPING=1");
+                // New connections now wait in the backlog of the workers' copies
+                // until those close; the unix socket path goes away at once, unless
+                // another master serves on it.
+                self.release_listeners();
+                // Its address too is free for a master started in our place.
+                self.close_metrics();
+            }
+        }
+        let deadline = self.shutdown.as_ref().map_or(now, |s| s.deadline);
+        let sig = if graceful {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGQUIT
+        };
+        self.pool.stop_all(sig, deadline, graceful);
+    }
+
+    pub(super) fn halt(&mut self, status: u8, reason: &str) {
+        error!("{reason} Halting with status {status}");
+        self.exit_status = status;
+        self.exit_reason = Some(reason.to_string());
+        self.begin_shutdown(true);
+    }
+
+    /// Whoever waits to hear that we serve (`-D`'s launcher, an old master) hears
+    /// by then: a crash-looping first generation must not keep an init script or a
+    /// deploy waiting forever.
+    pub(super) fn report_due(&self) -> Option<Instant> {
+        if self.shutdown.is_some() {
+            return None;
+        }
+        self.report.as_ref()?;
+        Some(self.started + self.cfg.boot_timeout)
+    }
+
+    /// No worker ready within `--boot-timeout` while someone waits: stop, and say
+    /// why in the workers' own words.
+    pub(super) fn check_report(&mut self, now: Instant) {
+        if self.report_due().is_none_or(|t| now < t) {
+            return;
+        }
+        let mut reason = format!(
+            "no worker was ready within --boot-timeout ({}s)",
+            self.cfg.boot_timeout.as_secs_f64()
+        );
+        if let Some(trouble) = self.pool.spawn_trouble() {
+            reason += &format!(": workers cannot be started: {}", trouble.error);
+        } else if let Some(last) = self.pool.last_failure() {
+            reason += &format!("; the last {last}");
+        }
+        self.halt(1, &reason);
+    }
+
+    pub(super) fn finish(mut self) -> u8 {
+        self.pool.drain_relays(Instant::now());
+        let bye = Response::ok(Reply::Stopped {
+            pid: self.master_pid.as_raw(),
+        });
+        for id in std::mem::take(&mut self.stop_waiters) {
+            self.reply(id, &bye);
+        }
+        if let Some(new_pid) = self.lineage.successor() {
+            let done = Response::ok(Reply::Upgraded {
+                old_pid: self.master_pid.as_raw(),
+                new_pid: new_pid.as_raw(),
+                workers: self.lineage.successor_workers(),
+            });
+            for id in self.lineage.take_handover_waiters() {
+                self.reply(id, &done);
+            }
+        }
+        if let Some(c) = self.control.take() {
+            // The new master renames its socket over the path: leave ours there
+            // until then, so the path never goes missing.
+            c.shutdown(self.lineage.successor().is_none());
+        }
+        self.release_listeners();
+        self.close_metrics();
+        self.pool.tear_down();
+        if let Some(p) = self.pidfile.take() {
+            p.remove();
+        }
+        if self.exit_status == 0 {
+            info!("Shutting down: Master");
+        } else {
+            error!("Shutting down: Master");
+        }
+        if let Some(reason) = &self.exit_reason {
+            error!("Reason: {reason}");
+        }
+        if let Some(r) = self.report.take() {
+            r.error(
+                self.exit_status.max(1),
+                self.exit_reason
+                    .as_deref()
+                    .unwrap_or("the master stopped before it served"),
+            );
+        }
+        self.exit_status
+    }
+}
