@@ -20,6 +20,7 @@ pub mod pidfile;
 pub mod queue;
 pub mod ratelimit;
 pub mod relay;
+pub mod reserve;
 pub mod scoreboard;
 pub mod signals;
 pub mod spawn;

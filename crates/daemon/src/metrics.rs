@@ -248,13 +248,9 @@ pub struct MetricsServer {
     accept_paused_until: Option<Instant>,
     /// Out of fds, given up for a moment to accept one waiting client and tell it
     /// `503`, rather than leave it hanging until its scrape timeout.
-    reserve: Option<std::fs::File>,
+    reserve: crate::reserve::ReserveFd,
     accept_errors: Repeated,
     refusals: Repeated,
-}
-
-fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
 }
 
 /// What the loop should watch for one fd of the metrics server.
@@ -291,7 +287,7 @@ impl MetricsServer {
             next_id: 1,
             retired: Vec::new(),
             accept_paused_until: None,
-            reserve: open_reserve(),
+            reserve: crate::reserve::ReserveFd::hold(),
             accept_errors: Repeated::new(LOG_EVERY),
             refusals: Repeated::new(LOG_EVERY),
         })
@@ -404,30 +400,11 @@ impl MetricsServer {
         self.sweep();
     }
 
-    /// Out of fds: give up the reserve fd, accept one waiting client, tell it
-    /// `503` and close it, then take the reserve back. False when there is no
-    /// reserve or no client came.
+    /// Out of fds: the reserve fd answers one waiting client `503` at once.
+    /// False when it could not.
     fn refuse_with_reserve(&mut self) -> bool {
-        let Some(reserve) = self.reserve.take() else {
-            return false;
-        };
-        drop(reserve);
-        let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-        let answered = match accept4(self.listener.as_fd().as_raw_fd(), flags) {
-            Ok(fd) => {
-                // SAFETY: accept4 returned a new fd that nothing else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                let _ = send(
-                    fd.as_raw_fd(),
-                    &refusal(Status::Busy),
-                    MsgFlags::MSG_NOSIGNAL,
-                );
-                true
-            }
-            Err(_) => false,
-        };
-        self.reserve = open_reserve();
-        answered
+        self.reserve
+            .refuse(self.listener.as_fd(), &refusal(Status::Busy))
     }
 
     /// Out of fds and no reserve to answer with: the connection stays in the
@@ -435,9 +412,7 @@ impl MetricsServer {
     /// not spin on it.
     fn out_of_fds(&mut self, e: Errno, now: Instant) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-        if self.reserve.is_none() {
-            self.reserve = open_reserve();
-        }
+        self.reserve.refill();
         if let Some(n) = self.accept_errors.note(now) {
             warning!(
                 "Metrics: accept failed: {e}; trying again every {} ms{}",

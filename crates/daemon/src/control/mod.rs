@@ -89,13 +89,8 @@ pub struct ControlServer {
     /// An fd held in reserve (`/dev/null`): out of fds, it is given up for a moment
     /// to accept a waiting client and tell it `busy`, instead of leaving it hanging
     /// until its timeout says "no master answering".
-    reserve: Option<std::fs::File>,
+    reserve: crate::reserve::ReserveFd,
     accept_errors: Repeated,
-}
-
-/// The reserve fd: anything that costs one descriptor and nothing else.
-fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
 }
 
 /// What the poll loop should watch for one fd of the control server.
@@ -241,29 +236,13 @@ impl ControlServer {
         }
     }
 
-    /// Out of fds: give up the reserve fd, accept one waiting client, tell it
-    /// `busy` at once (JSON lines: it has not written yet) and close it, then take
-    /// the reserve back. False when there is no reserve or no client came.
+    /// Out of fds: the reserve fd answers one waiting client `busy` at once (JSON
+    /// lines: it has not written yet). False when it could not.
     fn refuse_with_reserve(&mut self) -> bool {
-        let Some(reserve) = self.reserve.take() else {
-            return false;
-        };
-        drop(reserve);
-        let answered = match self.listener.accept() {
-            Ok((mut stream, _)) => {
-                let _ = stream.set_nonblocking(true);
-                if let Ok(mut line) =
-                    serde_json::to_vec(&Response::err(ErrorKind::Busy, OUT_OF_FDS))
-                {
-                    line.push(b'\n');
-                    let _ = io::Write::write(&mut stream, &line);
-                }
-                true
-            }
-            Err(_) => false,
-        };
-        self.reserve = open_reserve();
-        answered
+        let mut line =
+            serde_json::to_vec(&Response::err(ErrorKind::Busy, OUT_OF_FDS)).unwrap_or_default();
+        line.push(b'\n');
+        self.reserve.refuse(self.listener.as_fd(), &line)
     }
 
     /// Out of fds and no reserve to answer with: the connection stays in the
@@ -272,10 +251,7 @@ impl ControlServer {
     /// once fds are free again.
     fn out_of_fds(&mut self, e: io::Error, now: Instant) {
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-        if self.reserve.is_none() {
-            // Lost at some EMFILE: try to take it again now that time has passed.
-            self.reserve = open_reserve();
-        }
+        self.reserve.refill();
         if let Some(n) = self.accept_errors.note(now) {
             warning!(
                 "Control socket: accept failed: {e}; trying again every {} ms{}",

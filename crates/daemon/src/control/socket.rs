@@ -35,7 +35,7 @@ impl ControlServer {
             restore_backoff: RESTORE_DELAY,
             retired: Vec::new(),
             accept_paused_until: None,
-            reserve: super::open_reserve(),
+            reserve: crate::reserve::ReserveFd::hold(),
             accept_errors: Repeated::new(ACCEPT_ERROR_LOG_EVERY),
         };
         match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
