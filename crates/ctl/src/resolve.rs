@@ -51,10 +51,6 @@ pub struct MasterArgs {
     pub name: Option<OsString>,
     /// `-c/--config FILE`.
     pub config: Option<OsString>,
-    /// `--chdir DIR`.
-    pub chdir: Option<OsString>,
-    /// `-D/--daemon`.
-    pub daemon: bool,
 }
 
 /// arbiterd's long options that take a value (the others are flags). A copy of
@@ -104,7 +100,6 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
             "control" => out.control = v,
             "name" | "n" => out.name = v,
             "config" | "c" => out.config = v,
-            "chdir" => out.chdir = v,
             _ => {}
         }
     };
@@ -121,9 +116,7 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
                 None => (long, None),
             };
             let key = String::from_utf8_lossy(key);
-            if key == "daemon" {
-                out.daemon = true;
-            } else if LONG_WITH_VALUE.contains(&key.as_ref()) {
+            if LONG_WITH_VALUE.contains(&key.as_ref()) {
                 let value = match inline {
                     Some(v) => Some(v),
                     None if i < args.len() => {
@@ -139,9 +132,7 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
         } else if let Some(cluster) = a.strip_prefix(b"-").filter(|c| !c.is_empty()) {
             // -D, -w4, -n web, -nweb, -n=web, -Dn web
             for (j, &c) in cluster.iter().enumerate() {
-                if c == b'D' {
-                    out.daemon = true;
-                } else if SHORT_WITH_VALUE.contains(&c) {
+                if SHORT_WITH_VALUE.contains(&c) {
                     let rest = &cluster[j + 1..];
                     let rest = rest.strip_prefix(b"=").unwrap_or(rest);
                     let value = if !rest.is_empty() {
@@ -487,7 +478,6 @@ mod tests {
             MasterArgs {
                 name: os("web"),
                 config: os("app.toml"),
-                daemon: true,
                 ..MasterArgs::default()
             }
         );
@@ -514,8 +504,8 @@ mod tests {
         assert_eq!((a.name, a.control), (os("a"), None));
         // A trailing option without its value.
         assert_eq!(p(&["arbiterd", "--control"]).control, None);
-        assert_eq!(p(&["arbiterd", "--chdir", "/srv"]).chdir, os("/srv"));
-        assert!(p(&["arbiterd", "--daemon"]).daemon);
+        // A skipped value is not read as the name.
+        assert_eq!(p(&["arbiterd", "--chdir", "-n"]).name, None);
     }
 
     #[test]
