@@ -41,6 +41,12 @@ pub fn open(path: &Path, flags: OFlag, mode: u32, kind: Kind) -> io::Result<File
         // A non-blocking open for writing of a FIFO without a reader, or any
         // open of a socket file.
         Errno::ENXIO => refused("it is a FIFO that nobody reads, or a socket"),
+        // `fs.protected_regular` refuses even root an O_CREAT open of another
+        // user's file in a sticky directory: say whose it is, as below.
+        Errno::EACCES => match nix::sys::stat::lstat(path) {
+            Ok(st) if !owned_by_us_or_root(st.st_uid) => refused(&not_ours(st.st_uid)),
+            _ => io::Error::from(e),
+        },
         e => io::Error::from(e),
     })?;
     let st = nix::sys::stat::fstat(fd.as_fd())?;
@@ -52,14 +58,21 @@ pub fn open(path: &Path, flags: OFlag, mode: u32, kind: Kind) -> io::Result<File
     if !ok {
         return Err(refused(&format!("it is {}, not a regular file", what(fmt))));
     }
-    let me = nix::unistd::geteuid().as_raw();
-    if st.st_uid != me && st.st_uid != 0 {
-        return Err(refused(&format!(
-            "it is owned by uid {}, not by us (uid {me}) or root",
-            st.st_uid
-        )));
+    if !owned_by_us_or_root(st.st_uid) {
+        return Err(refused(&not_ours(st.st_uid)));
     }
     Ok(File::from(fd))
+}
+
+fn owned_by_us_or_root(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+fn not_ours(uid: u32) -> String {
+    format!(
+        "it is owned by uid {uid}, not by us (uid {}) or root",
+        nix::unistd::geteuid().as_raw()
+    )
 }
 
 /// Read a whole regular file of at most `limit` bytes (see [`open`]).
