@@ -161,8 +161,14 @@ pub fn run() -> ExitCode {
         let _ = nix::sys::signal::killpg(Pid::from_raw(*g), Signal::SIGKILL);
     }
     if let Some(root) = &root {
-        crate::trees::kill_cgroup(root);
-        crate::trees::remove_tree(root);
+        // Born in the master's leaf (when it has one): out of it first, or the
+        // kill of the whole cgroup would take us before we removed it.
+        if root.join(crate::trees::MASTER_LEAF).exists() {
+            crate::trees::vacate(root, &[std::process::id() as i32]);
+        } else {
+            crate::trees::kill_cgroup(root);
+            crate::trees::remove_tree(root);
+        }
     }
     ExitCode::SUCCESS
 }

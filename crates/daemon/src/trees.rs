@@ -9,6 +9,15 @@
 //! killed at once with `cgroup.kill`, and its CPU time is the tree's (`cpu.stat`).
 //! Elsewhere a worker's tree is its process group, which a process can leave.
 //!
+//! Below a cgroup that is not the hierarchy's root (a systemd unit's delegated
+//! cgroup, a login session), the master first moves itself into a leaf,
+//! `arbiter.NAME.PIDNS.PID/master`, and its workers' cgroups are that leaf's
+//! siblings: cgroup v2's "no internal processes" rule lets only a cgroup without
+//! processes of its own hand controllers (memory, cpu, pids) to its children, so
+//! the delegated cgroup and `arbiter.*` stay free of processes. At exit the
+//! master goes back where it came from and removes `arbiter.*`. A new master of
+//! an upgrade is born in its predecessor's leaf and takes the same home.
+//!
 //! The [`crate::guardian`] kills what is left if the master itself is killed.
 
 use std::fs::File;
@@ -22,10 +31,15 @@ use nix::unistd::Pid;
 use crate::config::CgroupMode;
 use crate::{info, warning};
 
+/// The leaf of `arbiter.NAME.PIDNS.PID` that the master (and its guardian) live in.
+pub const MASTER_LEAF: &str = "master";
+
 /// How workers' trees are contained.
 pub enum Containment {
-    /// Each worker in a cgroup of its own under `root`.
-    Cgroup { root: PathBuf },
+    /// Each worker in a cgroup of its own under `root`; with `in_leaf`, the
+    /// master in `root/master` (else it stays in `root`'s parent, the
+    /// hierarchy's root, where the rule does not apply).
+    Cgroup { root: PathBuf, in_leaf: bool },
     /// Each worker leads a process group; descendants that leave it escape.
     ProcessGroups,
 }
@@ -68,43 +82,67 @@ impl Containment {
     /// process groups. Leftovers of a master of the same name that was killed
     /// (its cgroup still there, its pid gone) are killed and removed first.
     pub fn set_up(name: &str, master_pid: Pid, mode: CgroupMode) -> Containment {
-        let Some(parent) = own_cgroup_dir().filter(|_| mode == CgroupMode::Auto) else {
+        let Some(own) = own_cgroup_dir().filter(|_| mode == CgroupMode::Auto) else {
             return Containment::ProcessGroups;
         };
+        let parent = home_of(&own.dir).to_path_buf();
         // The pid namespace is in the name: a pid means something only there, and
         // masters in other namespaces (containers) may share the hierarchy.
         let prefix = format!("arbiter.{}.{}.", sanitize(name), pid_namespace());
         clean_predecessors(&parent, &prefix);
         let root = parent.join(format!("{prefix}{master_pid}"));
         match std::fs::create_dir(&root) {
-            Ok(()) if root.join("cgroup.kill").exists() => Containment::Cgroup { root },
+            Ok(()) if root.join("cgroup.kill").exists() => {}
             Ok(()) => {
                 // A kernel before 5.14: no cgroup.kill, so no kill of a whole tree
                 // at once; process groups it is.
                 let _ = std::fs::remove_dir(&root);
+                return Containment::ProcessGroups;
+            }
+            Err(_) => return Containment::ProcessGroups,
+        }
+        if own.is_root {
+            return Containment::Cgroup {
+                root,
+                in_leaf: false,
+            };
+        }
+        let leaf = root.join(MASTER_LEAF);
+        let moved = std::fs::create_dir(&leaf)
+            .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), b"0"));
+        match moved {
+            Ok(()) => Containment::Cgroup {
+                root,
+                in_leaf: true,
+            },
+            Err(e) => {
+                warning!(
+                    "Cannot move the master into {}: {e}; worker trees are process groups",
+                    leaf.display()
+                );
+                remove_tree(&root);
                 Containment::ProcessGroups
             }
-            Err(_) => Containment::ProcessGroups,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
-            Containment::Cgroup { root } => format!("cgroup v2 ({})", root.display()),
+            Containment::Cgroup { root, .. } => format!("cgroup v2 ({})", root.display()),
             Containment::ProcessGroups => "process groups".to_string(),
         }
     }
 
     pub fn cgroup_root(&self) -> Option<&Path> {
         match self {
-            Containment::Cgroup { root } => Some(root),
+            Containment::Cgroup { root, .. } => Some(root),
             Containment::ProcessGroups => None,
         }
     }
 
     /// Make the cgroup of worker `id`, if cgroups are in use.
     pub fn prepare(&self, id: u64) -> io::Result<Option<Prepared>> {
-        let Containment::Cgroup { root } = self else {
+        let Containment::Cgroup { root, .. } = self else {
             return Ok(None);
         };
         let dir = root.join(format!("w{id}"));
@@ -130,11 +168,22 @@ impl Containment {
         }))
     }
 
-    /// The master exits: remove our cgroups (empty by now, or killed).
+    /// The master exits: back to where it came from, with whatever shares its
+    /// leaf (the guardian), then our cgroups go (empty by now, or killed).
     pub fn tear_down(&self) {
-        if let Containment::Cgroup { root } = self {
-            kill_cgroup(root);
-            remove_tree(root);
+        match self {
+            Containment::Cgroup {
+                root,
+                in_leaf: true,
+            } => {
+                let movers = cgroup_pids(&root.join(MASTER_LEAF));
+                vacate(root, &movers);
+            }
+            Containment::Cgroup { root, .. } => {
+                kill_cgroup(root);
+                remove_tree(root);
+            }
+            Containment::ProcessGroups => {}
         }
     }
 }
@@ -284,8 +333,59 @@ fn clock_ticks() -> f64 {
     }
 }
 
+/// Move `movers` (pids in `root/master`) back to `root`'s parent, then kill and
+/// remove `root`. Where the parent refuses them (it hands controllers to its
+/// children, so it may hold no process), only the workers' cgroups go, and the
+/// leaf stays until its processes are gone (systemd removes a unit's cgroups
+/// when it stops; the next master of the name removes a dead one's).
+pub fn vacate(root: &Path, movers: &[i32]) {
+    let Some(home) = root.parent() else { return };
+    let refused = movers.iter().any(|pid| {
+        match std::fs::write(home.join("cgroup.procs"), pid.to_string()) {
+            Ok(()) => false,
+            // Gone meanwhile.
+            Err(e) => e.raw_os_error() != Some(nix::libc::ESRCH),
+        }
+    });
+    if !refused {
+        kill_cgroup(root);
+        remove_tree(root);
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != MASTER_LEAF {
+                kill_cgroup(&e.path());
+                remove_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// Where a master whose own cgroup is `own` puts `arbiter.*`: beside itself, or,
+/// born in a predecessor's leaf (`arbiter.NAME.PIDNS.PID/master`, an upgrade),
+/// where that one put it.
+fn home_of(own: &Path) -> &Path {
+    let in_leaf = own.file_name().is_some_and(|n| n == MASTER_LEAF)
+        && own
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("arbiter."));
+    match own.parent().and_then(Path::parent) {
+        Some(home) if in_leaf => home,
+        _ => own,
+    }
+}
+
+struct OwnCgroup {
+    dir: PathBuf,
+    /// The root of the hierarchy (as our cgroup namespace shows it).
+    is_root: bool,
+}
+
 /// Our own cgroup v2 directory, if the hierarchy is mounted and writable.
-fn own_cgroup_dir() -> Option<PathBuf> {
+fn own_cgroup_dir() -> Option<OwnCgroup> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER`
     let mount = mountinfo.lines().find_map(|l| {
@@ -299,7 +399,10 @@ fn own_cgroup_dir() -> Option<PathBuf> {
     let dir = Path::new(mount).join(path.trim_start_matches('/'));
     nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK)
         .ok()
-        .map(|()| dir)
+        .map(|()| OwnCgroup {
+            dir,
+            is_root: path.trim() == "/",
+        })
 }
 
 /// The inode of our pid namespace (`/proc/self/ns/pid`), 0 if unknown.
