@@ -102,9 +102,19 @@ pub struct Lineage {
     /// What the checker or the new master wrote into its pipe so far.
     said: Vec<u8>,
     /// A failed new master asked to quit; KILL it at the deadline.
-    abandoned: Option<(Pid, Instant)>,
+    abandoned: Option<Abandoned>,
     /// New masters that became ready.
     pub upgrades: u64,
+}
+
+/// A new master given up on.
+struct Abandoned {
+    pid: Pid,
+    kill_at: Instant,
+    /// Its end of the pipe whose EOF promotes it, held until it is gone: let go
+    /// before, it would take itself for promoted (the old master gone) as it
+    /// quits, and claim the control socket's path and systemd's main pid.
+    _alive: Option<OwnedFd>,
 }
 
 /// What the upgrade's pipe said.
@@ -186,9 +196,12 @@ impl Lineage {
         self.is_unpromoted() || self.successor().is_some()
     }
 
-    /// We speak for the service to systemd: not once a new master sent `MAINPID=`.
+    /// We are the service's main process to systemd, and speak for it: the
+    /// master systemd started (or was handed) stays so until it exits, through an
+    /// upgrade's overlap, so systemd always supervises a child of its own; a new
+    /// master is silent until the old one is gone. See docs/upgrade.md.
     pub fn is_main_process(&self) -> bool {
-        self.successor().is_none()
+        !self.is_unpromoted()
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -196,7 +209,7 @@ impl Lineage {
             Stage::Upgrading(u) => Some(u.deadline),
             _ => None,
         };
-        [upgrade, self.abandoned.map(|(_, t)| t)]
+        [upgrade, self.abandoned.as_ref().map(|a| a.kill_at)]
             .into_iter()
             .flatten()
             .min()
@@ -475,7 +488,7 @@ impl Lineage {
 
     /// A child of ours exited: was it part of an upgrade?
     pub fn on_child_exit(&mut self, pid: Pid, death: Death) -> ChildExit {
-        if self.abandoned.is_some_and(|(p, _)| p == pid) {
+        if self.abandoned.as_ref().is_some_and(|a| a.pid == pid) {
             self.abandoned = None;
             info!("The abandoned new master (pid:{pid}) {}", death.describe());
             return ChildExit::Abandoned;
@@ -530,7 +543,14 @@ impl Lineage {
         }
         let pid = u.step.pid();
         if nix::sys::signal::kill(pid, Signal::SIGQUIT).is_ok() {
-            self.abandoned = Some((pid, Instant::now() + ABANDON_GRACE));
+            self.abandoned = Some(Abandoned {
+                pid,
+                kill_at: Instant::now() + ABANDON_GRACE,
+                _alive: match u.step {
+                    Step::Starting { alive, .. } => Some(alive),
+                    Step::Checking { .. } => None,
+                },
+            });
         }
         Some(Failure {
             waiters: u.waiters,
@@ -541,8 +561,8 @@ impl Lineage {
     /// The upgrade's deadline passed (the caller fails it), or the abandoned
     /// master's: KILL.
     pub fn check_deadlines(&mut self, now: Instant) -> Option<String> {
-        if let Some((pid, t)) = self.abandoned
-            && now >= t
+        if let Some(Abandoned { pid, kill_at, .. }) = self.abandoned
+            && now >= kill_at
         {
             warning!("The abandoned new master (pid:{pid}) did not exit; sending SIGKILL");
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
