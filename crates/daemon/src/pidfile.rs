@@ -52,6 +52,31 @@ impl std::fmt::Display for PidfileError {
 
 /// `file` locked, without waiting; `None` if another open file holds a lock that
 /// conflicts.
+/// `.NAME.PID.tmp` in `path`'s directory.
+fn tmp_beside(path: &Path) -> io::Result<PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
+    Ok(dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+fn open_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 fn try_lock(file: File, exclusive: bool) -> io::Result<Option<Flock<File>>> {
     let arg = if exclusive {
         FlockArg::LockExclusiveNonblock
@@ -95,28 +120,8 @@ impl Pidfile {
                 pid: read_pid(path),
             });
         }
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file_name = path.file_name().ok_or_else(|| {
-            io_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a file path",
-            ))
-        })?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err)?;
+        let tmp = tmp_beside(path).map_err(io_err)?;
+        let file = open_new(&tmp).map_err(io_err)?;
         let result = (|| {
             let Some(mut file) = try_lock(file, true)? else {
                 return Err(io::Error::other("lock taken by another process"));
@@ -140,6 +145,22 @@ impl Pidfile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Write `pid`, another master's, to `path` (atomically, unlocked): an old
+    /// master's last act when a new one took over, so that whoever reads the
+    /// usual name as the old master exits (systemd's `PIDFile=`, above all) finds
+    /// the new master. The new master renames its own locked file over it when
+    /// it notices.
+    pub fn name_successor(path: &Path, pid: i32) -> io::Result<()> {
+        let tmp = tmp_beside(path)?;
+        let written = open_new(&tmp)
+            .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// Move the file (keeping its lock: same inode) to `to`.

@@ -208,8 +208,9 @@ pub fn main() -> ExitCode {
         },
         None => None,
     };
-    let daemonized = cfg.daemon && inherited.is_none() && report.is_some()
-        || inherited.is_some() && cfg.daemon && !under_systemd;
+    let detached = cfg.daemon && inherited.is_none() && report.is_some()
+        || inherited.is_some() && cfg.daemon
+        || under_systemd;
     let setup = arbiter::Setup {
         loader,
         cfg,
@@ -218,7 +219,7 @@ pub fn main() -> ExitCode {
         control: Some(control),
         metrics,
         report,
-        daemonized,
+        detached,
         start,
         scaled: inherited.as_ref().and_then(|i| i.scaled),
         predecessor: inherited.map(|i| (i.from, i.parent)),

@@ -40,7 +40,11 @@ impl Arbiter {
                     graceful,
                     deadline: now + wait,
                 });
-                self.tell_manager("STOPPING=1");
+                // Handing over (or leaving the new master of a USR2 serving): the
+                // service is not stopping, it changes hands as we exit.
+                if self.lineage.successor().is_none() {
+                    self.tell_manager("STOPPING=1");
+                }
                 // New connections now wait in the backlog of the workers' copies
                 // until those close; the unix socket path goes away at once, unless
                 // another master serves on it.
@@ -122,6 +126,14 @@ impl Arbiter {
         self.pool.tear_down();
         if let Some(p) = self.pidfile.take() {
             p.remove();
+        }
+        if let (Some(new_pid), Some(base)) = (self.lineage.successor(), &self.cfg.pidfile)
+            && let Err(e) = crate::pidfile::Pidfile::name_successor(base, new_pid.as_raw())
+        {
+            error!(
+                "Cannot write the new master's pid (pid:{new_pid}) to {}: {e}",
+                base.display()
+            );
         }
         if self.exit_status == 0 {
             info!("Shutting down: Master");

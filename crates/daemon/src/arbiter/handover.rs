@@ -98,9 +98,9 @@ impl Arbiter {
         for id in waiters {
             self.reply(id, &resp);
         }
-        if self.shutdown.is_none() {
-            self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
-        }
+        // We never handed systemd over (that happens as we exit): we were its
+        // main process all along, and only the status changes.
+        self.tell_manager("");
     }
 
     fn restore_pidfile(&mut self) {
@@ -145,5 +145,10 @@ impl Arbiter {
             m.own_path();
         }
         info!("Master has been promoted (the old master, pid {old}, is gone).");
+        // No MAINPID= of ours: systemd takes us from PIDFile= (which the old
+        // master pointed at us) as it reaps the old master, when we are its child.
+        // Said now, it could reach systemd before the kernel moved us to it (the
+        // pipe's EOF comes a moment before), and systemd would take us for a
+        // process it cannot watch, and kill rather than stop us later.
     }
 }

@@ -36,8 +36,8 @@ impl Manager {
     }
 
     /// Feed the unit's watchdog when due. `speaking`: we are the service's main
-    /// process; after a new master took over (it sent `MAINPID=`) the watchdog is
-    /// its to feed, but the deadline still moves, or the loop would spin on it.
+    /// process; a new master whose old one still runs is not yet, but the
+    /// deadline still moves, or the loop would spin on it.
     pub fn check(&mut self, now: Instant, speaking: bool) {
         let (Some(m), Some(t)) = (&self.manager, self.watchdog_at) else {
             return;

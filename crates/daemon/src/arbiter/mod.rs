@@ -92,7 +92,10 @@ pub struct Setup {
     pub metrics: Option<MetricsServer>,
     /// Who waits to hear that we serve: `-D`'s launcher, or an upgrading old master.
     pub report: Option<Report>,
-    pub daemonized: bool,
+    /// No terminal of ours can send WINCH for a resize: detached by `-D`, or a
+    /// service that systemd runs. Then WINCH is the upgrade dance's "stop your
+    /// workers".
+    pub detached: bool,
     pub start: StartContext,
     /// When we are an upgrade: the old master's pid and the pipe whose EOF says it
     /// is gone.
@@ -128,7 +131,7 @@ pub struct Arbiter {
     pidfile: Option<Pidfile>,
     /// `-D`: the launcher (or the old master) waiting to hear that we serve.
     report: Option<Report>,
-    daemonized: bool,
+    detached: bool,
 
     // The master's own life.
     shutdown: Option<Shutdown>,
@@ -150,7 +153,7 @@ impl Arbiter {
             control,
             metrics,
             report,
-            daemonized,
+            detached,
             start,
             predecessor,
             scaled,
@@ -203,7 +206,7 @@ impl Arbiter {
             master_pid,
             pidfile,
             report,
-            daemonized,
+            detached,
             shutdown: None,
             exit_status: 0,
             exit_reason: None,
@@ -453,14 +456,14 @@ impl Arbiter {
                     warning!("USR2 signal ignored. {e}");
                 }
             }
-            Signal::SIGWINCH if self.daemonized => {
+            Signal::SIGWINCH if self.detached => {
                 // The upgrade dance: the old master keeps its listeners and pidfile
                 // but hands all traffic to the new one. HUP or a scale brings
                 // workers back.
                 info!("graceful stop of workers");
                 self.pool.set_target(0);
             }
-            Signal::SIGWINCH => info!("SIGWINCH ignored. Not daemonized"),
+            Signal::SIGWINCH => info!("SIGWINCH ignored. Not daemonized (nor a systemd service)"),
             _ => {}
         }
     }
@@ -580,13 +583,9 @@ impl Arbiter {
         let progress = self.pool.converge(now, &ctx, &mut self.events);
         if let Some(ready) = progress.first_served {
             info!("Serving: {ready} worker(s) ready");
-            if self.lineage.is_unpromoted() {
-                // Take over as systemd's main process before the old master exits,
-                // so a Type=notify unit stays active through the handover.
-                self.tell_manager(&format!("MAINPID={}\nREADY=1", self.master_pid));
-            } else {
-                self.tell_manager("READY=1");
-            }
+            // A new master of an upgrade is not heard yet (the old one speaks
+            // until it hands over); tell_manager knows.
+            self.tell_manager("READY=1");
             if let Some(r) = self.report.take() {
                 r.ready(ready);
             }
