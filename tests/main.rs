@@ -1,5 +1,6 @@
 //! Black-box tests: the real `arbiterd` and `arbiterctl`, driven from outside.
 
+mod adopt;
 mod capacity;
 mod cli_table;
 mod config_file;

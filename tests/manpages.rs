@@ -196,7 +196,10 @@ const ARBITERD_SECTIONS: &[Section] = &[
             Tp(
                 "LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES",
                 "Sockets handed over by systemd socket activation (or by an upgrading master): \
-                 adopted instead of binding, and passed on to the workers with their names.",
+                 adopted instead of binding, and passed on to the workers with their names. A \
+                 `--bind` that names the address one of systemd's listens on (or `fd://N` for \
+                 the one passed as N) is that socket, never bound again nor its file removed; \
+                 one that no `--bind` names is served too.",
             ),
             Tp(
                 "NOTIFY_SOCKET, WATCHDOG_USEC",

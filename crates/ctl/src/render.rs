@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use arbiter_proto::status::{Status, WorkerStatus};
+use arbiter_proto::status::{Inherited, Status, WorkerStatus};
 use tabled::builder::Builder;
 use tabled::settings::object::Columns;
 use tabled::settings::{Alignment, Padding, Style};
@@ -159,13 +159,27 @@ pub fn status_header(st: &Status) -> String {
     let mut out = master_line(m);
     out.push('\n');
     if !m.listeners.is_empty() {
-        // With each listener, its accept queue: connections no worker took yet.
+        // With each listener, its accept queue (connections no worker took yet)
+        // and where it came from if this master did not bind it.
         let addrs: Vec<String> = m
             .listeners
             .iter()
-            .map(|l| match (l.queue, l.queue_limit) {
-                (Some(q), Some(limit)) => format!("{} (queue {q}/{limit})", l.address),
-                _ => l.address.clone(),
+            .map(|l| {
+                let mut notes = Vec::new();
+                if let (Some(q), Some(limit)) = (l.queue, l.queue_limit) {
+                    notes.push(format!("queue {q}/{limit}"));
+                }
+                notes.extend(l.inherited.map(|from| match (from, &l.bind) {
+                    (Inherited::Systemd, _) => "from systemd".to_string(),
+                    (Inherited::Upgrade, _) => "handed over at an upgrade".to_string(),
+                    (Inherited::Fd, Some(bind)) => format!("from {bind}"),
+                    (Inherited::Fd, None) | (Inherited::Unknown, _) => "inherited".to_string(),
+                }));
+                if notes.is_empty() {
+                    l.address.clone()
+                } else {
+                    format!("{} ({})", l.address, notes.join(", "))
+                }
             })
             .collect();
         let _ = writeln!(out, "listening at {}", addrs.join(", "));
@@ -444,12 +458,16 @@ pub(crate) mod tests {
                         name: "127.0.0.1_8000".into(),
                         queue: Some(3),
                         queue_limit: Some(2048),
+                        bind: Some("127.0.0.1:8000".into()),
+                        inherited: None,
                     },
                     ListenerStatus {
                         address: "unix:/run/app.sock".into(),
                         name: "app".into(),
                         queue: None,
                         queue_limit: None,
+                        bind: Some("unix:/run/app.sock".into()),
+                        inherited: Some(Inherited::Systemd),
                     },
                 ],
                 reload: None,
@@ -617,12 +635,28 @@ ID  SLOT     PID  GEN  STATE        UP  BEAT/30s  ↺  CPU%    RSS  BUSY  STATUS
         let text = status_header(&st);
         let want = "\
 web (pid 1234) v0.1.0: 3/4 ready, generation 2, up 3h12m
-listening at http://127.0.0.1:8000 (queue 3/2048), unix:/run/app.sock
+listening at http://127.0.0.1:8000 (queue 3/2048), unix:/run/app.sock (from systemd)
 last reload: generation 2 ok at 2026-11-24 09:58:01 UTC: 4 workers ready in 1.2s
 slot 3 is crash-looping (3 failures in a row)
 ";
         assert_eq!(text, want, "got:\n{text}");
         assert!(status_text(&st).starts_with(want));
+    }
+
+    #[test]
+    fn listeners_say_where_they_came_from() {
+        let mut st = fixture();
+        let ls = &mut st.master.listeners;
+        ls[0].inherited = Some(Inherited::Upgrade);
+        ls[1].inherited = Some(Inherited::Fd);
+        ls[1].bind = Some("fd://3".into());
+        let text = status_header(&st);
+        let line = text.lines().nth(1).unwrap();
+        assert_eq!(
+            line,
+            "listening at http://127.0.0.1:8000 (queue 3/2048, handed over at an upgrade), \
+             unix:/run/app.sock (from fd://3)"
+        );
     }
 
     #[test]

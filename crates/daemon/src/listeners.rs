@@ -16,6 +16,25 @@ use nix::sys::socket::{
 
 use crate::config::BindSpec;
 
+mod adopt;
+pub use adopt::{claim, log_systemd, near_miss};
+
+/// Where a listener came from. It decides whether a reload may close it, who
+/// removes its socket file, and what `status` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Bound by this master from a bind.
+    Bound,
+    /// Bound from a bind by an earlier master, which handed it over at an upgrade.
+    HandedOver,
+    /// `fd://N`: opened by whoever started the master.
+    Fd,
+    /// Socket activation: systemd made it and keeps it (also when an upgrading
+    /// master passed it on). It is served whatever the binds say, and its socket
+    /// file is systemd's: never removed here.
+    Systemd,
+}
+
 pub struct Listener {
     fd: OwnedFd,
     /// How operators see it: `http://127.0.0.1:8000`, `unix:/run/app.sock`.
@@ -24,8 +43,14 @@ pub struct Listener {
     pub name: String,
     /// A socket file this master created and must remove on a real shutdown.
     pub owned_path: Option<PathBuf>,
-    /// What it was bound from; `None` for sockets handed over by systemd.
+    /// The bind that names it: the one it was bound from, or for systemd's, the
+    /// one that resolves to its address; `None` for a systemd socket that no bind
+    /// names.
     pub spec: Option<BindSpec>,
+    pub origin: Origin,
+    /// The number systemd (or an upgrading master) passed it as: 3, 4, ... in
+    /// `LISTEN_FDS` order, which is what a bind `fd://N` names.
+    pub passed_as: Option<RawFd>,
 }
 
 impl Listener {
@@ -40,6 +65,28 @@ impl Listener {
             name,
             owned_path: None,
             spec: Some(spec),
+            origin: Origin::HandedOver,
+            passed_as: None,
+        }
+    }
+
+    /// Promoted after an upgrade: the socket file of a unix bind is ours to remove
+    /// from now on. systemd's never is, even when a bind names its path.
+    pub fn own_path(&mut self) {
+        if self.origin != Origin::Systemd
+            && let Some(BindSpec::Unix(path)) = &self.spec
+        {
+            self.owned_path = Some(path.clone());
+        }
+    }
+
+    /// What a new master is told this socket came from: its bind, or `None` for
+    /// systemd's, which the new master matches against its own binds (its
+    /// configuration may have changed) and never treats as its own.
+    pub fn handover_spec(&self) -> Option<String> {
+        match self.origin {
+            Origin::Systemd => None,
+            _ => self.spec.as_ref().map(|s| s.to_string()),
         }
     }
 
@@ -51,14 +98,19 @@ impl Listener {
             name: self.name.clone(),
             owned_path: self.owned_path.clone(),
             spec: self.spec.clone(),
+            origin: self.origin,
+            passed_as: self.passed_as,
         })
     }
 }
 
 /// The listeners for `specs`, reusing the sockets of `current` where the address
-/// is unchanged (rebinding it would fail: the old workers still listen on it) and
-/// keeping systemd's sockets. New addresses are bound here; on failure nothing new
-/// is left open.
+/// is unchanged (rebinding it would fail: the old workers still listen on it).
+/// systemd's sockets are all kept, first and in their order as at start-up, each
+/// named by the bind that now resolves to its address, if any: a bind removed
+/// from the configuration does not close a socket systemd holds (the socket unit
+/// decides what systemd listens on). New addresses are bound here; on failure
+/// nothing new is left open.
 pub fn rebind(
     current: &[Listener],
     specs: &[BindSpec],
@@ -70,14 +122,19 @@ pub fn rebind(
         err,
     };
     let mut out = Vec::new();
-    for l in current.iter().filter(|l| l.spec.is_none()) {
-        out.push(l.try_clone().map_err(|e| clone_err(l, e))?);
+    for l in current.iter().filter(|l| l.origin == Origin::Systemd) {
+        let mut kept = l.try_clone().map_err(|e| clone_err(l, e))?;
+        kept.spec = None;
+        out.push(kept);
     }
     if use_specs {
-        for spec in specs {
-            let next = match current.iter().find(|l| l.spec.as_ref() == Some(spec)) {
+        for spec in claim(&mut out, specs) {
+            let own = current
+                .iter()
+                .find(|l| l.origin != Origin::Systemd && l.spec.as_ref() == Some(&spec));
+            let next = match own {
                 Some(l) => l.try_clone().map_err(|e| clone_err(l, e)),
-                None => bind_one(spec, opts),
+                None => bind_one(&spec, opts),
             };
             match next {
                 Ok(l) => out.push(l),
@@ -292,9 +349,9 @@ pub fn bind_one(spec: &BindSpec, opts: &BindOptions) -> Result<Listener, BindErr
         BindSpec::Fd(n) => (adopt_fd(*n, backlog).map_err(fail)?, None),
     };
     let display = display_of(fd.as_fd());
-    let name = match spec {
-        BindSpec::Fd(_) => fdname(&display),
-        _ => fdname(display.trim_start_matches("http://")),
+    let (name, origin) = match spec {
+        BindSpec::Fd(_) => (fdname(&display), Origin::Fd),
+        _ => (fdname(display.trim_start_matches("http://")), Origin::Bound),
     };
     Ok(Listener {
         fd,
@@ -302,6 +359,8 @@ pub fn bind_one(spec: &BindSpec, opts: &BindOptions) -> Result<Listener, BindErr
         name,
         owned_path,
         spec: Some(spec.clone()),
+        origin,
+        passed_as: None,
     })
 }
 
@@ -375,7 +434,8 @@ pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 }
 
 /// Adopt systemd's sockets when `LISTEN_PID` names us, and remove the variables so
-/// nothing we spawn mistakes them for its own.
+/// nothing we spawn mistakes them for its own. An upgrading master hands its
+/// listeners over the same way; the caller tells its binds from systemd's.
 pub fn from_systemd(backlog: i32) -> Result<Vec<Listener>, BindError> {
     let pid_matches = std::env::var("LISTEN_PID")
         .ok()
@@ -417,6 +477,8 @@ pub fn from_systemd(backlog: i32) -> Result<Vec<Listener>, BindError> {
             name,
             owned_path: None,
             spec: None,
+            origin: Origin::Systemd,
+            passed_as: Some(n),
         });
     }
     Ok(out)

@@ -4,6 +4,7 @@
 //! socket file, no pidfile, no half-started daemon).
 
 use crate::arbiter;
+use crate::listeners::Origin;
 use crate::{
     BUILTIN_WORKER_ARG, builtin, config, control, daemonize, error, info, listeners, log, metrics,
     pidfile, spawn, upgrade,
@@ -88,14 +89,24 @@ pub fn main() -> ExitCode {
     };
     if let Some(inh) = &inherited {
         // The old master's own binds come back as they were; ones the (possibly
-        // edited) configuration no longer names are dropped.
+        // edited) configuration no longer names are dropped. systemd's come
+        // without a bind and are matched below, as at a first start.
         for (l, spec) in socks.iter_mut().zip(&inh.specs) {
-            l.spec = spec.as_deref().and_then(|s| config::parse_bind(s).ok());
+            if let Some(spec) = spec.as_deref().and_then(|s| config::parse_bind(s).ok()) {
+                l.origin = match spec {
+                    config::BindSpec::Fd(_) => Origin::Fd,
+                    _ => Origin::HandedOver,
+                };
+                l.spec = Some(spec);
+            }
         }
-        socks.retain(|l| l.spec.as_ref().is_none_or(|s| cfg.binds.contains(s)));
+        socks.retain(|l| {
+            l.origin == Origin::Systemd || l.spec.as_ref().is_some_and(|s| cfg.binds.contains(s))
+        });
     }
-    let has_systemd = socks.iter().any(|l| l.spec.is_none());
-    let to_bind: Vec<config::BindSpec> = if has_systemd && cfg.default_bind {
+    let has_systemd = socks.iter().any(|l| l.origin == Origin::Systemd);
+    // systemd's sockets and no bind given: they are all there is to serve.
+    let wanted: Vec<config::BindSpec> = if has_systemd && cfg.default_bind {
         Vec::new()
     } else {
         cfg.binds
@@ -104,17 +115,19 @@ pub fn main() -> ExitCode {
             .cloned()
             .collect()
     };
-    if has_systemd && !to_bind.is_empty() {
-        info!(
-            "Using {} socket(s) from systemd and the --bind addresses",
-            socks.len()
-        );
-    }
+    let to_bind = listeners::claim(&mut socks, &wanted);
     match listeners::bind_all(&to_bind, &opts) {
-        Ok(more) => socks.extend(more),
+        Ok(more) => {
+            listeners::log_systemd(&socks, !cfg.default_bind);
+            socks.extend(more);
+        }
         Err(e) => {
+            let msg = match listeners::near_miss(&socks, &e) {
+                Some(hint) => format!("{e}; {hint}"),
+                None => e.to_string(),
+            };
             listeners::close_all(socks);
-            return fail(e);
+            return fail(msg);
         }
     }
     // Until promoted, a new master lives beside the old one under `.2` names.

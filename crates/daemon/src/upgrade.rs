@@ -7,7 +7,8 @@
 //!
 //! - `ARBITER_UPGRADE_FROM`: the old master's pid;
 //! - `ARBITER_UPGRADE_SPECS`: the `--bind` each inherited socket came from (JSON,
-//!   `null` for systemd's), so the new master reuses them instead of binding again;
+//!   `null` for systemd's, which the new master matches against its own binds as
+//!   at a first start), so the new master reuses them instead of binding again;
 //! - `ARBITER_UPGRADE_READY_FD`: where to write `ready PID` once its first generation
 //!   is ready (or `error: ...`), the same protocol as `-D`'s launcher pipe;
 //! - `ARBITER_UPGRADE_PARENT_FD`: a pipe whose EOF means the old master is gone: the

@@ -136,6 +136,31 @@ pub struct ListenerStatus {
     pub queue: Option<u64>,
     #[serde(default)]
     pub queue_limit: Option<u64>,
+    /// The bind that names it (`127.0.0.1:8000`, `unix:/run/app.sock`, `fd://3`),
+    /// as resolved: the one it was bound from, or the one that resolves to an
+    /// inherited socket's address; `None` for an inherited socket that no bind
+    /// names, served all the same.
+    #[serde(default)]
+    pub bind: Option<String>,
+    /// Where the socket came from; `None`: this master bound it.
+    #[serde(default)]
+    pub inherited: Option<Inherited>,
+}
+
+/// Where an inherited listener came from. On the wire a lowercase string; one
+/// this build does not know reads as [`Inherited::Unknown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inherited {
+    /// Socket activation: systemd made it and holds it (also once an upgrade
+    /// passed it on to a new master). Its socket file is systemd's.
+    Systemd,
+    /// An earlier master bound it and handed it over at an upgrade.
+    Upgrade,
+    /// `fd://N`: opened by whoever started the master.
+    Fd,
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -314,5 +339,28 @@ mod tests {
         assert!(serde_json::from_str::<WorkerState>("3").is_err());
         assert!(WorkerState::Ready == "ready");
         assert!(WorkerState::Ready != "recycling");
+    }
+
+    #[test]
+    fn listener_origins_on_the_wire() {
+        let l: ListenerStatus =
+            serde_json::from_str(r#"{"address":"http://127.0.0.1:8000","name":"http"}"#).unwrap();
+        assert_eq!(
+            (l.bind, l.inherited),
+            (None, None),
+            "an older master's snapshot"
+        );
+        for (o, wire) in [
+            (Inherited::Systemd, "\"systemd\""),
+            (Inherited::Upgrade, "\"upgrade\""),
+            (Inherited::Fd, "\"fd\""),
+        ] {
+            assert_eq!(serde_json::to_string(&o).unwrap(), wire);
+            assert_eq!(serde_json::from_str::<Inherited>(wire).unwrap(), o);
+        }
+        assert_eq!(
+            serde_json::from_str::<Inherited>("\"inetd\"").unwrap(),
+            Inherited::Unknown
+        );
     }
 }

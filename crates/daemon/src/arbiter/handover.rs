@@ -8,7 +8,6 @@ use arbiter_proto::control::{ErrorKind, Response};
 
 use super::Arbiter;
 use super::lineage::{PipeOutcome, Sockets};
-use crate::config;
 use crate::control::ClientId;
 use crate::{error, info};
 
@@ -137,9 +136,7 @@ impl Arbiter {
             );
         }
         for l in &mut self.listeners {
-            if let Some(config::BindSpec::Unix(path)) = &l.spec {
-                l.owned_path = Some(path.clone());
-            }
+            l.own_path();
         }
         if let Some(m) = &mut self.metrics {
             m.own_path();

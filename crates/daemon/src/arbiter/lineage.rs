@@ -318,10 +318,7 @@ impl Lineage {
         let n = fds.len() as i32;
         fds.push(ready_w.as_raw_fd());
         fds.push(alive_r.as_raw_fd());
-        let specs: Vec<Option<String>> = listeners
-            .iter()
-            .map(|l| l.spec.as_ref().map(|s| s.to_string()))
-            .collect();
+        let specs: Vec<Option<String>> = listeners.iter().map(|l| l.handover_spec()).collect();
         let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
         let mut env = base.clone();
         env.listeners(&names);

@@ -175,12 +175,18 @@ impl Arbiter {
                 backlog: new.backlog,
                 reuse_port: new.reuse_port,
             };
-            let has_systemd = self.listeners.iter().any(|l| l.spec.is_none());
+            let has_systemd = self
+                .listeners
+                .iter()
+                .any(|l| l.origin == listeners::Origin::Systemd);
             let use_specs = !has_systemd || !new.default_bind;
-            Some(
-                listeners::rebind(&self.listeners, &new.binds, use_specs, &opts)
-                    .map_err(|e| e.to_string())?,
-            )
+            let rebound = listeners::rebind(&self.listeners, &new.binds, use_specs, &opts)
+                .map_err(|e| match listeners::near_miss(&self.listeners, &e) {
+                    Some(hint) => format!("{e}; {hint}"),
+                    None => e.to_string(),
+                })?;
+            listeners::log_systemd(&rebound, !new.default_bind);
+            Some(rebound)
         } else {
             None
         };

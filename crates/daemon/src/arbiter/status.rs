@@ -8,6 +8,7 @@ use arbiter_proto::status as snapshot;
 use super::Arbiter;
 use super::pool::CRASH_LOOP_AFTER;
 use super::reload::ReloadOutcome;
+use crate::listeners::Origin;
 use crate::workers::{State, Worker};
 
 fn rfc3339(t: SystemTime) -> String {
@@ -89,6 +90,13 @@ impl Arbiter {
                             name: l.name.clone(),
                             queue: q.map(|q| u64::from(q.len)),
                             queue_limit: q.map(|q| u64::from(q.limit)),
+                            bind: l.spec.as_ref().map(ToString::to_string),
+                            inherited: match l.origin {
+                                Origin::Bound => None,
+                                Origin::HandedOver => Some(snapshot::Inherited::Upgrade),
+                                Origin::Fd => Some(snapshot::Inherited::Fd),
+                                Origin::Systemd => Some(snapshot::Inherited::Systemd),
+                            },
                         }
                     })
                     .collect(),
