@@ -204,9 +204,10 @@ const ARBITERD_SECTIONS: &[Section] = &[
             Tp(
                 "NOTIFY_SOCKET, WATCHDOG_USEC",
                 "Under systemd: `READY=1` once the first generation is ready, `RELOADING=1` \
-                 around a reload, `STATUS=` with the worker counts, `MAINPID=` when an upgrade \
-                 hands over, and watchdog pings. With NOTIFY_SOCKET set, `-D` does not detach. \
-                 Never passed on to workers.",
+                 around a reload, `STATUS=` with the worker counts, and watchdog pings. A new \
+                 master of an upgrade says nothing until the old one exits, having written the \
+                 new pid to the pidfile, which systemd reads (`PIDFile=`) as it reaps the old. \
+                 With NOTIFY_SOCKET set, `-D` does not detach. Never passed on to workers.",
             ),
             Tp("XDG_RUNTIME_DIR", "Where the default control socket goes."),
             P("Set for each worker:"),
