@@ -158,11 +158,6 @@ impl NotifySink {
     pub(crate) fn history(&self) -> Vec<Datagram> {
         self.history.lock().unwrap().clone()
     }
-
-    /// What was received after `g`.
-    pub(crate) fn since(&self, g: &Datagram) -> Vec<Datagram> {
-        self.history.lock().unwrap()[g.index + 1..].to_vec()
-    }
 }
 
 fn monotonic_usec() -> u64 {
