@@ -33,7 +33,7 @@ fn main() {
         println!("cargo::rerun-if-changed={}", d.display());
     }
 
-    let tools: [(&str, bool); 11] = [
+    let tools: [(&str, bool); 12] = [
         ("script", binary("script")),
         ("socat", binary("socat")),
         ("logrotate", binary("logrotate")),
@@ -48,6 +48,14 @@ fn main() {
         ("py_uvicorn", imports(&pythons, "uvicorn")),
         ("node", binary("node")),
         ("go", binary("go")),
+        // tests/systemd: a real systemd booted in namespaces of its own.
+        (
+            "systemd_tier",
+            Path::new("/lib/systemd/systemd").exists()
+                && binary("unshare")
+                && binary("nsenter")
+                && nix_is_root(),
+        ),
     ];
     for (tool, present) in tools {
         println!("cargo::rustc-check-cfg=cfg(has_{tool})");
@@ -55,6 +63,16 @@ fn main() {
             println!("cargo::rustc-cfg=has_{tool}");
         }
     }
+}
+
+/// Root: only root makes the namespaces, mounts and cgroups a booted systemd needs.
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|u| u.split_whitespace().nth(1))
+            == Some("0")
+    })
 }
 
 /// The PATH directories, and the sbin ones a non-root PATH lacks.
