@@ -6,6 +6,7 @@ mod config_file;
 mod control;
 mod ctl;
 mod daemon_mode;
+mod drain;
 mod examples;
 mod gunicornc;
 mod hardening;

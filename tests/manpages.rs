@@ -94,8 +94,12 @@ const ARBITERD_SECTIONS: &[Section] = &[
             ),
             Tp(
                 "TERM",
-                "Graceful shutdown: workers get TERM and finish in-flight requests; KILL \
-                 after `--graceful-timeout`. Exit status 0.",
+                "Graceful shutdown. With `--shutdown-delay`, first a drain window: the \
+                 workers serve on while `/readyz` says 503, so that balancers stop sending. \
+                 Then, once the accept queues have stayed empty for 100 ms (at most half of \
+                 `--graceful-timeout`), workers get TERM and finish in-flight requests; KILL \
+                 after `--graceful-timeout`. A second TERM, or INT, ends the window or the \
+                 wait at once. Exit status 0.",
             ),
             Tp(
                 "INT, QUIT",
@@ -282,6 +286,11 @@ const ARBITERCTL_SECTIONS: &[Section] = &[
             Tp(
                 "4",
                 "(`status` only) Running but degraded: fewer ready workers than the target.",
+            ),
+            Tp(
+                "5",
+                "(`status` only) Stopping: in the drain window of `--shutdown-delay` (serving \
+                 on, not ready) or after it. Wins over 4.",
             ),
         ],
     },

@@ -32,6 +32,15 @@ pub fn of(fd: BorrowedFd<'_>) -> io::Result<Queue> {
     }
 }
 
+/// Connections waiting in all these queues together; one that cannot be read
+/// counts as empty.
+pub fn queued<'a>(fds: impl IntoIterator<Item = BorrowedFd<'a>>) -> u64 {
+    fds.into_iter()
+        .filter_map(|fd| of(fd).ok())
+        .map(|q| u64::from(q.len))
+        .sum()
+}
+
 fn domain(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     let mut d: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;

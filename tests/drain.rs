@@ -1,0 +1,644 @@
+//! Stopping without losing a request (docs/signals.md, "Stopping without losing a
+//! request"). TERM with `--shutdown-delay` under looping clients that keep coming
+//! for 1 s after it (a balancer that then took the instance out): no connection
+//! the kernel accepted is left unanswered, `/readyz` turns 503 at once while
+//! `GET /` still serves, and the master exits after the window; a second TERM
+//! cuts the window short. With the built-in worker, a Python COMMAND worker
+//! (`python/arbiter_preload`), `--preload`, and as PID 1 of a pid namespace.
+//! `/livez` and `/readyz` on their own.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::harness::*;
+
+const CLIENTS: usize = 32;
+/// How long the clients keep coming after TERM.
+const AFTER_TERM: Duration = Duration::from_secs(1);
+const DELAY: Duration = Duration::from_secs(2);
+/// `/readyz` must say 503 to every probe started this long after TERM.
+const FLIP: Duration = Duration::from_millis(100);
+
+/// What the looping clients saw, together.
+#[derive(Clone, Debug, Default)]
+struct Tally {
+    answered: u64,
+    /// Connected (the kernel accepted the connection), then no answer: reset,
+    /// closed under the request, timed out, or not a 200.
+    unanswered: u64,
+    /// The connection itself failed: nothing was listening, or no room.
+    refused: u64,
+    failures: Vec<String>,
+}
+
+/// Clients doing connect, `GET /`, read, close, again and again, as fast as the
+/// server answers.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Clients {
+    fn start(n: usize, addr: SocketAddr) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let t0 = Instant::now();
+        let handles = (0..n)
+            .map(|_| {
+                let (stop, tally) = (stop.clone(), tally.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let outcome = TcpStream::connect_timeout(&addr, secs(2)).map(|s| {
+                            let _ = s.set_read_timeout(Some(SHORT));
+                            let _ = s.set_write_timeout(Some(SHORT));
+                            exchange(s, &addr.to_string(), "/")
+                        });
+                        let mut t = tally.lock().unwrap();
+                        let note = match outcome {
+                            Ok(Ok(r)) if r.status == 200 => {
+                                t.answered += 1;
+                                None
+                            }
+                            Ok(Ok(r)) => {
+                                t.unanswered += 1;
+                                Some(format!("status {} {:?}", r.status, r.body))
+                            }
+                            Ok(Err(e)) => {
+                                t.unanswered += 1;
+                                Some(format!("accepted, then {e}"))
+                            }
+                            Err(e) => {
+                                t.refused += 1;
+                                Some(format!("connect: {e}"))
+                            }
+                        };
+                        if let Some(n) = note
+                            && t.failures.len() < 20
+                        {
+                            t.failures.push(format!("at {:.3?}: {n}", t0.elapsed()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Clients {
+            stop,
+            tally,
+            handles,
+        }
+    }
+
+    fn tally(&self) -> Tally {
+        self.tally.lock().unwrap().clone()
+    }
+
+    fn finish(mut self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            h.join().expect("a client thread panicked");
+        }
+        self.tally()
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// `GET path` on `addr`: status and body.
+fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let r = http_get(&Listener::Tcp(addr), path, SHORT).map_err(|e| e.to_string())?;
+    Ok((r.status, r.body.trim_end().to_string()))
+}
+
+/// The TCP address of the `Metrics at:` line.
+fn metrics_at(d: &Daemon) -> SocketAddr {
+    let line = d.wait_log("the `Metrics at:` line", |l| l.contains("Metrics at: "));
+    parse_metrics_line(&line).unwrap_or_else(|| d.fail(&format!("cannot parse {line:?}")))
+}
+
+fn parse_metrics_line(line: &str) -> Option<SocketAddr> {
+    let at = line.split("Metrics at: ").nth(1)?.trim();
+    Listener::parse(at.strip_suffix("/metrics")?).tcp()
+}
+
+/// The master under test, seen from outside: where it serves, how to signal it,
+/// whether it exited, and its log for a failure message.
+struct Master<'a> {
+    app: SocketAddr,
+    metrics: SocketAddr,
+    signal: Box<dyn Fn(Signal) + 'a>,
+    exited: Box<dyn Fn() -> Option<ExitStatus> + 'a>,
+    log: Box<dyn Fn() -> String + 'a>,
+}
+
+impl Master<'_> {
+    fn fail(&self, what: &str) -> ! {
+        panic!("{what}\n--- log ---\n{}", (self.log)())
+    }
+
+    fn wait_ready(&self) {
+        wait_until_with(
+            LONG,
+            "/readyz to say ready",
+            || match get(self.metrics, "/readyz")? {
+                (200, body) if body.starts_with("ready: ") => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+            &self.log,
+        );
+    }
+
+    /// Probe `/readyz` from TERM (sent at `t0`) until it says draining. Every probe
+    /// started FLIP after TERM must say so; returns when the first did.
+    fn wait_not_ready(&self, t0: Instant) -> Duration {
+        wait_until_with(
+            SHORT,
+            "/readyz to say draining",
+            || {
+                let started = Instant::now();
+                match get(self.metrics, "/readyz")? {
+                    (503, body) if body.starts_with("not ready: draining, ") => Ok(started - t0),
+                    (200, body) if started >= t0 + FLIP => self.fail(&format!(
+                        "/readyz still said {body:?} to a probe sent {:?} after TERM",
+                        started - t0
+                    )),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+            &self.log,
+        )
+    }
+
+    /// The whole scenario: see the module docs.
+    fn stop_under_load(&self) {
+        self.wait_ready();
+        let clients = Clients::start(CLIENTS, self.app);
+        wait_until_with(
+            LONG,
+            "the clients to be served",
+            || {
+                let t = clients.tally();
+                if t.answered >= 200 {
+                    Ok(())
+                } else {
+                    Err(format!("{t:?}"))
+                }
+            },
+            &self.log,
+        );
+        let before = clients.tally();
+        let t0 = Instant::now();
+        (self.signal)(Signal::SIGTERM);
+        let flipped = self.wait_not_ready(t0);
+        assert!(
+            flipped <= FLIP,
+            "/readyz said 503 only {flipped:?} after TERM"
+        );
+        match get(self.app, "/") {
+            Ok((200, _)) => {}
+            other => self.fail(&format!("GET / in the drain window: {other:?}")),
+        }
+        // The clients' last second: a window of load, not a wait for a state.
+        std::thread::sleep((t0 + AFTER_TERM).saturating_duration_since(Instant::now()));
+        let tally = clients.finish();
+        if let Some(st) = (self.exited)() {
+            self.fail(&format!(
+                "the master exited ({st}) {:?} after TERM, inside the {DELAY:?} window",
+                t0.elapsed()
+            ));
+        }
+        let status = wait_until_with(
+            LONG,
+            "the master to exit",
+            || (self.exited)().ok_or_else(|| "still running".to_string()),
+            &self.log,
+        );
+        let took = t0.elapsed();
+        assert_eq!(status.code(), Some(0), "{status:?}\n{}", (self.log)());
+        assert!(
+            took >= DELAY,
+            "exited {took:?} after TERM, before the window ended"
+        );
+        if tally.unanswered != 0 || tally.refused != 0 {
+            self.fail(&format!(
+                "{} accepted connection(s) unanswered and {} refused of {}: {:#?}",
+                tally.unanswered,
+                tally.refused,
+                tally.answered + tally.unanswered + tally.refused,
+                tally.failures
+            ));
+        }
+        assert!(
+            tally.answered > before.answered,
+            "nothing was served after TERM: {tally:?}"
+        );
+    }
+
+    /// TERM opens the window; `second` ends it, long before its 60 s.
+    fn cut_short(&self, second: Signal, says: &str) {
+        self.wait_ready();
+        let t0 = Instant::now();
+        (self.signal)(Signal::SIGTERM);
+        self.wait_not_ready(t0);
+        (self.signal)(second);
+        let status = wait_until_with(
+            SHORT,
+            &format!("the master to exit after {second}"),
+            || (self.exited)().ok_or_else(|| "still running".to_string()),
+            &self.log,
+        );
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        let log = (self.log)();
+        assert!(log.contains(says), "no {says:?} in the log:\n{log}");
+    }
+}
+
+fn daemon_master(d: &Daemon) -> Master<'_> {
+    Master {
+        app: d.addr(),
+        metrics: metrics_at(d),
+        signal: Box::new(|sig| d.signal(sig)),
+        exited: Box::new(|| d.try_status()),
+        log: Box::new(|| d.log()),
+    }
+}
+
+/// A WSGI app answering its pid, for `python3 -m arbiter_preload app:app`.
+const APP: &str = "import json, os\n\
+def app(environ, start_response):\n    \
+body = json.dumps({'pid': os.getpid()}).encode()\n    \
+start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', str(len(body)))])\n    \
+return [body]\n";
+
+/// arbiterd with the given options and metrics on a free port; `python`: the
+/// workers are `python3 -m arbiter_preload app:app`.
+fn start(opts: &[&str], python: bool) -> Daemon {
+    let b = Daemon::builder();
+    let b = if python {
+        std::fs::write(b.path("app.py"), APP).unwrap();
+        let python_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+        b.env("PYTHONPATH", python_dir)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+    } else {
+        b
+    };
+    let b = b.args(["--metrics-bind", "127.0.0.1:0"]).args(opts);
+    if python {
+        b.args(["--ready", "notify", "--"])
+            .arg(python3())
+            .args(["-m", "arbiter_preload", "app:app"])
+            .start()
+    } else {
+        b.start()
+    }
+}
+
+const DELAY_2: &[&str] = &["-w", "4", "--shutdown-delay", "2"];
+const DELAY_60: &[&str] = &["-w", "2", "--shutdown-delay", "60"];
+
+#[test]
+fn term_with_a_drain_window_loses_nothing_builtin() {
+    let d = start(DELAY_2, false);
+    daemon_master(&d).stop_under_load();
+}
+
+#[test]
+fn term_with_a_drain_window_loses_nothing_python() {
+    let d = start(DELAY_2, true);
+    daemon_master(&d).stop_under_load();
+}
+
+#[test]
+fn term_with_a_drain_window_loses_nothing_preload() {
+    let d = start(&["--preload", "-w", "4", "--shutdown-delay", "2"], true);
+    daemon_master(&d).stop_under_load();
+}
+
+#[test]
+fn a_second_term_cuts_the_window_short_and_status_says_draining() {
+    let d = start(DELAY_60, false);
+    let m = daemon_master(&d);
+    m.wait_ready();
+    let t0 = Instant::now();
+    d.signal(Signal::SIGTERM);
+    m.wait_not_ready(t0);
+    let out = d.ctl(["status"]);
+    assert_eq!(out.code(), Some(5), "{out:?}");
+    let first = out.stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(", draining, ") && first.ends_with(" s left"),
+        "{first:?}"
+    );
+    let out = d.ctl(["--json", "status"]);
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(j["master"]["state"], "draining", "{j}");
+    assert!(
+        j["master"]["draining_secs_left"].as_f64().unwrap() > 50.0,
+        "{j}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(SHORT).code(), Some(0));
+    assert!(t0.elapsed() < secs(30), "{:?}", t0.elapsed());
+    d.wait_log("the window cut short", |l| {
+        l.contains("Drain window cut short") && l.contains("stopping now")
+    });
+}
+
+#[test]
+fn an_int_in_the_window_is_a_quick_stop() {
+    let d = start(DELAY_60, false);
+    daemon_master(&d).cut_short(Signal::SIGINT, "quick shutdown");
+}
+
+#[test]
+fn a_second_term_cuts_the_window_short_python() {
+    let d = start(DELAY_60, true);
+    daemon_master(&d).cut_short(Signal::SIGTERM, "Drain window cut short");
+}
+
+#[test]
+fn a_second_term_cuts_the_window_short_preload() {
+    let d = start(&["--preload", "-w", "2", "--shutdown-delay", "60"], true);
+    daemon_master(&d).cut_short(Signal::SIGTERM, "Drain window cut short");
+}
+
+#[test]
+fn arbiterctl_stop_drains_too() {
+    let d = start(&["-w", "1", "--shutdown-delay", "1"], false);
+    let m = daemon_master(&d);
+    m.wait_ready();
+    let t0 = Instant::now();
+    let out = d.ctl(["stop"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(t0.elapsed() >= secs(1), "stopped after {:?}", t0.elapsed());
+    d.wait_log("the drain window", |l| l.contains("Draining for 1.0s"));
+}
+
+// ------------------------------------------------------------------ PID 1
+
+/// `arbiterd` as PID 1 of a pid namespace of its own (`unshare --pid --fork
+/// --mount-proc`, as a container runs it), in a process group of its own that is
+/// killed whole at the end.
+struct InNamespace {
+    unshare: Mutex<Child>,
+    status: Mutex<Option<ExitStatus>>,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl InNamespace {
+    fn start(args: &[&str]) -> InNamespace {
+        let dir = short_tempdir();
+        let log = dir.path().join("daemon.log");
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--mount-proc"])
+            .arg(ARBITERD)
+            .args(args)
+            .args(["-b", "127.0.0.1:0", "--metrics-bind", "127.0.0.1:0"])
+            .arg("--log-file")
+            .arg(&log)
+            .arg("--control")
+            .arg(dir.path().join("c.sock"))
+            .env(TAG_VAR, dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0);
+        for k in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET",
+        ] {
+            cmd.env_remove(k);
+        }
+        let unshare = cmd.spawn().expect("run unshare");
+        InNamespace {
+            unshare: Mutex::new(unshare),
+            status: Mutex::new(None),
+            log,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn line(&self, needle: &str) -> String {
+        wait_until_with(
+            LONG,
+            needle,
+            || {
+                self.log()
+                    .lines()
+                    .find(|l| l.contains(needle))
+                    .map(str::to_string)
+                    .ok_or_else(|| "not yet".to_string())
+            },
+            || self.log(),
+        )
+    }
+
+    /// The master as the host sees it (it is 1 inside).
+    fn master(&self) -> i32 {
+        let ns = self.unshare.lock().unwrap().id() as i32;
+        wait_until(LONG, "the master inside the namespace", || {
+            children_of(ns)
+                .first()
+                .map(|c| c.pid)
+                .ok_or_else(|| "not yet".to_string())
+        })
+    }
+
+    fn exited(&self) -> Option<ExitStatus> {
+        let mut st = self.status.lock().unwrap();
+        if st.is_none() {
+            *st = self.unshare.lock().unwrap().try_wait().ok().flatten();
+        }
+        *st
+    }
+}
+
+impl Drop for InNamespace {
+    fn drop(&mut self) {
+        let mut child = self.unshare.lock().unwrap();
+        let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        kill_tagged(&self.dir.path().to_string_lossy(), SHORT);
+    }
+}
+
+#[test]
+fn as_pid_1_of_a_namespace_term_drains_and_loses_nothing() {
+    let ns = InNamespace::start(&["-w", "4", "--shutdown-delay", "2"]);
+    let listening = ns.line("Listening at: ");
+    assert!(listening.ends_with(" (1)"), "not PID 1: {listening}");
+    let app = listening
+        .split("Listening at: ")
+        .nth(1)
+        .and_then(|r| r.rsplit_once(" ("))
+        .and_then(|(a, _)| Listener::parse(a).tcp())
+        .unwrap_or_else(|| panic!("cannot parse {listening:?}"));
+    let metrics = parse_metrics_line(&ns.line("Metrics at: ")).unwrap();
+    let master = ns.master();
+    let m = Master {
+        app,
+        metrics,
+        signal: Box::new(move |sig| {
+            let _ = kill(Pid::from_raw(master), sig);
+        }),
+        exited: Box::new(|| ns.exited()),
+        log: Box::new(|| ns.log()),
+    };
+    m.stop_under_load();
+    assert!(ns.log().contains("Draining for 2.0s"), "{}", ns.log());
+}
+
+// ------------------------------------------------------------------ probes
+
+/// Sends SIGCONT when dropped, so that a failing assertion never leaves the
+/// master stopped (the harness would KILL it anyway).
+struct Continue(i32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+#[test]
+fn livez_says_503_to_a_probe_that_waited_out_a_stopped_master() {
+    let d = Daemon::start(["-w", "1", "--metrics-bind", "127.0.0.1:0"]);
+    let metrics = metrics_at(&d);
+    let (status, body) = get(metrics, "/livez").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("live: "), "{body}");
+    kill(Pid::from_raw(d.pid()), Signal::SIGSTOP).unwrap();
+    let resume = Continue(d.pid());
+    d.wait_until(SHORT, "the master stopped", || {
+        match proc_stat(d.pid()).map(|s| s.state) {
+            Some('T') => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // The kernel completes the handshake and keeps the request for the master.
+    let mut probe = TcpStream::connect(metrics).unwrap();
+    probe.set_read_timeout(Some(LONG)).unwrap();
+    probe
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // The stall itself, a span of time rather than a state to wait for: past
+    // the 5 s bound (arbiter/probes.rs, LIVENESS_BOUND).
+    std::thread::sleep(ms(5500));
+    drop(resume);
+    let mut answer = String::new();
+    probe.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("not live: this request waited ") && answer.contains(" (bound 5 s)"),
+        "{answer}"
+    );
+    // The loop turns again: the next probe is answered live.
+    let (status, body) = get(metrics, "/livez").unwrap();
+    assert_eq!(status, 200, "{body}");
+    // HEAD is answered too, without a body.
+    let mut head = TcpStream::connect(metrics).unwrap();
+    head.set_read_timeout(Some(SHORT)).unwrap();
+    head.write_all(b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    head.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "{answer}");
+}
+
+/// A worker command for slot 0 that serves (the built-in worker, which says
+/// READY=1) and for any other slot one that never gets ready.
+fn half_ready() -> Vec<OsString> {
+    let script = format!(
+        "if [ \"$ARBITER_SLOT\" = 0 ]; then exec {ARBITERD} {}; fi; exec sleep 1000",
+        arbiter_daemon::BUILTIN_WORKER_ARG
+    );
+    ["--ready", "notify", "--", "sh", "-c", &script]
+        .into_iter()
+        .map(OsString::from)
+        .collect()
+}
+
+#[test]
+fn readyz_wants_the_target_count_or_ready_min() {
+    let strict = Daemon::builder()
+        .args(["-w", "2", "--metrics-bind", "127.0.0.1:0"])
+        .args(half_ready())
+        .start();
+    let lenient = Daemon::builder()
+        .args([
+            "-w",
+            "2",
+            "--ready-min",
+            "1",
+            "--metrics-bind",
+            "127.0.0.1:0",
+        ])
+        .args(half_ready())
+        .start();
+    let (s, l) = (metrics_at(&strict), metrics_at(&lenient));
+    lenient.wait_until(LONG, "ready with 1 of 2", || match get(l, "/readyz")? {
+        (200, b) if b == "ready: 1/2 workers ready" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    strict.wait_until(LONG, "slot 0 serving", || {
+        let (status, _) = get(strict.addr(), "/")?;
+        (status == 200).then_some(()).ok_or(format!("{status}"))
+    });
+    assert_eq!(
+        get(s, "/readyz").unwrap(),
+        (
+            503,
+            "not ready: booting, 1/2 workers ready, 2 needed".to_string()
+        )
+    );
+    // Not a path of ours, nor a method.
+    assert_eq!(get(s, "/healthz").unwrap().0, 404);
+}
+
+#[test]
+fn a_bad_ready_min_is_one_line_and_status_1() {
+    for (value, says) in [
+        ("0", "--ready-min must be from 1 to --max-workers (1024)"),
+        ("2000", "--ready-min must be from 1 to --max-workers (1024)"),
+    ] {
+        let out = Run::arbiterd().args(["--ready-min", value]).run();
+        assert_eq!(out.code(), Some(1), "{value}: {out:?}");
+        assert_eq!(out.stderr.trim_end().lines().count(), 1, "{out:?}");
+        assert!(out.stderr.contains(says), "{value}: {out:?}");
+    }
+    let out = Run::arbiterd().args(["--shutdown-delay=-1"]).run();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("--shutdown-delay"), "{out:?}");
+    let out = Run::arbiterd().args(["--shutdown-delay", "soon"]).run();
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert_eq!(out.signal(), None);
+}
