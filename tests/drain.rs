@@ -392,6 +392,69 @@ fn arbiterctl_stop_drains_too() {
     d.wait_log("the drain window", |l| l.contains("Draining for 1.0s"));
 }
 
+// ------------------------------------------------------------------ the workers' own drain
+
+/// No drain window, and a queue the master gives up waiting for: its one worker
+/// is stopped (SIGSTOP) while `n` connections queue behind it, so it gets its
+/// TERM with all of them waiting, after the master has closed its copy of the
+/// listener. Resumed, it must serve every one before it exits: once it closes
+/// the socket, what waits there is reset.
+fn a_stopped_worker_serves_its_queue_on_term(python: bool, n: usize) {
+    let d = start(&["-w", "1", "--graceful-timeout", "4"], python);
+    daemon_master(&d).wait_ready();
+    let st = crate::health::status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let worker = st["workers"][0]["pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(worker), Signal::SIGSTOP).unwrap();
+    let resume = Continue(worker);
+    d.wait_until(SHORT, "the worker stopped", || {
+        match proc_stat(worker).map(|s| s.state) {
+            Some('T') => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let waiting: Vec<InFlight> = (0..n).map(|_| spawn_get(d.listener(), "/", LONG)).collect();
+    d.wait_until(SHORT, &format!("{n} connections queued"), || {
+        let st = crate::health::status_at(&d.control_path())?;
+        let q = st["master"]["listeners"][0]["queue"].as_u64();
+        if q == Some(n as u64) {
+            Ok(())
+        } else {
+            Err(format!("queue {q:?}"))
+        }
+    });
+    d.signal(Signal::SIGTERM);
+    d.wait_log("the master giving up on the queue", |l| {
+        l.contains("still in the accept queues after")
+    });
+    drop(resume);
+    let mut lost = Vec::new();
+    for (i, r) in waiting.into_iter().enumerate() {
+        match r.join() {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => lost.push(format!("{i}: status {}", r.status)),
+            Err(e) => lost.push(format!("{i}: {e}")),
+        }
+    }
+    if !lost.is_empty() {
+        d.fail(&format!(
+            "{} of {n} queued connections lost: {lost:?}",
+            lost.len()
+        ));
+    }
+    assert_eq!(d.wait_exit(SHORT).code(), Some(0));
+}
+
+#[test]
+fn without_a_window_the_builtin_worker_serves_what_is_queued_on_term() {
+    // More than one batch of accepts (64): some are left for the drain itself.
+    a_stopped_worker_serves_its_queue_on_term(false, 100);
+}
+
+#[test]
+fn without_a_window_the_python_worker_serves_what_is_queued_on_term() {
+    a_stopped_worker_serves_its_queue_on_term(true, 20);
+}
+
 // ------------------------------------------------------------------ PID 1
 
 /// `arbiterd` as PID 1 of a pid namespace of its own (`unshare --pid --fork

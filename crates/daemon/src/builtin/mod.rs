@@ -24,8 +24,9 @@
 //! written) and idle otherwise, and counts every response it queues. It publishes
 //! once per loop turn, before it waits, and only what changed: a few plain stores.
 //!
-//! TERM: stop accepting, finish in-flight requests (pending sleeps included), close
-//! idle keep-alive connections, exit 0. QUIT/INT: exit 0 at once. ABRT: exit 1.
+//! TERM: take what waits in the listeners' accept queues (at most what they held),
+//! stop accepting, finish in-flight requests (pending sleeps included), close idle
+//! keep-alive connections, exit 0. QUIT/INT: exit 0 at once. ABRT: exit 1.
 //!
 //! The parts, split where the state splits, so that each can be read (and the pure
 //! ones tested) without the others:
@@ -295,6 +296,7 @@ impl Worker {
         }
         self.draining = true;
         contract::notify("STOPPING=1");
+        self.take_queued();
         // Out of the epoll set first: the master holds the same open file
         // descriptions, so closing our fds alone would not remove them from it.
         let _ = self.listen(false);
