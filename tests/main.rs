@@ -23,3 +23,4 @@ mod scoreboard;
 mod table;
 mod trees;
 mod upgrade;
+mod worker_signals;

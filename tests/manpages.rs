@@ -130,7 +130,10 @@ const ARBITERD_SECTIONS: &[Section] = &[
                 "Workers get TERM (finish in-flight work, then exit), QUIT or INT (exit now), \
                  and ABRT on a heartbeat timeout, followed by KILL. Unlike unicorn and nginx, \
                  TERM is the graceful one; `arbiterctl stop` and `arbiterctl stop --fast` mean \
-                 the same for every master.",
+                 the same for every master. Send the master's signals to the master alone \
+                 (`systemctl kill --kill-whom=main`): the built-in worker and \
+                 `python/arbiter_preload` ignore HUP, USR1, USR2, WINCH, TTIN and TTOU, but a \
+                 COMMAND worker starts with default dispositions.",
             ),
         ],
     },

@@ -15,7 +15,9 @@ previous program left non-blocking) means the same: poll again.
 TERM: finish the request in hand, then serve what already waits in the listeners'
 accept queues (at most as many as they held, read from the kernel's tcp_info;
 DRAIN_UNKNOWN on a unix socket), then exit 0: once the last process holding a
-socket closes it, whatever waits there is reset. QUIT, INT: exit at once.
+socket closes it, whatever waits there is reset. QUIT, INT: exit at once. The
+master's own signals (HUP, USR1, USR2, WINCH, TTIN, TTOU) are ignored: an
+operator who signals every process of the unit meant them for the master.
 """
 
 import ctypes
@@ -32,7 +34,7 @@ from urllib.parse import unquote_to_bytes
 from wsgiref.handlers import SimpleHandler
 
 from .scoreboard import Scoreboard
-from .worker_env import Heartbeat, notify
+from .worker_env import Heartbeat, ignore_masters_signals, notify
 
 SERVER_SOFTWARE = "arbiter_preload"
 MAX_HEAD = 64 * 1024  # request line and headers
@@ -85,10 +87,11 @@ def _ignore(signum, frame):
 
 
 def install_signals():
-    """TERM: a graceful stop; INT and QUIT: at once."""
+    """TERM: a graceful stop; INT and QUIT: at once; the master's own ignored."""
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_quit)
     signal.signal(signal.SIGQUIT, on_quit)
+    ignore_masters_signals()
 
 
 def queued(listener):
