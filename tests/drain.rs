@@ -43,9 +43,11 @@ struct Tally {
 }
 
 /// Clients doing connect, `GET /`, read, close, again and again, as fast as the
-/// server answers.
+/// server answers; once `termed`, each stops at its first refused connection
+/// (the instance is gone).
 struct Clients {
     stop: Arc<AtomicBool>,
+    termed: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
     handles: Vec<JoinHandle<()>>,
 }
@@ -53,11 +55,12 @@ struct Clients {
 impl Clients {
     fn start(n: usize, addr: SocketAddr) -> Clients {
         let stop = Arc::new(AtomicBool::new(false));
+        let termed = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let t0 = Instant::now();
         let handles = (0..n)
             .map(|_| {
-                let (stop, tally) = (stop.clone(), tally.clone());
+                let (stop, termed, tally) = (stop.clone(), termed.clone(), tally.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         let outcome = TcpStream::connect_timeout(&addr, secs(2)).map(|s| {
@@ -65,6 +68,7 @@ impl Clients {
                             let _ = s.set_write_timeout(Some(SHORT));
                             exchange(s, &addr.to_string(), "/")
                         });
+                        let refused = outcome.is_err();
                         let mut t = tally.lock().unwrap();
                         let note = match outcome {
                             Ok(Ok(r)) if r.status == 200 => {
@@ -89,15 +93,24 @@ impl Clients {
                         {
                             t.failures.push(format!("at {:.3?}: {n}", t0.elapsed()));
                         }
+                        if refused && termed.load(Ordering::Relaxed) {
+                            return;
+                        }
                     }
                 })
             })
             .collect();
         Clients {
             stop,
+            termed,
             tally,
             handles,
         }
+    }
+
+    /// Every client has stopped on its own.
+    fn all_done(&self) -> bool {
+        self.handles.iter().all(JoinHandle::is_finished)
     }
 
     fn tally(&self) -> Tally {
@@ -453,6 +466,39 @@ fn without_a_window_the_builtin_worker_serves_what_is_queued_on_term() {
 #[test]
 fn without_a_window_the_python_worker_serves_what_is_queued_on_term() {
     a_stopped_worker_serves_its_queue_on_term(true, 20);
+}
+
+/// No window, and clients that never stop coming: the queue the workers drain on
+/// TERM would refill behind them, and what it held at the last close would be
+/// reset (31 of 32 before the master kept the queue from taking more). Each
+/// client is refused once, retryable; at most one connection can still slip into
+/// the emptied queue between a worker's last look and its close.
+#[test]
+fn without_a_window_a_stop_under_unending_load_refuses_rather_than_resets() {
+    let d = start(&["-w", "4", "--graceful-timeout", "4"], true);
+    let m = daemon_master(&d);
+    m.wait_ready();
+    let clients = Clients::start(CLIENTS, d.addr());
+    d.wait_until(LONG, "the clients to be served", || {
+        let t = clients.tally();
+        (t.answered >= 200).then_some(()).ok_or(format!("{t:?}"))
+    });
+    clients.termed.store(true, Ordering::Relaxed);
+    d.signal(Signal::SIGTERM);
+    d.wait_until(LONG, "every client refused", || {
+        clients
+            .all_done()
+            .then_some(())
+            .ok_or(format!("{:?}", clients.tally()))
+    });
+    let tally = clients.finish();
+    assert_eq!(d.wait_exit(SHORT).code(), Some(0));
+    if tally.unanswered > 1 || tally.refused != CLIENTS as u64 {
+        d.fail(&format!(
+            "{} accepted connection(s) unanswered, {} refused: {:#?}",
+            tally.unanswered, tally.refused, tally.failures
+        ));
+    }
 }
 
 // ------------------------------------------------------------------ PID 1

@@ -67,6 +67,7 @@ impl Arbiter {
         match step {
             Step::Wait => {}
             Step::StopWorkers { graceful, deadline } => {
+                self.refuse_more_connections();
                 // New connections now wait in the backlog of the workers' copies
                 // until those close; the unix socket path goes away at once,
                 // unless another master serves on it.
@@ -81,6 +82,29 @@ impl Arbiter {
                 self.pool.stop_all(sig, deadline, graceful);
             }
             Step::Kill => self.pool.kill_all(),
+        }
+    }
+
+    /// From here on, a connection let into an accept queue would only be reset
+    /// once the last worker closed the socket. With the queue kept at what it
+    /// holds, the kernel drops the SYN instead; the client sends it again a
+    /// second later and, the socket gone by then, is refused: a failure a
+    /// balancer retries elsewhere, which a reset under a sent request is not.
+    /// Only for sockets this master's lineage bound and that go with it: the next
+    /// master would inherit the shrunk queue of one that systemd or a parent
+    /// keeps (`fd://`), and another master still serves from shared ones.
+    fn refuse_more_connections(&self) {
+        if self.lineage.shares_paths() {
+            return;
+        }
+        for l in &self.listeners {
+            if matches!(
+                l.spec,
+                Some(crate::config::BindSpec::Tcp(_) | crate::config::BindSpec::Unix(_))
+            ) && let Err(e) = crate::queue::refuse_more(l.as_fd())
+            {
+                crate::warning!("Cannot close the accept queue of {}: {e}", l.display);
+            }
         }
     }
 
