@@ -416,6 +416,10 @@ def serve(app, listeners):
                 reported, reported_at = served, now
         notify("STOPPING=1\nSTATUS=stopping: serving what the accept queues hold")
         drain(listeners, serve_one)
+        # At once, not at the interpreter's exit: what arrives from now on is
+        # reset at the last close, and the sooner the last close, the fewer.
+        for listener in listeners:
+            listener.close()
     finally:
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
