@@ -242,6 +242,8 @@ def report(rows, args, command):
         ("stops", "Clients stop 1 s after TERM (a balancer took the instance out)"),
         ("goes on", "Clients go on until refused (nobody took the instance out)"),
     ):
+        if not any(r["traffic"] == traffic for r in rows):
+            continue
         out.append(f"**{title}**")
         out.append("")
         out.append(
