@@ -94,8 +94,12 @@ const ARBITERD_SECTIONS: &[Section] = &[
             ),
             Tp(
                 "TERM",
-                "Graceful shutdown: workers get TERM and finish in-flight requests; KILL \
-                 after `--graceful-timeout`. Exit status 0.",
+                "Graceful shutdown. With `--shutdown-delay`, first a drain window: the \
+                 workers serve on while `/readyz` says 503, so that balancers stop sending. \
+                 Then, once the accept queues have stayed empty for 100 ms (at most half of \
+                 `--graceful-timeout`), workers get TERM and finish in-flight requests; KILL \
+                 after `--graceful-timeout`. A second TERM, or INT, ends the window or the \
+                 wait at once. Exit status 0.",
             ),
             Tp(
                 "INT, QUIT",
@@ -126,7 +130,10 @@ const ARBITERD_SECTIONS: &[Section] = &[
                 "Workers get TERM (finish in-flight work, then exit), QUIT or INT (exit now), \
                  and ABRT on a heartbeat timeout, followed by KILL. Unlike unicorn and nginx, \
                  TERM is the graceful one; `arbiterctl stop` and `arbiterctl stop --fast` mean \
-                 the same for every master.",
+                 the same for every master. Send the master's signals to the master alone \
+                 (`systemctl kill --kill-whom=main`): the built-in worker and \
+                 `python/arbiter_preload` ignore HUP, USR1, USR2, WINCH, TTIN and TTOU, but a \
+                 COMMAND worker starts with default dispositions.",
             ),
         ],
     },
@@ -286,6 +293,11 @@ const ARBITERCTL_SECTIONS: &[Section] = &[
             Tp(
                 "4",
                 "(`status` only) Running but degraded: fewer ready workers than the target.",
+            ),
+            Tp(
+                "5",
+                "(`status` only) Stopping: in the drain window of `--shutdown-delay` (serving \
+                 on, not ready) or after it. Wins over 4.",
             ),
         ],
     },

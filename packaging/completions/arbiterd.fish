@@ -12,6 +12,8 @@ complete -c arbiterd -s w -l workers -d 'Number of workers: N, or MIN..MAX to ad
 complete -c arbiterd -l max-workers -d 'The most workers `scale`, TTIN and the config may ask for' -r
 complete -c arbiterd -s t -l timeout -d 'Heartbeat timeout in seconds; 0 disables' -r
 complete -c arbiterd -l graceful-timeout -d 'How long TERMed workers may drain before KILL, in seconds' -r
+complete -c arbiterd -l shutdown-delay -d 'On TERM, keep serving this many seconds first, with /readyz saying 503, so that balancers stop sending before anything closes; then stop gracefully' -r
+complete -c arbiterd -l ready-min -d '/readyz says 200 once this many workers are ready (default: the target count; never more than the target)' -r
 complete -c arbiterd -l ready -d 'When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1). Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)' -r -f -a "exec\t''
 notify\t''"
 complete -c arbiterd -l boot-timeout -d 'A worker not ready by then is killed and counts as a boot failure, in seconds' -r

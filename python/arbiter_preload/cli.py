@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from . import template, wsgi
-from .worker_env import EX_CONFIG, SD_LISTEN_FDS_START, listen_fds
+from .worker_env import EX_CONFIG, SD_LISTEN_FDS_START, ignore_masters_signals, listen_fds
 
 APP_LOAD_ERROR = 4  # as gunicorn: halts the master while the first generation boots
 BOOT_ERROR = 3
@@ -108,6 +108,8 @@ def main(argv=None):
             stream.reconfigure(line_buffering=True)  # lines into the master's log as they come
         except (AttributeError, ValueError):
             pass
+    # While the application loads too, template or plain worker.
+    ignore_masters_signals()
     sock = template.template_socket()
     if sock is not None:
         # Exit at once on these while loading, too (the loop installs the same).

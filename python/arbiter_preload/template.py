@@ -16,6 +16,8 @@ import socket
 import sys
 import time
 
+from .worker_env import ignore_masters_signals
+
 PROTOCOL = 1
 ENV_TEMPLATE_FD = "ARBITER_TEMPLATE_FD"
 MAX_FDS = 4  # stdio, heartbeat, scoreboard, cgroup
@@ -243,6 +245,7 @@ def run(sock, prepare_and_serve):
     each worker. Returns the template's exit status."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, _exit_now)
+    ignore_masters_signals()  # its workers inherit this until they set their own
     _send(sock, f"READY {PROTOCOL}")
     while True:
         try:

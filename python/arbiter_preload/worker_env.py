@@ -2,11 +2,31 @@
 the listening sockets, sd_notify on NOTIFY_SOCKET, the heartbeat file."""
 
 import os
+import signal
 import socket
 import time
 
 SD_LISTEN_FDS_START = 3
 EX_CONFIG = 78
+
+
+# Signals meant for the master, which by default kill (HUP, USR1, USR2) or stop
+# (TTIN, TTOU) a process that does not handle them: they reach workers too when
+# an operator signals every process of a unit (`systemctl kill` without
+# `--kill-whom=main`, `pkill -HUP -f app`).
+MASTERS_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+def ignore_masters_signals():
+    for sig in MASTERS_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def notify(message):

@@ -11,6 +11,13 @@ built-in worker does. The accept is made through ctypes so that its EINTR comes
 back as a return value: a Python exception raised from the SIGALRM handler could
 land just after a successful accept and lose the connection. EAGAIN (a listener a
 previous program left non-blocking) means the same: poll again.
+
+TERM: finish the request in hand, then serve what already waits in the listeners'
+accept queues (at most as many as they held, read from the kernel's tcp_info;
+DRAIN_UNKNOWN on a unix socket), then exit 0: once the last process holding a
+socket closes it, whatever waits there is reset. QUIT, INT: exit at once. The
+master's own signals (HUP, USR1, USR2, WINCH, TTIN, TTOU) are ignored: an
+operator who signals every process of the unit meant them for the master.
 """
 
 import ctypes
@@ -20,13 +27,14 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from urllib.parse import unquote_to_bytes
 from wsgiref.handlers import SimpleHandler
 
 from .scoreboard import Scoreboard
-from .worker_env import Heartbeat, notify
+from .worker_env import Heartbeat, ignore_masters_signals, notify
 
 SERVER_SOFTWARE = "arbiter_preload"
 MAX_HEAD = 64 * 1024  # request line and headers
@@ -35,6 +43,7 @@ IO_TIMEOUT = 30.0  # each read of the body and each write of the response
 POLL = 0.5  # the longest wait on the listeners: the heartbeat period while idle
 ACCEPT_BOUND = 0.01  # the interval timer that cuts short a lost accept
 STATUS_EVERY = 5.0  # seconds between STATUS= updates (when the count changed)
+DRAIN_UNKNOWN = 64  # connections served on TERM from a queue whose length is unknown
 
 _RETRY_ACCEPT = {
     errno.EINTR,
@@ -78,10 +87,21 @@ def _ignore(signum, frame):
 
 
 def install_signals():
-    """TERM: a graceful stop; INT and QUIT: at once."""
+    """TERM: a graceful stop; INT and QUIT: at once; the master's own ignored."""
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_quit)
     signal.signal(signal.SIGQUIT, on_quit)
+    ignore_masters_signals()
+
+
+def queued(listener):
+    """Connections waiting in a TCP listener's accept queue (tcpi_unacked of
+    tcp_info, at offset 24), or None when that cannot be read."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, 24)[0]
+    except (OSError, struct.error):
+        return None
 
 
 def accept_bounded(fd):
@@ -356,6 +376,21 @@ def serve(app, listeners):
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     served = 0
     reported, reported_at = 0, time.monotonic()
+
+    def serve_one(conn, listener):
+        nonlocal served
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            peer = None
+        board.begin()
+        try:
+            if handle_connection(app, conn, peer, listener, heartbeat.beat):
+                served += 1
+        finally:
+            board.end()
+        heartbeat.beat()
+
     notify(f"READY=1\nSTATUS=serving, pid {os.getpid()}")
     heartbeat.beat(force=True)
     try:
@@ -374,24 +409,37 @@ def serve(app, listeners):
                 conn = accept_bounded(listener.fileno())
                 if conn is None:
                     continue
-                try:
-                    peer = conn.getpeername()
-                except OSError:
-                    peer = None
-                board.begin()
-                try:
-                    if handle_connection(app, conn, peer, listener, heartbeat.beat):
-                        served += 1
-                finally:
-                    board.end()
-                heartbeat.beat()
+                serve_one(conn, listener)
             now = time.monotonic()
             if served != reported and now - reported_at >= STATUS_EVERY:
                 notify(f"STATUS=served {served} requests")
                 reported, reported_at = served, now
+        notify("STOPPING=1\nSTATUS=stopping: serving what the accept queues hold")
+        drain(listeners, serve_one)
+        # At once, not at the interpreter's exit: what arrives from now on is
+        # reset at the last close, and the sooner the last close, the fewer.
+        for listener in listeners:
+            listener.close()
     finally:
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
         os.close(wake_w)
-    notify(f"STOPPING=1\nSTATUS=stopping, served {served} requests")
+    notify(f"STATUS=stopping, served {served} requests")
     return 0
+
+
+def drain(listeners, serve_one):
+    """On TERM: serve what already waits in each listener's accept queue, until
+    it is empty or as many as it held have been taken (a flood must not keep a
+    stopping worker)."""
+    for listener in listeners:
+        budget = queued(listener)
+        budget = DRAIN_UNKNOWN if budget is None else budget
+        while budget > 0:
+            ready, _, _ = select.select([listener], [], [], 0)
+            if not ready:
+                break
+            budget -= 1
+            conn = accept_bounded(listener.fileno())
+            if conn is not None:
+                serve_one(conn, listener)

@@ -13,7 +13,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 /// /proc/PID/cmdline). Default: `--name arbiter`.
 ///
 /// Exit status: 0 done, 1 the master refused or the action failed, 2 usage error,
-/// 3 no master answering, 4 (status only) running but degraded.
+/// 3 no master answering, 4 (status only) running but degraded, 5 (status only)
+/// stopping (draining or after).
 #[derive(Parser, Debug)]
 #[command(name = "arbiterctl", version, about, long_about, max_term_width = 100)]
 pub struct Cli {

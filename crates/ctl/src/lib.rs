@@ -13,7 +13,8 @@
 //! Exit status: [`EXIT_OK`] 0 done, [`EXIT_FAILED`] 1 the master refused or the
 //! action failed (one line `arbiterctl: ...` on stderr), [`EXIT_USAGE`] 2 usage
 //! error, [`EXIT_NO_MASTER`] 3 no master answering, [`EXIT_DEGRADED`] 4 (`status`
-//! only) running but fewer workers ready than the target.
+//! only) running but fewer workers ready than the target, [`EXIT_STOPPING`] 5
+//! (`status` only) the master is stopping: in its drain window or after.
 //!
 //! Output is written once, at the end, and a closed stdout (`arbiterctl status |
 //! head -1`) is not an error: the exit status stays the command's.
@@ -49,6 +50,9 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_NO_MASTER: u8 = 3;
 /// `status` only: running, but fewer ready workers than the target.
 pub const EXIT_DEGRADED: u8 = 4;
+/// `status` only: the master is stopping, in its drain window (`--shutdown-delay`:
+/// serving on, `/readyz` 503) or after it. Wins over [`EXIT_DEGRADED`].
+pub const EXIT_STOPPING: u8 = 5;
 
 /// Connect and quick requests, unless `--timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -341,7 +345,9 @@ fn execute(cli: &Cli) -> Result<Done, Fail> {
             Reply::Status(st) => Ok(Done {
                 human: render::status_text(&st),
                 json: json_string(&*st),
-                code: if st.degraded() {
+                code: if st.master.state != "running" {
+                    EXIT_STOPPING
+                } else if st.degraded() {
                     EXIT_DEGRADED
                 } else {
                     EXIT_OK

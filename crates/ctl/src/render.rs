@@ -135,7 +135,8 @@ pub fn human_time(rfc3339: &str) -> String {
     }
 }
 
-/// `web (pid 4100) v0.1.0: 3/4 ready, generation 2, up 3h12m` (and `, stopping`).
+/// `web (pid 4100) v0.1.0: 3/4 ready, generation 2, up 3h12m` (and `, stopping`,
+/// or `, draining, 4 s left`).
 pub fn master_line(m: &arbiter_proto::status::MasterStatus) -> String {
     let mut out = format!(
         "{} (pid {}) v{}: {}/{} ready, generation {}, up {}",
@@ -149,6 +150,9 @@ pub fn master_line(m: &arbiter_proto::status::MasterStatus) -> String {
     );
     if m.state != "running" {
         let _ = write!(out, ", {}", m.state);
+    }
+    if let Some(left) = m.draining_secs_left {
+        let _ = write!(out, ", {} s left", left.ceil() as u64);
     }
     out
 }
@@ -448,6 +452,7 @@ pub(crate) mod tests {
                 started_at: "2026-11-24T07:00:00.000Z".into(),
                 uptime_secs: 11_523.5,
                 state: "running".into(),
+                draining_secs_left: None,
                 generation: 2,
                 target: 4,
                 ready: 3,

@@ -1,5 +1,7 @@
 //! `--metrics-bind`: Prometheus scrapes `GET /metrics` from the master itself, in
-//! its one loop, with no thread and no blocking call.
+//! its one loop, with no thread and no blocking call; balancers and orchestrators
+//! probe `GET /livez` and `GET /readyz` there too (what they answer is the loop's
+//! to say: see `arbiter/probes.rs`).
 //!
 //! Bounded like the control socket: at most [`MAX_CLIENTS`] connections served at
 //! once (one more is told `503` and closed), a request head of at most
@@ -50,10 +52,31 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 pub enum Verdict {
     /// Not all of the head yet.
     Incomplete,
-    /// `GET /metrics` (`head_only` for `HEAD`): render and send.
-    Scrape { head_only: bool },
-    /// Answer with this status and no metrics.
+    /// `GET` (`head_only` for `HEAD`) of a path served here: the loop answers.
+    Ask { what: Ask, head_only: bool },
+    /// Answer with this status and nothing else.
     Refuse(Status),
+}
+
+/// The paths served here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// `/metrics`: the Prometheus text.
+    Metrics,
+    /// `/livez`: whether the master's loop turns.
+    Live,
+    /// `/readyz`: whether traffic should be sent to this service.
+    Ready,
+}
+
+/// A client's complete request, for the loop to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Asked {
+    pub what: Ask,
+    pub head_only: bool,
+    /// How long the request had been waiting when the loop read it (TCP only:
+    /// the kernel's time since the last bytes came in).
+    pub waited: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,18 +118,56 @@ pub fn judge(input: &[u8]) -> Verdict {
             };
             // Prometheus may add parameters (`params:` in a scrape config).
             let path = target.split_once('?').map_or(target, |(p, _)| p);
-            if path != "/metrics" {
-                return Verdict::Refuse(Status::NotFound);
-            }
+            let what = match path {
+                "/metrics" => Ask::Metrics,
+                "/livez" => Ask::Live,
+                "/readyz" => Ask::Ready,
+                _ => return Verdict::Refuse(Status::NotFound),
+            };
             match method {
-                "GET" => Verdict::Scrape { head_only: false },
-                "HEAD" => Verdict::Scrape { head_only: true },
+                "GET" => Verdict::Ask {
+                    what,
+                    head_only: false,
+                },
+                "HEAD" => Verdict::Ask {
+                    what,
+                    head_only: true,
+                },
                 _ => Verdict::Refuse(Status::MethodNotAllowed),
             }
         }
         Err(httparse::Error::TooManyHeaders) => Verdict::Refuse(Status::HeadTooLarge),
         Err(_) => Verdict::Refuse(Status::BadRequest),
     }
+}
+
+/// What the loop answers a request with.
+#[derive(Clone, Copy, Debug)]
+pub enum Reply<'a> {
+    /// The metrics text.
+    Metrics(&'a str),
+    /// `200` (`ok`) or `503`, with one line that says why.
+    Probe { ok: bool, line: &'a str },
+}
+
+/// How long ago the last bytes of a request arrived on this TCP connection
+/// (`tcpi_last_data_recv`): the time it waited for the loop to read it. `None`
+/// for a unix socket, which keeps no such time.
+fn waited(fd: BorrowedFd<'_>) -> Option<Duration> {
+    // SAFETY: tcp_info is plain data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| Duration::from_millis(u64::from(info.tcpi_last_data_recv)))
 }
 
 /// A whole HTTP/1.1 answer that closes the connection.
@@ -142,8 +203,8 @@ fn refusal(status: Status) -> Vec<u8> {
 enum Phase {
     /// Reading the request head.
     Reading,
-    /// Asked for the metrics: waiting for the loop to render them.
-    Scrape { head_only: bool },
+    /// Asked: waiting for the loop's answer.
+    Asked(Asked),
     /// Sending the answer.
     Writing,
     /// Answered and our side shut down: reading (and dropping) until the client
@@ -217,8 +278,12 @@ impl Conn {
                     self.input.extend_from_slice(&buf[..n]);
                     match judge(&self.input) {
                         Verdict::Incomplete => {}
-                        Verdict::Scrape { head_only } => {
-                            self.phase = Phase::Scrape { head_only };
+                        Verdict::Ask { what, head_only } => {
+                            self.phase = Phase::Asked(Asked {
+                                what,
+                                head_only,
+                                waited: waited(self.fd.as_fd()),
+                            });
                             return;
                         }
                         Verdict::Refuse(status) => {
@@ -422,28 +487,41 @@ impl MetricsServer {
         }
     }
 
-    /// A client's fd polled ready. `Some(head_only)`: it asked for the metrics;
-    /// answer it with [`respond`](Self::respond) this turn.
-    pub fn on_ready(&mut self, id: u64, now: Instant) -> Option<bool> {
+    /// A client's fd polled ready. `Some`: its request is complete; answer it
+    /// with [`respond`](Self::respond) this turn.
+    pub fn on_ready(&mut self, id: u64, now: Instant) -> Option<Asked> {
         let c = self.conns.iter_mut().find(|c| c.id == id)?;
         c.flush(now);
         c.read(now);
         let asked = match c.phase {
-            Phase::Scrape { head_only } => Some(head_only),
+            Phase::Asked(a) => Some(a),
             _ => None,
         };
         self.sweep();
         asked
     }
 
-    /// Send `body` (the rendered metrics) to a client that asked for them.
-    pub fn respond(&mut self, id: u64, head_only: bool, body: &str, now: Instant) {
+    /// Send a client what it asked for: the rendered metrics, or a probe's line.
+    pub fn respond(&mut self, id: u64, head_only: bool, reply: Reply<'_>, now: Instant) {
         if let Some(c) = self.conns.iter_mut().find(|c| c.id == id) {
-            let content_type = arbiter_proto::metrics::CONTENT_TYPE;
-            c.reply(
-                answer("200 OK", content_type, "", body.as_bytes(), head_only),
-                now,
-            );
+            let bytes = match reply {
+                Reply::Metrics(body) => answer(
+                    "200 OK",
+                    arbiter_proto::metrics::CONTENT_TYPE,
+                    "",
+                    body.as_bytes(),
+                    head_only,
+                ),
+                Reply::Probe { ok, line } => answer(
+                    if ok { "200 OK" } else { Status::Busy.line() },
+                    "text/plain; charset=utf-8",
+                    // A probe's answer is now's: no cache may keep it.
+                    "Cache-Control: no-store\r\n",
+                    format!("{line}\n").as_bytes(),
+                    head_only,
+                ),
+            };
+            c.reply(bytes, now);
         }
         self.sweep();
     }
@@ -492,7 +570,10 @@ mod tests {
 
     #[test]
     fn heads() {
-        let scrape = Verdict::Scrape { head_only: false };
+        let scrape = Verdict::Ask {
+            what: Ask::Metrics,
+            head_only: false,
+        };
         assert_eq!(judge(b""), Verdict::Incomplete);
         assert_eq!(judge(b"GET /metr"), Verdict::Incomplete);
         assert_eq!(
@@ -505,7 +586,32 @@ mod tests {
         assert_eq!(judge(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"), scrape);
         assert_eq!(
             judge(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Verdict::Scrape { head_only: true }
+            Verdict::Ask {
+                what: Ask::Metrics,
+                head_only: true
+            }
+        );
+        for (path, what) in [("/livez", Ask::Live), ("/readyz", Ask::Ready)] {
+            let get = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(
+                judge(get.as_bytes()),
+                Verdict::Ask {
+                    what,
+                    head_only: false
+                }
+            );
+            let head = format!("HEAD {path}?verbose HTTP/1.0\r\n\r\n");
+            assert_eq!(
+                judge(head.as_bytes()),
+                Verdict::Ask {
+                    what,
+                    head_only: true
+                }
+            );
+        }
+        assert_eq!(
+            judge(b"GET /healthz HTTP/1.1\r\n\r\n"),
+            Verdict::Refuse(Status::NotFound)
         );
         let refused = |s| Verdict::Refuse(s);
         assert_eq!(judge(b"GET / HTTP/1.1\r\n\r\n"), refused(Status::NotFound));
@@ -549,7 +655,13 @@ mod tests {
         let mut fits = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
         fits.resize(MAX_HEAD - 4, b'a');
         fits.extend_from_slice(b"\r\n\r\n");
-        assert_eq!(judge(&fits), Verdict::Scrape { head_only: false });
+        assert_eq!(
+            judge(&fits),
+            Verdict::Ask {
+                what: Ask::Metrics,
+                head_only: false
+            }
+        );
     }
 
     #[test]

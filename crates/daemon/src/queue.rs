@@ -32,6 +32,28 @@ pub fn of(fd: BorrowedFd<'_>) -> io::Result<Queue> {
     }
 }
 
+/// Connections waiting in all these queues together; one that cannot be read
+/// counts as empty.
+pub fn queued<'a>(fds: impl IntoIterator<Item = BorrowedFd<'a>>) -> u64 {
+    fds.into_iter()
+        .filter_map(|fd| of(fd).ok())
+        .map(|q| u64::from(q.len))
+        .sum()
+}
+
+/// Let the queue of listening socket `fd` take no more connections than it holds
+/// (`listen` again with a backlog of 0: the kernel then drops a SYN while one
+/// connection waits, and the client sends it again a second later). The socket
+/// keeps what is queued, for its workers to take.
+pub fn refuse_more(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain listen(2) on a socket that is listening already: it only
+    // changes the backlog.
+    if unsafe { libc::listen(fd.as_raw_fd(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn domain(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     let mut d: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -251,6 +273,21 @@ mod tests {
         assert_eq!(of(l.as_fd()).unwrap(), Queue { len: 3, limit: 7 });
         drop(l.accept().unwrap());
         assert_eq!(of(l.as_fd()).unwrap().len, 2);
+    }
+
+    #[test]
+    fn a_queue_told_to_refuse_more_keeps_what_it_holds() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        refuse_more(l.as_fd()).unwrap();
+        assert_eq!(of(l.as_fd()).unwrap(), Queue { len: 3, limit: 0 });
+        for _ in 0..3 {
+            drop(l.accept().unwrap());
+        }
+        assert_eq!(of(l.as_fd()).unwrap().len, 0);
     }
 
     #[test]

@@ -20,8 +20,12 @@ pub struct MasterStatus {
     /// RFC 3339, UTC.
     pub started_at: String,
     pub uptime_secs: f64,
-    /// `running`, `stopping`.
+    /// `running`, `draining` (the `--shutdown-delay` window of a stop: serving
+    /// on, not ready), `stopping`.
     pub state: String,
+    /// In the drain window: the seconds it has left.
+    #[serde(default)]
+    pub draining_secs_left: Option<f64>,
     /// The generation new workers belong to.
     pub generation: u64,
     /// The target worker count.

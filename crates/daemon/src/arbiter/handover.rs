@@ -57,7 +57,9 @@ impl Arbiter {
     pub(super) fn on_upgrade_pipe(&mut self) {
         match self.lineage.on_pipe(&mut self.events) {
             None | Some(PipeOutcome::Ready { handover: false }) => {}
-            Some(PipeOutcome::Ready { handover: true }) => self.begin_shutdown(true),
+            Some(PipeOutcome::Ready { handover: true }) => {
+                self.begin_shutdown(super::shutdown::How::Immediate)
+            }
             Some(PipeOutcome::Failed(reason)) => self.upgrade_failed(reason),
         }
     }

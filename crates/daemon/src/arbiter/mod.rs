@@ -23,8 +23,10 @@ mod handover;
 mod lineage;
 mod manager;
 mod pool;
+mod probes;
 mod reload;
 mod requests;
+mod shutdown;
 mod status;
 
 use std::os::fd::AsFd;
@@ -52,6 +54,7 @@ use lineage::{ChildExit, Lineage};
 use manager::Manager;
 use pool::{Death, Exit, Phase, Pool, SpawnContext};
 use reload::Reloads;
+use shutdown::{How, Shutdown};
 
 pub use reload::ReloadOutcome;
 
@@ -71,15 +74,8 @@ pub const HANDLED_SIGNALS: &[Signal] = &[
 
 /// How long a new master may take to be ready, unless told otherwise.
 const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a quick shutdown (INT, QUIT) waits before KILL, at most.
-const QUICK_GRACE: Duration = Duration::from_secs(2);
 
 pub use arbiter_proto::control::MAX_WORKERS;
-
-struct Shutdown {
-    graceful: bool,
-    deadline: Instant,
-}
 
 /// Everything `main` prepared for the master.
 pub struct Setup {
@@ -220,7 +216,7 @@ impl Arbiter {
     pub fn run(mut self) -> u8 {
         self.log_start();
         self.converge(Instant::now());
-        while self.shutdown.is_none() || !self.pool.is_empty() {
+        while !(self.stopping_workers() && self.pool.is_empty()) {
             let due = self.next_deadline(Instant::now());
             let woke = self.wait_and_dispatch(due);
             let now = Instant::now();
@@ -269,9 +265,8 @@ impl Arbiter {
     /// The earliest moment any part has something due; `None`: sleep until an
     /// event. Each timer is computed by its owner, in one place.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let stopping = self.shutdown.as_ref().map(|s| s.deadline);
         [
-            stopping,
+            self.shutdown.as_ref().map(Shutdown::next_deadline),
             self.control.as_ref().and_then(|c| c.next_deadline()),
             self.metrics.as_ref().and_then(|m| m.next_deadline()),
             self.manager.next_deadline(),
@@ -282,7 +277,7 @@ impl Arbiter {
             self.pool.next_deadline(
                 &self.cfg,
                 self.reloads.is_running(),
-                stopping.is_some(),
+                self.stopping_workers(),
                 now,
             ),
         ]
@@ -306,7 +301,7 @@ impl Arbiter {
             child_exited: false,
         };
         let mut requests = Vec::new();
-        let mut scrapes = Vec::new();
+        let mut asks = Vec::new();
         for source in ready {
             match source {
                 Source::Signals => {
@@ -356,23 +351,14 @@ impl Arbiter {
                 }
                 Source::MetricsClient(id) => {
                     if let Some(m) = &mut self.metrics
-                        && let Some(head_only) = m.on_ready(id, now)
+                        && let Some(asked) = m.on_ready(id, now)
                     {
-                        scrapes.push((id, head_only));
+                        asks.push((id, asked));
                     }
                 }
             }
         }
-        if !scrapes.is_empty() {
-            // One snapshot for every scrape of this turn.
-            let body =
-                arbiter_proto::metrics::render(&arbiter_proto::metrics::families(&self.snapshot()));
-            if let Some(m) = &mut self.metrics {
-                for (id, head_only) in scrapes {
-                    m.respond(id, head_only, &body, now);
-                }
-            }
-        }
+        self.answer(asks, now);
         for (id, peer, req) in requests {
             self.handle_request(id, peer, req);
         }
@@ -433,8 +419,8 @@ impl Arbiter {
                 info!("Hang up: Master");
                 let _ = self.reload();
             }
-            Signal::SIGTERM => self.begin_shutdown(true),
-            Signal::SIGINT | Signal::SIGQUIT => self.begin_shutdown(false),
+            Signal::SIGTERM => self.begin_shutdown(How::Graceful),
+            Signal::SIGINT | Signal::SIGQUIT => self.begin_shutdown(How::Quick),
             Signal::SIGTTIN if self.pool.target() >= self.cfg.max_workers => info!(
                 "SIGTTIN ignored: already at --max-workers ({})",
                 self.cfg.max_workers
@@ -456,6 +442,8 @@ impl Arbiter {
                     warning!("USR2 signal ignored. {e}");
                 }
             }
+            // The workers serve on through a drain window: only a stop ends it.
+            Signal::SIGWINCH if self.shutdown.is_some() => info!("SIGWINCH ignored: shutting down"),
             Signal::SIGWINCH if self.detached => {
                 // The upgrade dance: the old master keeps its listeners and pidfile
                 // but hands all traffic to the new one. HUP or a scale brings
@@ -522,7 +510,7 @@ impl Arbiter {
         }
         let phase = Phase {
             reloading: self.reloads.is_running(),
-            stopping: self.shutdown.is_some(),
+            stopping: self.stopping_workers(),
         };
         match self
             .pool
@@ -563,14 +551,13 @@ impl Arbiter {
         self.autoscale(now);
         self.manager.check(now, self.lineage.is_main_process());
         self.pool.check_deadlines(now, &self.cfg);
-        if self.shutdown.as_ref().is_some_and(|s| now >= s.deadline) {
-            self.pool.kill_all();
-        }
+        self.check_shutdown(now);
     }
 
     /// Move the pool toward its target and act on where it stands.
+    /// Also through a drain window: a worker that dies in it is replaced.
     fn converge(&mut self, now: Instant) {
-        if self.shutdown.is_some() {
+        if self.stopping_workers() {
             return;
         }
         let ctx = SpawnContext {
@@ -581,7 +568,8 @@ impl Arbiter {
             master_pid: self.master_pid,
         };
         let progress = self.pool.converge(now, &ctx, &mut self.events);
-        if let Some(ready) = progress.first_served {
+        // Serving for the first time while stopping: nobody is to hear "ready".
+        if let Some(ready) = progress.first_served.filter(|_| self.shutdown.is_none()) {
             info!("Serving: {ready} worker(s) ready");
             // A new master of an upgrade is not heard yet (the old one speaks
             // until it hands over); tell_manager knows.
@@ -602,12 +590,7 @@ impl Arbiter {
         if !self.autoscaler.is_due(now) {
             return;
         }
-        let queued = self
-            .listeners
-            .iter()
-            .filter_map(|l| crate::queue::of(l.as_fd()).ok())
-            .map(|q| u64::from(q.len))
-            .sum();
+        let queued = crate::queue::queued(self.listeners.iter().map(|l| l.as_fd()));
         let (busy, idle) = self.pool.busy_idle();
         let sample = autoscale::Sample {
             queued,
@@ -631,16 +614,17 @@ impl Arbiter {
 
     /// Send `extra` (if any) with the current `STATUS=` to systemd.
     fn tell_manager(&mut self, extra: &str) {
+        let doing = match &self.shutdown {
+            Some(s) => s.name(),
+            None if self.reloads.is_running() => "reloading",
+            None => "",
+        };
         let status = format!(
-            "{}/{} workers ready, generation {}{}",
+            "{}/{} workers ready, generation {}{}{doing}",
             self.pool.serving(),
             self.pool.target(),
             self.pool.generation(),
-            if self.reloads.is_running() {
-                ", reloading"
-            } else {
-                ""
-            }
+            if doing.is_empty() { "" } else { ", " },
         );
         self.manager
             .tell(extra, status, self.lineage.is_main_process());

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use arbiter_proto::control::{ErrorKind, Reply, Request, Response};
 
+use super::shutdown::How;
 use super::{Arbiter, DEFAULT_UPGRADE_TIMEOUT, MAX_WORKERS, parse_signal};
 use crate::control::{ClientId, Peer};
 use crate::info;
@@ -74,7 +75,7 @@ impl Arbiter {
                 }
             }
             Request::Stop { fast } => {
-                self.begin_shutdown(!fast);
+                self.begin_shutdown(if fast { How::Quick } else { How::Graceful });
                 self.stop_waiters.push(id);
                 return;
             }

@@ -70,12 +70,16 @@ impl Arbiter {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 started_at: rfc3339(self.started_wall),
                 uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
-                state: if self.shutdown.is_some() {
-                    "stopping"
-                } else {
-                    "running"
-                }
-                .to_string(),
+                state: self
+                    .shutdown
+                    .as_ref()
+                    .map_or("running", |s| s.name())
+                    .into(),
+                draining_secs_left: self
+                    .shutdown
+                    .as_ref()
+                    .and_then(|s| s.draining_left(now))
+                    .map(|d| d.as_secs_f64()),
                 generation,
                 target: self.pool.target() as u64,
                 ready: self.pool.serving() as u64,

@@ -83,8 +83,33 @@ impl Worker {
     /// first, the batch runs with the alarm armed, which turns an accept left
     /// waiting into EINTR within ACCEPT_ALARM_EVERY.
     pub(super) fn accept(&mut self, index: usize) {
+        self.accept_up_to(index, ACCEPT_BATCH);
+    }
+
+    /// On TERM, before letting go of the listeners: take what waits in their
+    /// queues, since once the last process holding a socket closes it, whatever
+    /// waits there is reset. At most as many as each held when asked (so a flood
+    /// cannot keep a stopping worker), and never past MAX_CONNECTIONS.
+    pub(super) fn take_queued(&mut self) {
+        for index in 0..self.listeners.len() {
+            let fd = self.listeners[index].fd.as_fd();
+            let mut budget = crate::queue::of(fd).map_or(ACCEPT_BATCH, |q| q.len as usize);
+            while budget > 0 && self.conns.len() < MAX_CONNECTIONS {
+                let taken =
+                    self.accept_up_to(index, budget.min(MAX_CONNECTIONS - self.conns.len()));
+                if taken == 0 {
+                    break;
+                }
+                budget = budget.saturating_sub(taken);
+            }
+        }
+    }
+
+    /// The accepts of [`accept`](Self::accept), at most `most`; how many it took.
+    fn accept_up_to(&mut self, index: usize, most: usize) -> usize {
         let mut armed = false;
-        for _ in 0..ACCEPT_BATCH {
+        let mut taken = 0;
+        for _ in 0..most {
             let Some(l) = self.listeners.get(index) else {
                 break;
             };
@@ -111,6 +136,7 @@ impl Worker {
                         let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
                     }
                     self.adopt(fd);
+                    taken += 1;
                 }
                 // EINTR: the alarm, so another process took the connection we saw;
                 // EAGAIN: someone else made the listener non-blocking. Either way the
@@ -138,6 +164,7 @@ impl Worker {
         if armed {
             self.alarm.disarm();
         }
+        taken
     }
 
     /// Out of descriptors or memory, or worse: the connection stays queued and the

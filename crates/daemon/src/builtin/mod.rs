@@ -24,8 +24,10 @@
 //! written) and idle otherwise, and counts every response it queues. It publishes
 //! once per loop turn, before it waits, and only what changed: a few plain stores.
 //!
-//! TERM: stop accepting, finish in-flight requests (pending sleeps included), close
-//! idle keep-alive connections, exit 0. QUIT/INT: exit 0 at once. ABRT: exit 1.
+//! TERM: take what waits in the listeners' accept queues (at most what they held),
+//! stop accepting, finish in-flight requests (pending sleeps included), close idle
+//! keep-alive connections, exit 0. QUIT/INT: exit 0 at once. ABRT: exit 1. The
+//! master's own signals (HUP, USR1, USR2, WINCH, TTIN, TTOU) are ignored.
 //!
 //! The parts, split where the state splits, so that each can be read (and the pure
 //! ones tested) without the others:
@@ -141,6 +143,7 @@ impl Worker {
             Signal::SIGUSR1,
         ])
         .map_err(|e| format!("signal handlers: {e}"))?;
+        ignore_masters_signals().map_err(|e| format!("signal handlers: {e}"))?;
         let alarm = AcceptAlarm::install().map_err(|e| format!("accept alarm: {e}"))?;
         let epoll =
             Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
@@ -295,6 +298,7 @@ impl Worker {
         }
         self.draining = true;
         contract::notify("STOPPING=1");
+        self.take_queued();
         // Out of the epoll set first: the master holds the same open file
         // descriptions, so closing our fds alone would not remove them from it.
         let _ = self.listen(false);
@@ -318,6 +322,24 @@ impl Worker {
             }
         }
     }
+}
+
+/// The master's own signals, which reach workers too when an operator signals
+/// every process of a unit (`systemctl kill` without `--kill-whom=main`, `pkill
+/// arbiterd`): by default USR2 kills and TTIN/TTOU stop a process. HUP and USR1
+/// go through the self-pipe and are ignored there.
+fn ignore_masters_signals() -> nix::Result<()> {
+    use nix::sys::signal::{SigHandler, signal};
+    for sig in [
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
+        // SAFETY: SIG_IGN installs no handler; nothing runs in signal context.
+        unsafe { signal(sig, SigHandler::SigIgn) }?;
+    }
+    Ok(())
 }
 
 /// The common soft limit of 1024 descriptors is below MAX_CONNECTIONS plus our own:

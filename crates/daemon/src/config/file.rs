@@ -25,7 +25,9 @@ pub const KEYS: &[&str] = &[
     "max-workers",
     "timeout",
     "graceful-timeout",
+    "shutdown-delay",
     "ready",
+    "ready-min",
     "boot-timeout",
     "kill-mode",
     "cgroup",
@@ -64,7 +66,9 @@ struct FileConfig {
     max_workers: Option<At<usize>>,
     timeout: Option<At<f64>>,
     graceful_timeout: Option<At<f64>>,
+    shutdown_delay: Option<At<f64>>,
     ready: Option<At<String>>,
+    ready_min: Option<At<usize>>,
     boot_timeout: Option<At<f64>>,
     kill_mode: Option<At<String>>,
     cgroup: Option<At<String>>,
@@ -351,6 +355,8 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
             "max-workers" => f.max_workers = at(line, whole(name, v, COUNT).map_err(err)?),
             "timeout" => f.timeout = at(line, seconds(name, v).map_err(err)?),
             "graceful-timeout" => f.graceful_timeout = at(line, seconds(name, v).map_err(err)?),
+            "shutdown-delay" => f.shutdown_delay = at(line, seconds(name, v).map_err(err)?),
+            "ready-min" => f.ready_min = at(line, whole(name, v, COUNT).map_err(err)?),
             "boot-timeout" => f.boot_timeout = at(line, seconds(name, v).map_err(err)?),
             "max-worker-age" => f.max_worker_age = at(line, seconds(name, v).map_err(err)?),
             "ready" => {
@@ -520,6 +526,8 @@ impl Loader {
         take!(max_workers, "max_workers", |v| v);
         take!(timeout, "timeout", |v| v);
         take!(graceful_timeout, "graceful_timeout", |v| v);
+        take!(shutdown_delay, "shutdown_delay", |v| v);
+        take!(ready_min, "ready_min", Some);
         take!(boot_timeout, "boot_timeout", |v| v);
         take!(name, "name", |v| v);
         take!(pid, "pid", Some);

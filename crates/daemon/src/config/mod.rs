@@ -49,6 +49,14 @@ pub struct Cli {
     /// How long TERMed workers may drain before KILL, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub graceful_timeout: f64,
+    /// On TERM, keep serving this many seconds first, with /readyz saying 503, so
+    /// that balancers stop sending before anything closes; then stop gracefully
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub shutdown_delay: f64,
+    /// /readyz says 200 once this many workers are ready (default: the target
+    /// count; never more than the target)
+    #[arg(long, value_name = "N")]
+    pub ready_min: Option<usize>,
     /// When a worker counts as ready: `exec` (exec succeeded) or `notify` (READY=1).
     /// Default: exec for a COMMAND, notify for the built-in worker (it sends READY=1)
     #[arg(
@@ -261,6 +269,10 @@ pub struct Config {
     pub max_workers: usize,
     pub timeout: Option<Duration>,
     pub graceful_timeout: Duration,
+    /// `--shutdown-delay`: the drain window a TERM opens before the stop.
+    pub shutdown_delay: Duration,
+    /// `--ready-min`: the ready workers `/readyz` wants; `None`: the target.
+    pub ready_min: Option<usize>,
     /// `None`: the program's default (exec for a COMMAND, notify for the built-in).
     pub ready: Option<ReadyMode>,
     pub boot_timeout: Duration,
@@ -508,6 +520,12 @@ impl Config {
         if cli.backlog <= 0 {
             bail!("--backlog must be positive");
         }
+        if cli.ready_min.is_some_and(|n| n == 0 || n > cli.max_workers) {
+            bail!(
+                "--ready-min must be from 1 to --max-workers ({})",
+                cli.max_workers
+            );
+        }
         let timeout = seconds("--timeout", cli.timeout)?;
         let umask = match &cli.umask {
             None => None,
@@ -582,6 +600,8 @@ impl Config {
             max_workers: cli.max_workers,
             timeout: (!timeout.is_zero()).then_some(timeout),
             graceful_timeout: seconds("--graceful-timeout", cli.graceful_timeout)?,
+            shutdown_delay: seconds("--shutdown-delay", cli.shutdown_delay)?,
+            ready_min: cli.ready_min,
             ready: cli.ready,
             boot_timeout: seconds("--boot-timeout", cli.boot_timeout)?,
             kill_mode: cli.kill_mode,
@@ -633,6 +653,8 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     diff!("bind", binds);
     diff!("timeout", timeout);
     diff!("graceful-timeout", graceful_timeout);
+    diff!("shutdown-delay", shutdown_delay);
+    diff!("ready-min", ready_min);
     diff!("boot-timeout", boot_timeout);
     diff!("kill-mode", kill_mode);
     diff!("ready", ready);

@@ -273,6 +273,11 @@ impl Pool {
     }
 
     /// No worker, and nothing left of any worker's tree.
+    /// The first generation has been ready in full once.
+    pub fn has_served(&self) -> bool {
+        self.served
+    }
+
     pub fn is_empty(&self) -> bool {
         self.workers.is_empty() && self.remains.is_empty() && self.templates.is_empty()
     }

@@ -101,6 +101,7 @@ fn status() -> Status {
             started_at: "2026-01-01T00:00:00.000Z".into(),
             uptime_secs: 12.3456,
             state: "running".into(),
+            draining_secs_left: None,
             generation: 1,
             target: 3,
             ready: 2,
