@@ -49,6 +49,10 @@ pub struct Machine {
     launcher: Child,
     /// Its PID 1 as the host sees it.
     pid1: i32,
+    /// In seconds since the epoch: the machine shares the host's machine and
+    /// boot ids, and its /var is an overlay of the host's, so only time tells
+    /// its journal entries from the host's.
+    booted: u64,
 }
 
 /// Files to put in the machine before it boots, by path inside it.
@@ -142,6 +146,9 @@ impl Machine {
             cgroup,
             launcher,
             pid1: 0,
+            booted: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let hostpid = m.dir.join("hostpid");
         let end = Instant::now() + secs(10);
@@ -175,7 +182,10 @@ impl Machine {
 
     fn context(&self) -> String {
         let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
-        let journal = self.sh("journalctl --no-pager -n 300 -o short-precise");
+        let journal = self.sh(&format!(
+            "journalctl --no-pager -n 300 -o short-precise --since @{}",
+            self.booted
+        ));
         format!(
             "\n--- console ---\n{console}\n--- journal (last 300) ---\n{}{}",
             journal.stdout, journal.stderr

@@ -143,6 +143,18 @@ impl SignalPipe {
     }
 }
 
+/// The signals meant for the master alone, which every child starts with
+/// ignored (docs/workers.md, "The master's signals"). INT, QUIT and TERM are not
+/// among them: those stop a worker as they stop the master.
+pub const MASTERS_OWN: [libc::c_int; 6] = [
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
+
 /// Block every signal and return the previous mask: used around fork so that no
 /// handler of the master runs in a child before it resets its dispositions.
 pub fn block_all() -> io::Result<SigSet> {

@@ -419,11 +419,21 @@ impl Prepared {
             {
                 fail(status_fd, ChildStep::Cgroup);
             }
-            // Default dispositions for everything, SIGPIPE included (Rust ignores it,
-            // and an ignored disposition would survive exec).
+            // Default dispositions, SIGPIPE included (Rust ignores it, and an
+            // ignored disposition survives exec), except the master's own
+            // signals, which start ignored: `systemctl kill` signals every
+            // process of the unit, and goes round again for the ones that appear
+            // meanwhile, so a worker (or upgrade check, or new master) that the
+            // signal itself made the master start gets it before it could
+            // install a handler, and USR2 would kill it, TTIN stop it.
             for sig in 1..libc::SIGRTMIN() {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
+                    let how = if crate::signals::MASTERS_OWN.contains(&sig) {
+                        libc::SIG_IGN
+                    } else {
+                        libc::SIG_DFL
+                    };
+                    libc::signal(sig, how);
                 }
             }
             if self.contained {
