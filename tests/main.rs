@@ -18,6 +18,7 @@ mod master;
 mod metrics_http;
 mod ops;
 mod preload;
+mod recycle;
 mod reliability;
 mod scoreboard;
 mod table;

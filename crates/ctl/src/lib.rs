@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod metrics;
+mod recycles;
 pub mod render;
 pub mod resolve;
 mod top;

@@ -75,6 +75,8 @@ pub const LONG_WITH_VALUE: &[&str] = &[
     "config",
     "max-worker-rss",
     "max-worker-age",
+    "max-requests",
+    "max-requests-jitter",
     "backlog",
     "umask",
     "chdir",
