@@ -20,6 +20,7 @@ mod metrics_http;
 mod ops;
 mod preload;
 mod probes;
+mod recycle;
 mod reliability;
 mod scoreboard;
 mod table;

@@ -35,6 +35,8 @@ critical\t''"
 complete -c arbiterd -s c -l config -d 'TOML file with the same keys as the long options; re-read on reload' -r -F
 complete -c arbiterd -l max-worker-rss -d 'Recycle a worker whose RSS exceeds this many MiB' -r
 complete -c arbiterd -l max-worker-age -d 'Recycle a worker older than this many seconds' -r
+complete -c arbiterd -l max-requests -d 'Recycle a worker after it served this many requests (0: never); only workers that count requests on the scoreboard' -r
+complete -c arbiterd -l max-requests-jitter -d 'Add 0..=J to each worker\'s --max-requests, drawn per worker' -r
 complete -c arbiterd -l backlog -d 'Listen backlog' -r
 complete -c arbiterd -l umask -d 'File mode creation mask, octal' -r
 complete -c arbiterd -l chdir -d 'Change to this directory before anything else' -r -F

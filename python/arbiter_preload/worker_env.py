@@ -47,6 +47,14 @@ def notify(message):
         s.close()
 
 
+def recycle():
+    """Ask arbiterd to replace this worker (`ARBITER_RECYCLE=1`): it starts a
+    replacement and, once that one is ready, stops this one gracefully (SIGTERM),
+    as for --max-requests. For a worker that counts its own requests, memory or
+    errors. False if there is no NOTIFY_SOCKET or the send failed."""
+    return notify("ARBITER_RECYCLE=1")
+
+
 def listen_fds():
     """The number of listeners at fds 3, 4, ... meant for this process (0 if
     LISTEN_PID names another process)."""

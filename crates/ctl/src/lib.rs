@@ -21,6 +21,7 @@
 
 pub mod cli;
 pub mod metrics;
+mod recycles;
 pub mod render;
 pub mod resolve;
 mod top;

@@ -209,6 +209,7 @@ pub fn status_header(st: &Status) -> String {
         }
         out.push('\n');
     }
+    crate::recycles::line(st, &mut out);
     if let Some(r) = &m.reload {
         let _ = writeln!(
             out,
@@ -414,6 +415,7 @@ pub(crate) mod tests {
             busy: Some(false),
             requests: Some(41),
             busy_changed_secs: Some(3.0),
+            max_requests: None,
         }
     }
 
@@ -446,6 +448,8 @@ pub(crate) mod tests {
                 autoscale: None,
                 templates: Vec::new(),
                 host_listen_overflows: None,
+                max_requests: None,
+                recycles: Default::default(),
                 pid: 1234,
                 name: "web".into(),
                 version: "0.1.0".into(),

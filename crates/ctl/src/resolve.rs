@@ -77,6 +77,8 @@ pub const LONG_WITH_VALUE: &[&str] = &[
     "config",
     "max-worker-rss",
     "max-worker-age",
+    "max-requests",
+    "max-requests-jitter",
     "backlog",
     "umask",
     "chdir",

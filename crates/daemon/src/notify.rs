@@ -20,6 +20,8 @@ use nix::sys::socket::{
     UnixCredentials, sockopt,
 };
 
+use arbiter_proto::worker as contract;
+
 use crate::ratelimit::{Repeated, suppressed_note};
 use crate::warning;
 
@@ -123,6 +125,8 @@ pub enum Message {
     WatchdogTrigger,
     Status(String),
     Stopping,
+    /// `ARBITER_RECYCLE=1`: replace me (a replacement first, then a graceful stop).
+    Recycle,
     /// `EXTEND_TIMEOUT_USEC=`: push the boot or heartbeat deadline this far from now.
     ExtendTimeout(std::time::Duration),
 }
@@ -242,6 +246,7 @@ pub fn parse(datagram: &[u8]) -> Vec<Message> {
             ("WATCHDOG", "1") => out.push(Message::Watchdog),
             ("WATCHDOG", "trigger") => out.push(Message::WatchdogTrigger),
             ("STOPPING", "1") => out.push(Message::Stopping),
+            (contract::NOTIFY_RECYCLE, "1") => out.push(Message::Recycle),
             ("STATUS", text) => {
                 let mut t: String = text.chars().filter(|c| !c.is_control()).collect();
                 if t.len() > MAX_STATUS {
@@ -344,6 +349,8 @@ mod tests {
             vec![Message::ExtendTimeout(std::time::Duration::from_secs(5))]
         );
         assert_eq!(parse(b"READY=0\nEXTEND_TIMEOUT_USEC=x"), vec![]);
+        assert_eq!(parse(b"ARBITER_RECYCLE=1"), vec![Message::Recycle]);
+        assert_eq!(parse(b"ARBITER_RECYCLE=0"), vec![]);
         assert_eq!(parse(&[0xff, 0xfe]), vec![]);
     }
 

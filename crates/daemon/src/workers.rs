@@ -19,6 +19,9 @@ pub enum State {
     Booting,
     /// Serving.
     Ready { since: Instant },
+    /// Serving while its replacement boots in the same slot: retired (as a reload
+    /// retires) once that one is ready, so a recycle never costs a ready worker.
+    Recycling { since: Instant, why: Recycle },
     /// Asked to stop (TERM or QUIT); KILL at the deadline.
     Stopping { deadline: Instant },
     /// Sent ABRT for a heartbeat timeout; KILL at the deadline.
@@ -32,6 +35,7 @@ impl State {
         match self {
             State::Booting => "booting",
             State::Ready { .. } => "ready",
+            State::Recycling { .. } => "recycling",
             State::Stopping { .. } => "stopping",
             State::Aborted { .. } => "aborted",
             State::Killed => "killed",
@@ -40,7 +44,42 @@ impl State {
 
     /// Booting or ready (not on its way out).
     pub fn is_active(self) -> bool {
-        matches!(self, State::Booting | State::Ready { .. })
+        matches!(
+            self,
+            State::Booting | State::Ready { .. } | State::Recycling { .. }
+        )
+    }
+}
+
+/// Why a serving worker is replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recycle {
+    /// `--max-worker-age`.
+    Age,
+    /// `--max-worker-rss`.
+    Rss,
+    /// `--max-requests`, from the scoreboard.
+    Requests,
+    /// The worker said `ARBITER_RECYCLE=1`.
+    Asked,
+}
+
+impl Recycle {
+    pub const ALL: [Recycle; 4] = [
+        Recycle::Age,
+        Recycle::Rss,
+        Recycle::Requests,
+        Recycle::Asked,
+    ];
+
+    /// As in logs, status and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recycle::Age => "max-worker-age",
+            Recycle::Rss => "max-worker-rss",
+            Recycle::Requests => "max-requests",
+            Recycle::Asked => "asked",
+        }
     }
 }
 
@@ -220,9 +259,9 @@ pub struct Worker {
     pub retiring: bool,
     /// `EXTEND_TIMEOUT_USEC`: no boot or heartbeat timeout before this.
     pub extended_until: Option<Instant>,
-    /// Past `--max-worker-rss` or `--max-worker-age`: it serves until a replacement
-    /// is ready, then stops gracefully, like a worker of an older generation.
-    pub recycle: bool,
+    /// Drawn at spawn: its `--max-requests` jitter is this modulo (jitter + 1), so
+    /// a reload's new jitter applies without a new draw.
+    pub jitter_draw: u64,
     /// `/proc/PID/statm`, held open: `status` at 1024 workers would otherwise spend
     /// most of its time walking /proc paths (one pread each instead of five calls).
     pub statm: Option<std::fs::File>,
@@ -319,8 +358,23 @@ impl Worker {
         }
     }
 
+    /// Serving: ready, or ready and being recycled.
     pub fn is_ready(&self) -> bool {
-        matches!(self.state, State::Ready { .. })
+        matches!(self.state, State::Ready { .. } | State::Recycling { .. })
+    }
+
+    pub fn is_recycling(&self) -> bool {
+        matches!(self.state, State::Recycling { .. })
+    }
+
+    /// How many requests it may count before it is recycled, under `max` and
+    /// `jitter` (`--max-requests`, `--max-requests-jitter`).
+    pub fn request_limit(&self, max: Option<u64>, jitter: u64) -> Option<u64> {
+        let spread = match jitter.checked_add(1) {
+            Some(n) => self.jitter_draw % n,
+            None => self.jitter_draw,
+        };
+        max.map(|m| m.saturating_add(spread))
     }
 
     pub fn mark_ready(&mut self, now: Instant) {

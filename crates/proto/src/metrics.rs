@@ -332,6 +332,20 @@ fn unlabelled_families(st: &Status) -> Vec<Family> {
         "Lines of worker output dropped because a worker wrote faster than the relay passes on.",
         m.output_lines_dropped as f64,
     ));
+    if !m.recycles.is_empty() {
+        let mut recycles = family(
+            "arbiter_worker_recycles_total",
+            "counter",
+            "Workers recycled (replacement first, then a graceful stop), by reason.",
+        );
+        for (reason, n) in &m.recycles {
+            recycles.samples.push(Sample {
+                labels: vec![("reason", reason.clone())],
+                value: *n as f64,
+            });
+        }
+        out.push(recycles);
+    }
     out.push(single(
         "arbiter_notify_dropped_total",
         "counter",

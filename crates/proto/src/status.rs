@@ -84,6 +84,22 @@ pub struct MasterStatus {
     /// listener on this host dropped for a full accept queue. Host-wide, not ours.
     #[serde(default)]
     pub host_listen_overflows: Option<u64>,
+    /// `--max-requests` and `--max-requests-jitter`; `None`: off.
+    #[serde(default)]
+    pub max_requests: Option<MaxRequests>,
+    /// Recycles started since the master started (a replacement first, then a
+    /// graceful stop), by reason: `max-requests`, `max-worker-age`,
+    /// `max-worker-rss`, `asked` (`ARBITER_RECYCLE=1`).
+    #[serde(default)]
+    pub recycles: std::collections::BTreeMap<String, u64>,
+}
+
+/// `--max-requests N --max-requests-jitter J`: each worker's limit is N plus its
+/// own draw of 0..=J.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaxRequests {
+    pub limit: u64,
+    pub jitter: u64,
 }
 
 /// `--preload`: a generation's template, which loaded the application once and
@@ -236,6 +252,11 @@ pub struct WorkerStatus {
     /// Seconds since the worker last went busy or idle.
     #[serde(default)]
     pub busy_changed_secs: Option<f64>,
+    /// Its `--max-requests` limit (jitter included), for a worker that counts
+    /// requests on the scoreboard; `None` when off, or for a worker that does not
+    /// count (it is never recycled by count).
+    #[serde(default)]
+    pub max_requests: Option<u64>,
 }
 
 /// Where a worker is in its life, as the master reports it.

@@ -47,6 +47,11 @@ pub const ENV_WATCHDOG_USEC: &str = "WATCHDOG_USEC";
 /// Set with `WATCHDOG_USEC`: the pid the watchdog setting is meant for.
 pub const ENV_WATCHDOG_PID: &str = "WATCHDOG_PID";
 
+/// The notify key (`ARBITER_RECYCLE=1` on `NOTIFY_SOCKET`) by which a worker asks
+/// to be replaced: the master starts its replacement, and stops it gracefully once
+/// that one is ready.
+pub const NOTIFY_RECYCLE: &str = "ARBITER_RECYCLE";
+
 /// Exit status: the worker failed to boot (gunicorn's WORKER_BOOT_ERROR).
 pub const EXIT_BOOT_ERROR: i32 = 3;
 /// Exit status: the application failed to load (gunicorn's APP_LOAD_ERROR).

@@ -42,6 +42,8 @@ impl Arbiter {
                 if let Some(r) = self.pool.board_report(w, now_ns) {
                     st.busy = Some(r.busy);
                     st.requests = Some(r.requests);
+                    st.max_requests =
+                        w.request_limit(self.cfg.max_requests, self.cfg.max_requests_jitter);
                     st.busy_changed_secs = r.since_secs;
                 }
                 st
@@ -149,6 +151,15 @@ impl Arbiter {
                     last: self.autoscaler.last.clone(),
                 }),
                 host_listen_overflows: crate::queue::host_listen_overflows(),
+                max_requests: self.cfg.max_requests.map(|limit| snapshot::MaxRequests {
+                    limit,
+                    jitter: self.cfg.max_requests_jitter,
+                }),
+                recycles: self
+                    .pool
+                    .recycles()
+                    .map(|(why, n)| (why.name().to_string(), n))
+                    .collect(),
                 backoff,
             },
             workers,
@@ -189,7 +200,7 @@ fn worker_status(
         pid: w.pid.as_raw(),
         generation: w.generation,
         state: match w.state {
-            _ if w.recycle && w.state.is_active() => snapshot::WorkerState::Recycling,
+            State::Recycling { .. } => snapshot::WorkerState::Recycling,
             State::Booting => snapshot::WorkerState::Booting,
             State::Ready { .. } => snapshot::WorkerState::Ready,
             State::Stopping { .. } => snapshot::WorkerState::Stopping,
@@ -214,6 +225,7 @@ fn worker_status(
         busy: None,
         requests: None,
         busy_changed_secs: None,
+        max_requests: None,
     }
 }
 

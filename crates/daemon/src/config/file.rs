@@ -41,6 +41,8 @@ pub const KEYS: &[&str] = &[
     "log-level",
     "max-worker-rss",
     "max-worker-age",
+    "max-requests",
+    "max-requests-jitter",
     "reuse-port",
     "backlog",
     "umask",
@@ -82,6 +84,8 @@ struct FileConfig {
     log_level: Option<At<String>>,
     max_worker_rss: Option<At<u64>>,
     max_worker_age: Option<At<f64>>,
+    max_requests: Option<At<u64>>,
+    max_requests_jitter: Option<At<u64>>,
     reuse_port: Option<At<bool>>,
     backlog: Option<At<i32>>,
     umask: Option<At<String>>,
@@ -407,6 +411,18 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
             "max-worker-rss" => {
                 f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB").map_err(err)?);
             }
+            "max-requests" => {
+                f.max_requests = at(
+                    line,
+                    whole(name, v, "a whole number of requests").map_err(err)?,
+                );
+            }
+            "max-requests-jitter" => {
+                f.max_requests_jitter = at(
+                    line,
+                    whole(name, v, "a whole number of requests").map_err(err)?,
+                );
+            }
             "backlog" => f.backlog = at(line, whole(name, v, COUNT).map_err(err)?),
             "command" => f.command = at(line, command(v).map_err(err)?),
             other => unreachable!("key {other} is in KEYS but not read"),
@@ -538,6 +554,8 @@ impl Loader {
         take!(log_file, "log_file", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);
         take!(max_worker_age, "max_worker_age", Some);
+        take!(max_requests, "max_requests", Some);
+        take!(max_requests_jitter, "max_requests_jitter", |v| v);
         take!(reuse_port, "reuse_port", |v| v);
         take!(backlog, "backlog", |v| v);
         take!(umask, "umask", Some);

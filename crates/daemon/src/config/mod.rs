@@ -123,6 +123,13 @@ pub struct Cli {
     /// Recycle a worker older than this many seconds
     #[arg(long, value_name = "SECS")]
     pub max_worker_age: Option<f64>,
+    /// Recycle a worker after it served this many requests (0: never); only
+    /// workers that count requests on the scoreboard
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// Add 0..=J to each worker's --max-requests, drawn per worker
+    #[arg(long, value_name = "J", default_value_t = 0)]
+    pub max_requests_jitter: u64,
     /// Set SO_REUSEPORT on the listeners
     #[arg(long)]
     pub reuse_port: bool,
@@ -295,6 +302,10 @@ pub struct Config {
     pub max_worker_rss: Option<u64>,
     /// Recycle a worker older than this (plus up to 10% jitter).
     pub max_worker_age: Option<Duration>,
+    /// Recycle a worker that counted this many requests on the scoreboard, plus
+    /// its own draw of 0..=`max_requests_jitter`.
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
     pub umask: Option<u32>,
     pub chdir: Option<PathBuf>,
     pub user: Option<nix::unistd::User>,
@@ -619,6 +630,9 @@ impl Config {
             backlog: cli.backlog,
             max_worker_rss: cli.max_worker_rss.map(|m| m.saturating_mul(1024 * 1024)),
             max_worker_age,
+            // 0 is gunicorn's "off"; jitter alone recycles nothing (gunicorn #1978).
+            max_requests: cli.max_requests.filter(|&n| n > 0),
+            max_requests_jitter: cli.max_requests_jitter,
             umask,
             chdir: cli.chdir,
             user: cli.user.as_deref().map(resolve_user).transpose()?,
@@ -663,6 +677,8 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     diff!("backlog", backlog);
     diff!("max-worker-rss", max_worker_rss);
     diff!("max-worker-age", max_worker_age);
+    diff!("max-requests", max_requests);
+    diff!("max-requests-jitter", max_requests_jitter);
     diff!("reuse-port", reuse_port);
     if old.program != new.program {
         // Not the arguments themselves: they may carry secrets.

@@ -497,3 +497,31 @@ fn metrics_bind_forms_and_reload() {
         "{e}"
     );
 }
+
+#[test]
+fn max_requests_from_flags_and_file_and_reload_changes() {
+    let cfg = loader_with_file("max-requests = 1000\nmax-requests-jitter = 50\n", &[]).unwrap();
+    assert_eq!(
+        (cfg.max_requests, cfg.max_requests_jitter),
+        (Some(1000), 50)
+    );
+    let cfg = loader_with_file("max-requests = 1000\n", &["--max-requests", "40"]).unwrap();
+    assert_eq!(
+        cfg.max_requests,
+        Some(40),
+        "the command line wins over the file"
+    );
+    // 0 is gunicorn's "off", and jitter alone recycles nothing (gunicorn #1978).
+    let off = loader_with_file("max-requests = 0\nmax-requests-jitter = 9\n", &[]).unwrap();
+    assert_eq!(off.max_requests, None);
+    let err = file_error("max-requests = -1\n");
+    assert!(
+        err.contains("line 1") && err.contains("max-requests"),
+        "{err}"
+    );
+    let (changed, _) = describe_changes(&off, &cfg);
+    assert!(
+        changed.contains(&"max-requests None -> Some(40)".to_string()),
+        "{changed:?}"
+    );
+}

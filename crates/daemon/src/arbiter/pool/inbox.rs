@@ -45,6 +45,7 @@ impl Pool {
         let Some(w) = self.workers.iter_mut().find(|w| w.pid == owner) else {
             return;
         };
+        let mut asked = None;
         for m in messages {
             match m {
                 Message::Ready => {
@@ -75,10 +76,17 @@ impl Pool {
                     };
                 }
                 Message::Stopping => {}
+                Message::Recycle => {
+                    debug!("Worker (pid:{owner}) asks to be recycled (ARBITER_RECYCLE=1)");
+                    asked = Some(w.id);
+                }
                 Message::ExtendTimeout(by) => {
                     w.extended_until = Some(now + by);
                 }
             }
+        }
+        if let Some(id) = asked {
+            self.ask_recycle(id);
         }
     }
 

@@ -1,12 +1,15 @@
 //! The worker pool: the workers and their output relays, the target count, the
 //! generation, each slot's health and spawn backoff. It owns every worker timer
-//! (boot, heartbeat, graceful stop, abort grace, settle, recycle age, RSS checks,
-//! backoff): [`Pool::next_deadline`] and [`Pool::check_deadlines`] read them from
+//! (boot, heartbeat, graceful stop, abort grace, settle, recycle age, RSS and
+//! request-count checks, backoff): [`Pool::next_deadline`] and [`Pool::check_deadlines`] read them from
 //! the same functions. What the master must act on comes back as an [`Exit`] or
 //! a [`Progress`].
 
 mod inbox;
+mod recycle;
 mod remains;
+
+use recycle::Recycler;
 
 use remains::Remains;
 mod spawn;
@@ -180,6 +183,7 @@ pub struct Pool {
     last_failure: Option<String>,
     /// Where workers say busy or idle; `None` if it could not be created.
     scoreboard: Option<Scoreboard>,
+    recycler: Recycler,
     pub worker_failures: u64,
     pub workers_spawned: u64,
 }
@@ -216,6 +220,7 @@ impl Pool {
             .ok();
         Pool {
             scoreboard,
+            recycler: Recycler::new(),
             workers: Vec::new(),
             relays: Vec::new(),
             target: cfg.workers,
@@ -530,8 +535,15 @@ impl Pool {
     fn active_in_generation(&self) -> usize {
         self.workers
             .iter()
-            .filter(|w| w.generation == self.generation && w.state.is_active() && !w.recycle)
+            .filter(|w| w.generation == self.generation && w.state.is_active() && !w.is_recycling())
             .count()
+    }
+
+    /// A worker of the current generation in `slot` is being recycled.
+    fn recycling_in(&self, slot: usize) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.slot == slot && w.generation == self.generation && w.is_recycling())
     }
 
     fn retire(&mut self, pid: Pid, why: &str, cfg: &Config) {
@@ -554,7 +566,7 @@ impl Pool {
         let mut current: Vec<(u64, Pid)> = self
             .workers
             .iter()
-            .filter(|w| w.generation == current_gen && w.state.is_active() && !w.recycle)
+            .filter(|w| w.generation == current_gen && w.state.is_active() && !w.is_recycling())
             .map(|w| (w.id, w.pid))
             .collect();
         current.sort();
@@ -572,35 +584,53 @@ impl Pool {
             self.spawn_missing(now, ctx, ev);
         }
 
-        // Older generations: the booting ones are useless, retire them now; keep
-        // just enough ready ones to cover what the current generation lacks.
-        let ready_current = self
+        // A recycled worker goes once its slot's replacement is booted, or once
+        // the generation is at full strength without it (the target shrank).
+        let booted: Vec<usize> = self
             .workers
             .iter()
             .filter(|w| {
-                w.generation == current_gen && w.is_ready() && !w.recycle && self.booted(w, now)
+                w.generation == current_gen
+                    && matches!(w.state, State::Ready { .. })
+                    && self.booted(w, now)
             })
-            .count();
-        // Workers being recycled are retired by the same rule as an older
-        // generation: only as their replacements are ready.
-        let mut others: Vec<(bool, u64, Pid, bool)> = self
+            .map(|w| w.slot)
+            .collect();
+        let ready_current = booted.len();
+        let replaced: Vec<Pid> = self
             .workers
             .iter()
-            .filter(|w| (w.generation != current_gen || w.recycle) && w.state.is_active())
-            .map(|w| (w.is_ready(), w.id, w.pid, w.recycle))
+            .filter(|w| w.generation == current_gen && w.is_recycling())
+            .filter(|w| ready_current >= self.target || booted.contains(&w.slot))
+            .map(|w| w.pid)
+            .collect();
+        let recycling = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == current_gen && w.is_recycling())
+            .count();
+        for &pid in &replaced {
+            self.retire(pid, "recycled, its replacement is ready", cfg);
+        }
+
+        // Older generations: the booting ones are useless, retire them now; keep
+        // just enough ready ones to cover what the current generation lacks (a
+        // worker still serving while it is recycled covers its slot).
+        let mut others: Vec<(bool, u64, Pid)> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != current_gen && w.state.is_active())
+            .map(|w| (w.is_ready(), w.id, w.pid))
             .collect();
         others.sort();
-        let keep = self.target.saturating_sub(ready_current);
+        let keep = self
+            .target
+            .saturating_sub(ready_current + recycling - replaced.len());
         // Booting ones sort first (false < true) and cover nothing: all go.
         let booting = others.iter().filter(|o| !o.0).count();
         let surplus = others.len().saturating_sub(keep).max(booting);
-        for &(_, _, pid, recycled) in &others[..surplus] {
-            let why = if recycled {
-                "recycled, its replacement is ready"
-            } else {
-                "replaced by a new generation"
-            };
-            self.retire(pid, why, cfg);
+        for &(_, _, pid) in &others[..surplus] {
+            self.retire(pid, "replaced by a new generation", cfg);
         }
 
         let first_served = (!self.served && ready_current >= self.target).then(|| {

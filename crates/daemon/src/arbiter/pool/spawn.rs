@@ -32,7 +32,7 @@ impl Pool {
             let failing = w.state == State::Killed && !w.retiring && w.ready_at.is_none();
             if w.generation == current_gen
                 && (w.state.is_active() || failing)
-                && !w.recycle
+                && !w.is_recycling()
                 && w.slot < used.len()
             {
                 used[w.slot] = true;
@@ -258,7 +258,7 @@ impl Pool {
             ready_at: None,
             retiring: false,
             extended_until: None,
-            recycle: false,
+            jitter_draw: self.recycler.rng.draw(),
             // Opened now, read after the exec: it shows the new image.
             statm: std::fs::File::open(format!("/proc/{pid}/statm"))
                 .ok()

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::{ABORT_GRACE, EXEC_SETTLE, Pool, RSS_CHECK_INTERVAL};
+use super::recycle::recycle_at;
+use super::{ABORT_GRACE, EXEC_SETTLE, Pool};
 use crate::config::{Config, ReadyMode};
 use crate::workers::{State, Worker};
-use crate::{critical, error, info, warning};
+use crate::{critical, error, warning};
 
 impl Pool {
     /// The earliest moment a worker timer is due. `reloading`: the settle time of
@@ -31,8 +32,12 @@ impl Pool {
         if cfg.max_worker_rss.is_some() {
             at(self.next_rss_check.unwrap_or(now));
         }
+        if let Some(t) = self.counts_due(cfg, now) {
+            at(t);
+        }
         for w in &self.workers {
-            if let Some(t) = recycle_at(w, cfg) {
+            // One past is waiting its turn, which an exit or a readiness brings.
+            if let Some(t) = recycle_at(w, cfg).filter(|&t| t > now) {
                 at(t);
             }
             match w.state {
@@ -43,7 +48,7 @@ impl Pool {
                         at(t);
                     }
                 }
-                State::Ready { .. } => {
+                State::Ready { .. } | State::Recycling { .. } => {
                     if let Some(t) = self.heartbeat_due(w, cfg) {
                         at(t);
                     }
@@ -93,13 +98,14 @@ impl Pool {
     }
 
     /// When a ready worker of the current generation counts as booted, while that
-    /// matters (the first boot, a reload) and in `exec` readiness.
+    /// matters (the first boot, a reload, a recycle waiting on it) and in `exec`
+    /// readiness.
     fn settles_at(&self, w: &Worker, reloading: bool) -> Option<Instant> {
         let State::Ready { since } = w.state else {
             return None;
         };
         (self.ready_mode == ReadyMode::Exec
-            && (!self.served || reloading)
+            && (!self.served || reloading || self.recycling_in(w.slot))
             && w.generation == self.generation)
             .then_some(since + EXEC_SETTLE)
     }
@@ -160,7 +166,7 @@ impl Pool {
                     let _ = w.signal(Signal::SIGKILL);
                     w.state = State::Killed;
                 }
-                State::Booting | State::Ready { .. } => {
+                State::Booting | State::Ready { .. } | State::Recycling { .. } => {
                     let (Some(timeout), Some(due)) = (cfg.timeout, heartbeat_due) else {
                         continue;
                     };
@@ -194,39 +200,6 @@ impl Pool {
             }
         }
     }
-
-    /// Mark workers past `--max-worker-age` or `--max-worker-rss` for recycling.
-    pub fn check_limits(&mut self, now: Instant, cfg: &Config) {
-        if cfg.max_worker_age.is_none() && cfg.max_worker_rss.is_none() {
-            return;
-        }
-        let check_rss =
-            cfg.max_worker_rss.is_some() && self.next_rss_check.is_none_or(|t| now >= t);
-        if check_rss {
-            self.next_rss_check = Some(now + RSS_CHECK_INTERVAL);
-        }
-        for w in &mut self.workers {
-            if recycle_at(w, cfg).is_some_and(|t| now >= t) {
-                info!(
-                    "Recycling worker (pid:{}): older than --max-worker-age",
-                    w.pid
-                );
-                w.recycle = true;
-            } else if check_rss
-                && !w.recycle
-                && w.is_ready()
-                && let (Some(limit), Some(rss)) = (cfg.max_worker_rss, w.rss_bytes())
-                && rss > limit
-            {
-                info!(
-                    "Recycling worker (pid:{}): RSS {} MiB over --max-worker-rss",
-                    w.pid,
-                    rss / (1024 * 1024)
-                );
-                w.recycle = true;
-            }
-        }
-    }
 }
 
 /// Since when `w` counts as silent: its last beat, or `counted_from` (the end of
@@ -239,20 +212,6 @@ fn silent_since(w: &Worker, counted_from: Instant) -> Option<Instant> {
 fn boot_deadline(w: &Worker, boot_timeout: Duration) -> Instant {
     let base = w.started + boot_timeout;
     w.extended_until.map_or(base, |t| t.max(base))
-}
-
-/// When a ready worker is due for recycling by `--max-worker-age`, if it is not
-/// already being recycled.
-fn recycle_at(w: &Worker, cfg: &Config) -> Option<Instant> {
-    let age = cfg.max_worker_age?;
-    (w.is_ready() && !w.recycle).then(|| w.started + age + age_jitter(w.id, age))
-}
-
-/// Up to 10% of `age`, fixed per worker, so workers started together (a boot, a
-/// reload) are not all recycled at once.
-fn age_jitter(id: u64, age: Duration) -> Duration {
-    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1023
-    age / 10 * spread / 1024
 }
 
 /// How often a worker that has not beaten yet is looked at.

@@ -86,6 +86,7 @@ fn worker(id: u64, pid: i32, state: &str, beat: Option<f64>) -> WorkerStatus {
         busy: None,
         requests: None,
         busy_changed_secs: None,
+        max_requests: None,
     }
 }
 
@@ -95,6 +96,8 @@ fn status() -> Status {
             autoscale: None,
             templates: Vec::new(),
             host_listen_overflows: None,
+            max_requests: None,
+            recycles: Default::default(),
             pid: 100,
             name: "web".into(),
             version: "0.1.0".into(),
