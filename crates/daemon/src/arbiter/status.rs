@@ -15,8 +15,9 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl Arbiter {
-    pub(super) fn snapshot(&self) -> snapshot::Status {
+    pub(super) fn snapshot(&mut self) -> snapshot::Status {
         let now = Instant::now();
+        self.pool.before_snapshot(now);
         let generation = self.pool.generation();
         let slots = self.pool.slots();
         let dropped = self.pool.output_dropped();

@@ -12,6 +12,7 @@ use remains::Remains;
 mod spawn;
 mod template;
 mod timers;
+mod watch;
 
 use template::Template;
 
@@ -180,6 +181,8 @@ pub struct Pool {
     last_failure: Option<String>,
     /// Where workers say busy or idle; `None` if it could not be created.
     scoreboard: Option<Scoreboard>,
+    /// Statuses asked often: the workers' CPU readings taken between them.
+    watch: watch::Watch,
     pub worker_failures: u64,
     pub workers_spawned: u64,
 }
@@ -216,6 +219,7 @@ impl Pool {
             .ok();
         Pool {
             scoreboard,
+            watch: watch::Watch::default(),
             workers: Vec::new(),
             relays: Vec::new(),
             target: cfg.workers,
