@@ -49,12 +49,12 @@ pub struct Tree {
     proc_stat: Option<File>,
     /// The last reading and when it was taken: reading `cpu.stat` makes the
     /// kernel gather per-CPU counters, about 5 µs a worker, so a status at
-    /// thousands of workers reuses readings up to [`CPU_FRESH`] old.
+    /// thousands of workers reuses readings up to [`READING_FRESH`] old.
     cpu_read: std::cell::Cell<Option<(std::time::Instant, f64)>>,
 }
 
-/// How old a tree's CPU reading in `status` may be.
-const CPU_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+/// How old a reading of a worker (its tree's CPU, its RSS) in `status` may be.
+pub const READING_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A worker's cgroup made ready before its spawn: the child writes itself into
 /// `procs`.
@@ -240,12 +240,12 @@ impl Tree {
         }
     }
 
-    /// CPU seconds used so far and when that was read (at most [`CPU_FRESH`]
+    /// CPU seconds used so far and when that was read (at most [`READING_FRESH`]
     /// ago): the whole tree with a cgroup, else the main process and the
     /// children it reaped.
     pub fn cpu_reading(&self, now: std::time::Instant) -> Option<(std::time::Instant, f64)> {
         if let Some((at, secs)) = self.cpu_read.get()
-            && now.saturating_duration_since(at) < CPU_FRESH
+            && now.saturating_duration_since(at) < READING_FRESH
         {
             return Some((at, secs));
         }
@@ -258,7 +258,7 @@ impl Tree {
             && self
                 .cpu_read
                 .get()
-                .is_none_or(|(at, _)| now.saturating_duration_since(at) >= CPU_FRESH)
+                .is_none_or(|(at, _)| now.saturating_duration_since(at) >= READING_FRESH)
     }
 
     /// Whether the last CPU reading was taken before `t` (or none was).

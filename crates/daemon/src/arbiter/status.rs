@@ -194,7 +194,7 @@ fn worker_status(
         status_text: w.status_text.clone(),
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
-        rss_bytes: w.rss_bytes(),
+        rss_bytes: w.rss_reading(now),
         pss_bytes: None,
         private_bytes: None,
         cpu_secs,

@@ -1,12 +1,13 @@
 //! Someone watching the pool: `arbiterctl top` asks for a status every second,
-//! and each status shows every worker's CPU from a reading at most a second old
-//! (`trees::CPU_FRESH`). Taken at the request, those readings are one `cpu.stat`
-//! (or `/proc/PID/stat`) per worker, about 12 ms of a status at 4096 workers;
-//! so while statuses come that often, the pool takes them itself between
-//! requests, a slice at a time, before they go stale, and the next status finds
-//! them taken. A status still reads any reading that is stale, so the figures
-//! are never older than without this; a single status, or scrapes further
-//! apart than [`WATCH`], start nothing, and an idle master does not wake.
+//! and each status shows every worker's CPU and RSS from readings at most a
+//! second old (`trees::READING_FRESH`). Taken at the request, those are a
+//! `cpu.stat` (or `/proc/PID/stat`) and a `/proc/PID/statm` read per worker,
+//! about 20 ms of a status at 4096 workers; so while statuses come that often,
+//! the pool takes them itself between requests, a slice at a time, before they
+//! go stale, and the next status finds them taken. A status still reads any
+//! reading a second old itself, so no figure is older than that; a single
+//! status, or scrapes further apart than [`WATCH`], start nothing, and an idle
+//! master does not wake. Heartbeats are still looked at by each status.
 
 use std::time::{Duration, Instant};
 
@@ -105,8 +106,8 @@ impl Pool {
         let mut i = start;
         while i < self.workers.len() && read < SLICE {
             // Taken since the round began (by a status): fresh enough.
-            if self.workers[i].tree.cpu_read_before(round) {
-                self.workers[i].tree.read_cpu(now);
+            if self.workers[i].read_before(round) {
+                self.workers[i].take_readings(now);
                 read += 1;
             }
             i += 1;
