@@ -261,9 +261,18 @@ impl Tree {
                 .is_none_or(|(at, _)| now.saturating_duration_since(at) >= READING_FRESH)
     }
 
-    /// Whether the last CPU reading was taken before `t` (or none was).
-    pub fn cpu_read_before(&self, t: std::time::Instant) -> bool {
-        self.cpu_read.get().is_none_or(|(at, _)| at < t)
+    /// Whether the last CPU reading was taken at `t` or before (or none was).
+    pub fn cpu_read_by(&self, t: std::time::Instant) -> bool {
+        self.cpu_read.get().is_none_or(|(at, _)| at <= t)
+    }
+
+    /// When the CPU reading a status at `now` would use was taken (`now` if it
+    /// would read it, or has nothing to read).
+    pub fn cpu_taken(&self, now: std::time::Instant) -> std::time::Instant {
+        match self.cpu_read.get() {
+            Some((at, _)) if now.saturating_duration_since(at) < READING_FRESH => at,
+            _ => now,
+        }
     }
 
     /// Read the CPU seconds now, however recent the last reading.

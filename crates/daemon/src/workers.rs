@@ -305,9 +305,19 @@ impl Worker {
         rss
     }
 
-    /// Whether a reading was taken before `t` (or never).
-    pub fn read_before(&self, t: Instant) -> bool {
-        self.tree.cpu_read_before(t) || self.rss_read.get().is_none_or(|(at, _)| at < t)
+    /// Whether a reading was taken at `t` or before (or never).
+    pub fn read_by(&self, t: Instant) -> bool {
+        self.tree.cpu_read_by(t) || self.rss_read.get().is_none_or(|(at, _)| at <= t)
+    }
+
+    /// When the older of its readings was taken, once a status at `now` has read
+    /// those that are stale.
+    pub fn readings_taken(&self, now: Instant) -> Instant {
+        let rss = match self.rss_read.get() {
+            Some((at, _)) if now.saturating_duration_since(at) < READING_FRESH => at,
+            _ => now,
+        };
+        rss.min(self.tree.cpu_taken(now))
     }
 
     /// Read the CPU and the RSS now, however recent the last readings.

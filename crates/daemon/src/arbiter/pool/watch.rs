@@ -3,8 +3,11 @@
 //! second old (`trees::READING_FRESH`). Taken at the request, those are a
 //! `cpu.stat` (or `/proc/PID/stat`) and a `/proc/PID/statm` read per worker,
 //! about 20 ms of a status at 4096 workers; so while statuses come that often,
-//! the pool takes them itself between requests, a slice at a time, before they
-//! go stale, and the next status finds them taken. A status still reads any
+//! the pool takes them itself, a slice at a time, shortly before the next
+//! status is expected (as long after the latest as that one was after the one
+//! before), if they would be stale by then, and that status finds them taken:
+//! one round per status at most, as many readings as the statuses would have
+//! taken themselves, but out of their way. A status still reads any
 //! reading a second old itself, so no figure is older than that; a single
 //! status, or scrapes further apart than [`WATCH`], start nothing, and an idle
 //! master does not wake. Heartbeats are still looked at by each status.
@@ -12,13 +15,15 @@
 use std::time::{Duration, Instant};
 
 use super::Pool;
+use crate::trees::READING_FRESH;
 
-/// Two statuses at most this far apart mean someone is watching, and the
-/// readings are kept fresh for this long after the latest.
+/// Two statuses at most this far apart mean someone is watching, and the next
+/// is expected as far after the latest.
 const WATCH: Duration = Duration::from_millis(1500);
-/// A round of readings starts this long after the previous one: its readings
-/// are then all taken before the previous round's turn a second old.
-const ROUND_EVERY: Duration = Duration::from_millis(800);
+/// A round of readings starts this long before the next status is expected:
+/// room for the round itself (8 slices at 4096 workers) and for a status a
+/// little early.
+const LEAD: Duration = Duration::from_millis(250);
 /// Readings per slice, and the pause between slices, so that a round at
 /// thousands of workers holds the loop a millisecond or two at a time.
 const SLICE: usize = 512;
@@ -28,48 +33,50 @@ const SLICE_GAP: Duration = Duration::from_millis(5);
 pub struct Watch {
     /// The latest status.
     last_status: Option<Instant>,
-    /// Readings are kept fresh until then.
-    until: Option<Instant>,
-    /// When the latest round began.
-    round_started: Option<Instant>,
-    /// The round under way: the index of the next worker to read.
-    cursor: Option<usize>,
+    /// The status the round scheduled or under way is for: readings that would
+    /// be stale then are taken again.
+    expected: Option<Instant>,
+    /// The index of the next worker to read in the round under way.
+    cursor: usize,
     /// When the next slice is due.
     next: Option<Instant>,
 }
 
 impl Watch {
-    /// A status is being taken at `now`.
-    fn on_status(&mut self, now: Instant) {
-        let watching = self
+    /// A status is being taken at `now`; `oldest`: when the oldest of the
+    /// readings it leaves behind was taken. With a status as far before,
+    /// another is expected as far after: if some reading would be stale by
+    /// then, a round is due shortly before it.
+    fn on_status(&mut self, now: Instant, oldest: Instant) {
+        let interval = self
             .last_status
-            .is_some_and(|t| now.saturating_duration_since(t) <= WATCH);
+            .map(|t| now.saturating_duration_since(t))
+            .filter(|&d| d <= WATCH);
         self.last_status = Some(now);
-        if !watching {
+        let Some(interval) = interval else {
+            return;
+        };
+        let expected = now + interval;
+        if self.next.is_some() || oldest + READING_FRESH > expected {
             return;
         }
-        self.until = Some(now + WATCH);
-        if self.next.is_none() {
-            // Keep the rounds' pace; after a pause, this status takes the
-            // readings and the first round follows them.
-            self.next = Some(match self.round_started {
-                Some(r) if r + ROUND_EVERY >= now => r + ROUND_EVERY,
-                _ => now + ROUND_EVERY,
-            });
-        }
+        self.expected = Some(expected);
+        self.cursor = 0;
+        self.next = Some(expected.checked_sub(LEAD).unwrap_or(now).max(now));
+    }
+
+    /// Readings taken at this or before would be stale when the expected status
+    /// comes.
+    fn stale_before(&self) -> Option<Instant> {
+        self.expected?.checked_sub(READING_FRESH)
     }
 
     /// A slice was taken at `now`; `done`: it ended the round.
     fn after_slice(&mut self, now: Instant, done: bool) {
-        if !done {
-            self.next = Some(now + SLICE_GAP);
-            return;
-        }
-        self.cursor = None;
-        let next = self.round_started.map(|r| r + ROUND_EVERY);
-        self.next = next.filter(|&t| self.until.is_some_and(|u| t <= u));
-        if self.next.is_none() {
-            self.until = None;
+        self.next = (!done).then_some(now + SLICE_GAP);
+        if done {
+            self.expected = None;
+            self.cursor = 0;
         }
     }
 }
@@ -77,7 +84,13 @@ impl Watch {
 impl Pool {
     /// A status (or a metrics scrape) is about to read the workers' figures.
     pub fn before_snapshot(&mut self, now: Instant) {
-        self.watch.on_status(now);
+        let oldest = self
+            .workers
+            .iter()
+            .map(|w| w.readings_taken(now))
+            .min()
+            .unwrap_or(now);
+        self.watch.on_status(now, oldest);
         if self.workers.iter().any(|w| w.tree.cpu_stale(now)) {
             self.containment.flush_cpu();
         }
@@ -93,28 +106,20 @@ impl Pool {
         if self.watch.next.is_none_or(|t| now < t) {
             return;
         }
-        let start = match self.watch.cursor {
-            Some(c) => c,
-            None => {
-                self.watch.round_started = Some(now);
-                0
-            }
-        };
-        let round = self.watch.round_started.unwrap_or(now);
         self.containment.flush_cpu();
+        let stale_before = self.watch.stale_before();
         let mut read = 0;
-        let mut i = start;
+        let mut i = self.watch.cursor;
         while i < self.workers.len() && read < SLICE {
-            // Taken since the round began (by a status): fresh enough.
-            if self.workers[i].read_before(round) {
-                self.workers[i].take_readings(now);
+            let w = &self.workers[i];
+            if stale_before.is_none_or(|t| w.read_by(t)) {
+                w.take_readings(now);
                 read += 1;
             }
             i += 1;
         }
-        let done = i >= self.workers.len();
-        self.watch.cursor = Some(i);
-        self.watch.after_slice(now, done);
+        self.watch.cursor = i;
+        self.watch.after_slice(now, i >= self.workers.len());
     }
 }
 
@@ -126,43 +131,55 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    #[test]
-    fn a_single_status_starts_nothing() {
-        let t0 = Instant::now();
-        let mut w = Watch::default();
-        w.on_status(t0);
-        assert_eq!(w.next, None);
-        // Further apart than WATCH: still nobody watching.
-        w.on_status(t0 + ms(1600));
+    /// A whole round at `at`, in two slices.
+    fn round(w: &mut Watch, at: Instant) {
+        assert_eq!(w.next, Some(at));
+        w.after_slice(at, false);
+        assert_eq!(w.next, Some(at + SLICE_GAP));
+        w.after_slice(at + SLICE_GAP, true);
         assert_eq!(w.next, None);
     }
 
     #[test]
-    fn statuses_every_second_keep_rounds_going_and_they_stop_after_the_last() {
+    fn a_single_status_starts_nothing() {
         let t0 = Instant::now();
         let mut w = Watch::default();
-        w.on_status(t0);
-        w.on_status(t0 + ms(1000));
-        // The second status took the readings; a round follows them.
-        assert_eq!(w.next, Some(t0 + ms(1800)));
-        let round = |w: &mut Watch, at: Instant| {
-            w.round_started = Some(at);
-            w.cursor = Some(0);
-            w.after_slice(at, false);
-            assert_eq!(w.next, Some(at + SLICE_GAP));
-            w.after_slice(at + SLICE_GAP, true);
-        };
-        round(&mut w, t0 + ms(1800));
-        // The next round would start past the watch (2500 ms): none yet.
+        w.on_status(t0, t0);
         assert_eq!(w.next, None);
-        w.on_status(t0 + ms(2000));
-        // Back at the rounds' pace.
-        assert_eq!(w.next, Some(t0 + ms(2600)));
-        round(&mut w, t0 + ms(2600));
-        assert_eq!(w.next, Some(t0 + ms(3400)));
-        round(&mut w, t0 + ms(3400));
-        // The last status was at 2000 ms: nothing past 3500 ms.
+        // Further apart than WATCH: still nobody watching.
+        w.on_status(t0 + ms(1600), t0 + ms(1600));
         assert_eq!(w.next, None);
-        assert_eq!(w.until, None);
+    }
+
+    #[test]
+    fn a_status_every_second_gets_one_round_before_each() {
+        let t0 = Instant::now();
+        let mut w = Watch::default();
+        w.on_status(t0, t0);
+        // The second status read everything (its readings are its own).
+        w.on_status(t0 + ms(1000), t0 + ms(1000));
+        assert_eq!(w.expected, Some(t0 + ms(2000)));
+        round(&mut w, t0 + ms(1750));
+        // Readings from the round are fresh at the third; the fourth needs a round.
+        w.on_status(t0 + ms(2000), t0 + ms(1750));
+        assert_eq!(w.stale_before(), Some(t0 + ms(2000)));
+        round(&mut w, t0 + ms(2750));
+        // Nobody asks any more: nothing more is scheduled.
+        assert_eq!(w.next, None);
+    }
+
+    #[test]
+    fn statuses_more_often_than_the_readings_expire_start_a_round_only_near_expiry() {
+        let t0 = Instant::now();
+        let mut w = Watch::default();
+        // Every 500 ms, the readings taken by the first.
+        w.on_status(t0, t0);
+        w.on_status(t0 + ms(400), t0);
+        assert_eq!(w.next, None, "fresh at 800 ms still");
+        w.on_status(t0 + ms(600), t0);
+        assert_eq!(w.next, None, "the next is expected at 800 ms");
+        w.on_status(t0 + ms(900), t0);
+        // Expected at 1200 ms, past the readings' second: a round right away.
+        assert_eq!(w.next, Some(t0 + ms(950)));
     }
 }
