@@ -4,12 +4,14 @@
     python3 bench/scale.py --baseline OLD/arbiterd --candidate NEW/arbiterd \\
         --ctl PATH/arbiterctl --workers 1024,4096 --repeat 3 [--write]
 
-For each run and each N, one build then the other (the order alternates between
-runs), one master at a time, with the built-in worker (no COMMAND): boot time to N
-ready workers, the master's wakeups and CPU time while idle, its fds and RSS, the
-raw status request and `arbiterctl status --json`, SIGTTIN until the new worker
-serves. Prints a markdown table; with --write, puts it into the section
-"## Master at scale (before/after the owned-parts redesign)" of bench/RESULTS.md.
+For each run, each containment mode (--cgroup on,off) and each N, one build then
+the other (the order alternates between runs), one master at a time, with the
+built-in worker (no COMMAND): boot time to N ready workers, the master's wakeups
+and CPU time while idle, its fds and RSS, the raw status request back to back and
+one a second, `arbiterctl status --json`, the master's CPU while `arbiterctl top`
+refreshes every second, SIGTTIN until the new worker serves. Prints a markdown
+table per mode; with --write, puts them into a section of bench/RESULTS.md
+(--section, default "## Master at scale (before/after the owned-parts redesign)").
 See bench/README.md. Stdlib only; the /proc helpers and the process keeper
 (sessions, child subreaper, PDEATHSIG, kill on exit) are bench/run.py's.
 """
@@ -37,6 +39,8 @@ ROOT = os.path.dirname(BENCH)
 SCRATCH = os.path.join(BENCH, ".work")
 RESULTS = os.path.join(BENCH, "RESULTS.md")
 SECTION = "## Master at scale (before/after the owned-parts redesign)"
+# arbiterd's --max-workers unless told otherwise: above it, the masters are given it.
+DEFAULT_MAX_WORKERS = 1024
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, BENCH)
@@ -132,14 +136,14 @@ def out(argv):
 class Master:
     """One arbiterd -w N with the built-in worker, on a fresh port and socket."""
 
-    def __init__(self, sc, build, n, run):
+    def __init__(self, sc, build, n, run, mode):
         self.sc, self.build, self.n = sc, build, n
         self.port = harness.free_port()
-        stem = f"{build.label[0]}{n}r{run}-{self.port}"
+        stem = f"{build.label[0]}{mode}{n}r{run}-{self.port}"
         self.log = os.path.join(sc.workdir, stem + ".log")
         self.sock = os.path.join(sc.sockdir, stem + ".sock")
         self.argv = [build.path, "-w", str(n), "-b", f"127.0.0.1:{self.port}", "-t", str(sc.timeout),
-                     "--control", self.sock]
+                     "--control", self.sock] + extra_args(n, mode, sc.ttin_trials)
         self.popen = None
         self.pid = None
         self.t0 = None
@@ -192,10 +196,22 @@ class Master:
                            f"see {self.log}")
 
 
+def extra_args(n, mode, ttins):
+    """The flags beyond the common ones: a limit with room for N and the TTINs where
+    the default one has not, and process groups for the `off` mode."""
+    out = ["--max-workers", str(n + ttins)] if n + ttins > DEFAULT_MAX_WORKERS else []
+    return out + (["--cgroup", "off"] if mode == "off" else [])
+
+
 class Scale:
     def __init__(self, args):
         self.args = args
         self.ns = [int(x) for x in args.workers.split(",") if x.strip()]
+        self.modes = [x.strip() for x in args.cgroup.split(",") if x.strip()]
+        if not self.modes or any(m not in ("on", "off") for m in self.modes):
+            sys.exit("--cgroup takes on, off or on,off")
+        self.spaced = args.spaced
+        self.top_secs = args.top_secs
         self.repeat = args.repeat
         self.timeout = args.timeout
         self.idle_secs = args.idle_secs
@@ -212,19 +228,21 @@ class Scale:
         self.sockdir = tempfile.mkdtemp(prefix="arbscale-")
         self.r = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "settings": {"workers": self.ns, "repeat": self.repeat, "timeout": self.timeout,
-                               "idle_secs": self.idle_secs, "reps": self.reps, "ttin_trials": self.ttin_trials},
+                               "idle_secs": self.idle_secs, "reps": self.reps, "ttin_trials": self.ttin_trials,
+                               "cgroup": self.modes, "spaced": self.spaced, "top_secs": self.top_secs},
                   "builds": {b.label: {"path": b.path, "version": b.version, "sha256": b.sha, "git": b.git}
                              for b in self.builds},
                   "cells": {}, "errors": [], "loadavg": [], "cpu_pressure": {}}
 
-    def cell(self, build, n):
-        return self.r["cells"].setdefault(build.label, {}).setdefault(str(n), {
+    def cell(self, build, mode, n):
+        return self.r["cells"].setdefault(build.label, {}).setdefault(f"{mode}/{n}", {
             "boot_secs": [], "status_polls": [], "idle": [], "fds": [], "rss_kib": [], "raw_status": [],
-            "status_bytes": [], "arbiterctl": [], "arbiterctl_error": None, "ttin": []})
+            "status_bytes": [], "arbiterctl": [], "arbiterctl_error": None, "ttin": [], "spaced_status": [],
+            "top_cpu": []})
 
-    def measure(self, build, n, run):
-        c = self.cell(build, n)
-        m = Master(self, build, n, run).start()
+    def measure(self, build, n, run, mode):
+        c = self.cell(build, mode, n)
+        m = Master(self, build, n, run, mode).start()
         p0 = harness.cpu_pressure_us()
         t0 = time.monotonic()
         try:
@@ -278,6 +296,25 @@ class Scale:
                     break
                 c["arbiterctl"].append(dt)
 
+            # Status once a second, as `top` asks: each request finds the readings of
+            # the previous one a second old.
+            for i in range(self.spaced):
+                time.sleep(1.05)
+                c["spaced_status"].append(raw_status(m.sock)[0])
+
+            # `arbiterctl top` (frames to a pipe, one status a second): the master's
+            # CPU over the window, from its start (the first frame included).
+            if self.top_secs > 0:
+                time.sleep(2.0)
+                c0, t0top = harness.cpu_secs(pid), time.monotonic()
+                top = subprocess.Popen([self.ctl, "--control", m.sock, "top"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+                time.sleep(self.top_secs)
+                top.terminate()
+                top.wait(timeout=10)
+                c["top_cpu"].append((harness.cpu_secs(pid) - c0) / (time.monotonic() - t0top))
+                m.check_alive()
+
             # TTIN: from the signal until a new child of the master is waiting for clients.
             for _ in range(self.ttin_trials):
                 time.sleep(0.3)
@@ -292,18 +329,22 @@ class Scale:
                     if time.monotonic() - t > 10:
                         raise RuntimeError("no new worker serving 10 s after TTIN")
                     time.sleep(0.0003)
-            log(f"   run {run + 1} {build.label} -w {n}: boot {boot * 1000:.0f} ms ({boot / n * 1e6:.0f} us/worker, "
+            log(f"   run {run + 1} {build.label} --cgroup {mode} -w {n}: boot {boot * 1000:.0f} ms ({boot / n * 1e6:.0f} us/worker, "
                 f"{polls} polls), idle {idle['voluntary']}+{idle['nonvoluntary']} switches "
                 f"{idle['cpu_ms']:.2f} ms CPU, fds {c['fds'][-1]}, raw status "
                 f"{median(c['raw_status'][-self.reps:]) * 1000:.2f} ms, arbiterctl "
                 + (f"{median(c['arbiterctl'][-self.reps:]) * 1000:.2f} ms" if c["arbiterctl_error"] is None
                    else "failed")
+                + (f", status 1 s apart {median(c['spaced_status'][-self.spaced:]) * 1000:.2f} ms"
+                   if self.spaced else "")
+                + (f", top {c['top_cpu'][-1] * 100:.2f}% CPU" if self.top_secs > 0 else "")
                 + f", TTIN {median(c['ttin'][-self.ttin_trials:]) * 1000:.2f} ms")
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # written down in the report, never turned into a number
-            self.r["errors"].append(f"run {run + 1}, {build.label}, N = {n}: {type(e).__name__}: {e}")
-            log(f"   run {run + 1} {build.label} -w {n} FAILED: {e}")
+            self.r["errors"].append(f"run {run + 1}, {build.label}, --cgroup {mode}, N = {n}: "
+                                    f"{type(e).__name__}: {e}")
+            log(f"   run {run + 1} {build.label} --cgroup {mode} -w {n} FAILED: {e}")
             traceback.print_exc()
         finally:
             m.stop()
@@ -316,10 +357,11 @@ class Scale:
         for run in range(self.repeat):
             with open("/proc/loadavg") as f:
                 self.r["loadavg"].append(float(f.read().split()[0]))
-            for n in self.ns:
-                order = self.builds if run % 2 == 0 else self.builds[::-1]
-                for b in order:
-                    self.measure(b, n, run)
+            for mode in self.modes:
+                for n in self.ns:
+                    order = self.builds if run % 2 == 0 else self.builds[::-1]
+                    for b in order:
+                        self.measure(b, n, run, mode)
 
 
 # ---------------------------------------------------------------- report
@@ -341,22 +383,29 @@ def each(xs, fmt):
     return ", ".join(fmt(x) for x in xs)
 
 
-def report(sc, command):
+MODE_TITLE = {
+    "on": "cgroups and guardian (the default where a cgroup v2 hierarchy is writable)",
+    "off": "`--cgroup off` (process groups, the guardian still on)",
+}
+
+
+def report(sc, command, section):
     r = sc.r
     base, cand = sc.builds
     L = []
     w = L.append
-    w(SECTION)
+    w(section)
     w("")
     w(f"Produced by `bench/scale.py` on {r['started']} ({os.cpu_count()} CPUs, kernel {platform.release()}; "
-      f"{r['settings']['repeat']} run(s), in each run every N measured for both builds one after the other, "
-      "the order alternating between runs, one master at a time). Medians over the runs; the status and TTIN "
-      "medians are over every request of every run.")
+      f"{r['settings']['repeat']} run(s); in each run, for each containment mode and each N, both builds one "
+      "after the other, the order alternating between runs, one master at a time). Medians over the runs; the "
+      "status and TTIN medians are over every request of every run.")
     w("")
     w(f"- baseline: {base.describe()}")
     w(f"- candidate: {cand.describe()}")
     w(f"- client: `{shown_path(sc.ctl)}`; every master: `arbiterd -w N -b 127.0.0.1:$PORT -t {sc.timeout} "
-      "--control $SOCK`, the built-in worker")
+      f"--control $SOCK` (plus `--max-workers N+{sc.ttin_trials}` where that is above {DEFAULT_MAX_WORKERS}, "
+      "room for the TTINs, and `--cgroup off` in that mode), the built-in worker")
     la = ", ".join(f"{x:.2f}" for x in r["loadavg"])
     psi = "; ".join(f"{k} {each(v, lambda x: f'{x * 100:.0f}%')}" for k, v in r["cpu_pressure"].items())
     w(f"- noise: 1-minute load average at the start of each run: {la}; CPU pressure (PSI `some`) while each "
@@ -369,81 +418,100 @@ def report(sc, command):
       f"sleep, so one wakeup) and involuntary ones, summed over its threads from `/proc/PID/task/*/status`, "
       f"and its CPU time from `/proc/PID/task/*/schedstat`, over {sc.idle_secs:g} s. **fds**: "
       "`ls /proc/PID/fd | wc -l` after the idle window. **Raw status**: `{\"v\":1,\"cmd\":\"status\"}` on "
-      f"a fresh connection, from connect to the whole reply line read (not parsed), {sc.reps} per master; "
+      f"a fresh connection, from connect to the whole reply line read (not parsed), {sc.reps} back to back "
+      f"per master, then {sc.spaced} one every 1.05 s (each finds the previous one's readings a second old); "
       f"**arbiterctl**: wall time of `arbiterctl --control $SOCK status --json`, {sc.reps} per master. "
-      "**TTIN**: from SIGTTIN to the master until a new child of it is blocked waiting for clients (polled "
-      f"every 0.3 ms), {sc.ttin_trials} per master, 0.3 s apart, at N workers.")
+      f"**top**: the master's CPU time (schedstat) over {sc.top_secs:g} s of `arbiterctl --control $SOCK top` "
+      "writing its frames (one status a second) to a pipe, in percent of one core, from 2 s after the last "
+      "request (its first frame included). **TTIN**: from SIGTTIN to the master until a new child of it is "
+      f"blocked waiting for clients (polled every 0.3 ms), {sc.ttin_trials} per master, 0.3 s apart, at N "
+      "workers.")
     w("")
-    w("| N | figure | baseline | candidate | candidate / baseline | each run: baseline; candidate |")
-    w("|---|---|---|---|---|---|")
     cells = r["cells"]
 
-    def get(b, n, k):
-        return cells.get(b.label, {}).get(str(n), {}).get(k, [])
+    def get(b, mode, n, k):
+        return cells.get(b.label, {}).get(f"{mode}/{n}", {}).get(k, [])
 
-    for n in sc.ns:
-        def row(name, key, f, fmt, pooled=False, per_run=True):
-            vb, vc = [f(x) for x in get(base, n, key)], [f(x) for x in get(cand, n, key)]
-            mb, mc = median(vb), median(vc)
-            runs = "" if not per_run else f"{each(vb, fmt)}; {each(vc, fmt)}"
-            w(f"| {n} | {name} | {fmt(mb) if mb is not None else '-'} | {fmt(mc) if mc is not None else '-'} | "
-              f"{ratio(mb, mc)} | {runs} |")
-        row("boot, total", "boot_secs", lambda x: x, lambda x: ms(x, 0))
-        row("boot, per worker", "boot_secs", lambda x, n=n: x / n, lambda x: f"{x * 1e6:.0f} us")
-        row(f"idle wakeups in {sc.idle_secs:g} s (voluntary switches)", "idle", lambda d: d["voluntary"],
-            lambda x: f"{x:g}")
-        row(f"idle involuntary switches in {sc.idle_secs:g} s", "idle", lambda d: d["nonvoluntary"], lambda x: f"{x:g}")
-        row(f"idle CPU time in {sc.idle_secs:g} s", "idle", lambda d: d["cpu_ms"] / 1000, lambda x: ms(x, 2))
-        row("master fds", "fds", lambda x: x, lambda x: f"{x:g}")
-        row("master RSS", "rss_kib", lambda x: x, lambda x: f"{x / 1024:.2f} MiB")
-        row("raw status request, median", "raw_status", lambda x: x, lambda x: ms(x, 2), per_run=False)
-        row("status reply size", "status_bytes", lambda x: x, lambda x: f"{x / 1024:.0f} KiB", per_run=False)
-        for b in (base, cand):
-            e = cells.get(b.label, {}).get(str(n), {}).get("arbiterctl_error")
-            if e:
-                w(f"| {n} | `arbiterctl status --json` ({b.label}) | failed: {e.replace('|', '/')} | | | |")
-        row("`arbiterctl status --json`, median", "arbiterctl", lambda x: x, lambda x: ms(x, 2), per_run=False)
-        row("TTIN to serving, median", "ttin", lambda x: x, lambda x: ms(x, 2), per_run=False)
-    w("")
-    big = [(b.label, n, max(get(b, n, "status_bytes"))) for b in (base, cand) for n in sc.ns
-           if get(b, n, "status_bytes") and max(get(b, n, "status_bytes")) > 0.85 * (1 << 20)]
-    if big:
-        w("Note: arbiterctl refuses a reply line longer than 32 MiB (`MAX_REPLY`, crates/proto/src/control.rs); "
-          "the status reply is close to that: " + ", ".join(f"{l} at {n}: {x / 1024:.0f} KiB" for l, n, x in big)
-          + ".")
-        w("")
-
-    # Targets, as the issue states them.
-    w("| target | baseline | candidate |")
-    w("|---|---|---|")
     lo, hi = min(sc.ns), max(sc.ns)
 
-    def per_worker(b, n):
-        v = median(get(b, n, "boot_secs"))
+    def per_worker(b, mode, n):
+        v = median(get(b, mode, n, "boot_secs"))
         return None if v is None else v / n
 
     def verdict(ok):
         return "" if ok is None else (" (met)" if ok else " (not met)")
-    if lo != hi:
-        figs = []
-        for b in (base, cand):
-            a, z = per_worker(b, lo), per_worker(b, hi)
-            ok = None if a is None or z is None else z <= a
-            figs.append(f"{'-' if z is None else f'{z * 1e6:.0f} us'} vs "
-                        f"{'-' if a is None else f'{a * 1e6:.0f} us'}{verdict(ok)}")
-        w(f"| per-worker boot at {hi} no worse than at {lo} | {figs[0]} | {figs[1]} |")
-    figs = []
-    for b in (base, cand):
-        v = median(get(b, hi, "raw_status"))
-        figs.append(f"{ms(v)}{verdict(None if v is None else v <= 0.020)}")
-    w(f"| raw status at {hi} workers at most 20 ms | {figs[0]} | {figs[1]} |")
-    for n in sc.ns:
-        figs = []
-        for b in (base, cand):
-            v = [d["voluntary"] for d in get(b, n, "idle")]
-            figs.append(f"{'-' if not v else ', '.join(map(str, v))}{verdict(None if not v else max(v) == 0)}")
-        w(f"| no idle wakeups at {n} workers (each run) | {figs[0]} | {figs[1]} |")
-    w("")
+
+    for mode in sc.modes:
+        w(f"### {MODE_TITLE[mode]}")
+        w("")
+        w("| N | figure | baseline | candidate | candidate / baseline | each run: baseline; candidate |")
+        w("|---|---|---|---|---|---|")
+        for n in sc.ns:
+            def row(name, key, f, fmt, per_run=True):
+                vb = [f(x) for x in get(base, mode, n, key)]
+                vc = [f(x) for x in get(cand, mode, n, key)]
+                mb, mc = median(vb), median(vc)
+                runs = "" if not per_run else f"{each(vb, fmt)}; {each(vc, fmt)}"
+                w(f"| {n} | {name} | {fmt(mb) if mb is not None else '-'} | "
+                  f"{fmt(mc) if mc is not None else '-'} | {ratio(mb, mc)} | {runs} |")
+            row("boot, total", "boot_secs", lambda x: x, lambda x: ms(x, 0))
+            row("boot, per worker", "boot_secs", lambda x, n=n: x / n, lambda x: f"{x * 1e6:.0f} us")
+            row(f"idle wakeups in {sc.idle_secs:g} s (voluntary switches)", "idle", lambda d: d["voluntary"],
+                lambda x: f"{x:g}")
+            row(f"idle involuntary switches in {sc.idle_secs:g} s", "idle", lambda d: d["nonvoluntary"],
+                lambda x: f"{x:g}")
+            row(f"idle CPU time in {sc.idle_secs:g} s", "idle", lambda d: d["cpu_ms"] / 1000, lambda x: ms(x, 2))
+            row("master fds", "fds", lambda x: x, lambda x: f"{x:g}")
+            row("master RSS", "rss_kib", lambda x: x, lambda x: f"{x / 1024:.2f} MiB")
+            row("raw status, back to back, median", "raw_status", lambda x: x, lambda x: ms(x, 2), per_run=False)
+            if sc.spaced:
+                row("raw status, one a second, median", "spaced_status", lambda x: x, lambda x: ms(x, 2),
+                    per_run=False)
+            row("status reply size", "status_bytes", lambda x: x, lambda x: f"{x / 1024:.0f} KiB", per_run=False)
+            for b in (base, cand):
+                e = cells.get(b.label, {}).get(f"{mode}/{n}", {}).get("arbiterctl_error")
+                if e:
+                    w(f"| {n} | `arbiterctl status --json` ({b.label}) | failed: {e.replace('|', '/')} | | | |")
+            row("`arbiterctl status --json`, median", "arbiterctl", lambda x: x, lambda x: ms(x, 2),
+                per_run=False)
+            if sc.top_secs > 0:
+                row("master CPU under `arbiterctl top`", "top_cpu", lambda x: x, lambda x: f"{x * 100:.2f}%")
+            row("TTIN to serving, median", "ttin", lambda x: x, lambda x: ms(x, 2), per_run=False)
+        w("")
+
+        # Targets, as the issue states them.
+        w("| target | baseline | candidate |")
+        w("|---|---|---|")
+        if lo != hi:
+            figs = []
+            for b in (base, cand):
+                a, z = per_worker(b, mode, lo), per_worker(b, mode, hi)
+                ok = None if a is None or z is None else z <= 1.1 * a
+                figs.append(f"{'-' if z is None else f'{z * 1e6:.0f} us'} vs "
+                            f"{'-' if a is None else f'{a * 1e6:.0f} us'}"
+                            f"{'' if a is None or z is None else f' ({z / a:.2f}x)'}{verdict(ok)}")
+            w(f"| per-worker boot at {hi} at most 1.1x that at {lo} | {figs[0]} | {figs[1]} |")
+        for key, what in (("raw_status", "back to back"), ("spaced_status", "one a second")):
+            if key == "spaced_status" and not sc.spaced:
+                continue
+            figs = []
+            for b in (base, cand):
+                v = median(get(b, mode, hi, key))
+                figs.append(f"{ms(v)}{verdict(None if v is None else v <= 0.020)}")
+            w(f"| raw status at {hi} workers at most 20 ms, {what} | {figs[0]} | {figs[1]} |")
+        if sc.top_secs > 0:
+            figs = []
+            for b in (base, cand):
+                v = median(get(b, mode, hi, "top_cpu"))
+                figs.append("-" if v is None else f"{v * 100:.2f}%")
+            w(f"| master CPU under `top` at {hi} workers (a few percent) | {figs[0]} | {figs[1]} |")
+        for n in sc.ns:
+            figs = []
+            for b in (base, cand):
+                v = [d["voluntary"] for d in get(b, mode, n, "idle")]
+                figs.append(f"{'-' if not v else ', '.join(map(str, v))}{verdict(None if not v else max(v) == 0)}")
+            w(f"| no idle wakeups at {n} workers (each run) | {figs[0]} | {figs[1]} |")
+        w("")
     if r["errors"]:
         w("What failed: " + "; ".join(e.replace("|", "/") for e in r["errors"]))
         w("")
@@ -455,13 +523,13 @@ def report(sc, command):
     return "\n".join(L)
 
 
-def write_section(path, text):
+def write_section(path, text, section=SECTION):
     """Replace the section (its heading up to the next `## ` heading or the end) or
     append it at the end: after bench/run.py's kept-marker, so run.py keeps it."""
     with open(path) as f:
         old = f.read()
     lines = old.split("\n")
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
+    start = next((i for i, l in enumerate(lines) if l.strip() == section), None)
     body = text.rstrip("\n").split("\n")
     if start is None:
         new = old.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
@@ -485,6 +553,10 @@ def main():
     ap.add_argument("--idle-secs", type=float, default=10, help="idle window (default 10)")
     ap.add_argument("--reps", type=int, default=20, help="status requests per master, each client (default 20)")
     ap.add_argument("--ttin-trials", type=int, default=5, help="TTINs per master (default 5)")
+    ap.add_argument("--cgroup", default="on", help="containment modes: on, off or on,off (default on)")
+    ap.add_argument("--spaced", type=int, default=10, help="status requests one a second per master (default 10)")
+    ap.add_argument("--top-secs", type=float, default=10, help="arbiterctl top window, 0 for none (default 10)")
+    ap.add_argument("--section", default=SECTION, help=f"the heading --write replaces (default {SECTION!r})")
     ap.add_argument("--write", action="store_true", help=f"put the table into {shown_path(RESULTS)}")
     ap.add_argument("--results", default=RESULTS, help="the file --write edits (default bench/RESULTS.md)")
     args = ap.parse_args()
@@ -492,9 +564,13 @@ def main():
     # The command that reproduces this run, as the report shows it.
     cmd = ["python3", "bench/scale.py", "--baseline", shown_path(args.baseline), "--ctl", shown_path(args.ctl),
            "--candidate", shown_path(args.candidate), "--workers", args.workers, "--repeat", str(args.repeat)]
-    for opt, default in (("timeout", 30), ("idle_secs", 10), ("reps", 20), ("ttin_trials", 5)):
+    for opt, default in (("timeout", 30), ("idle_secs", 10), ("reps", 20), ("ttin_trials", 5), ("spaced", 10),
+                         ("top_secs", 10)):
         if getattr(args, opt) != default:
             cmd += ["--" + opt.replace("_", "-"), f"{getattr(args, opt):g}"]
+    for opt, default in (("cgroup", "on"), ("section", SECTION)):
+        if getattr(args, opt) != default:
+            cmd += ["--" + opt, getattr(args, opt)]
     command = shlex.join(cmd + ["--write"])
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -527,12 +603,12 @@ def main():
     sc.r["took_secs"] = time.monotonic() - t
     with open(os.path.join(sc.workdir, "results.json"), "w") as f:
         json.dump(sc.r, f, indent=1)
-    text = report(sc, command)
+    text = report(sc, command, args.section)
     with open(os.path.join(sc.workdir, "scale.md"), "w") as f:
         f.write(text + "\n")
     print(text)
     if args.write:
-        write_section(args.results, text)
+        write_section(args.results, text, args.section)
         log(f"wrote the section into {args.results}")
     log(f"done in {sc.r['took_secs']:.0f} s; raw data in {shown_path(sc.workdir)}/results.json")
     if sc.r["errors"]:

@@ -7,6 +7,7 @@
 
 pub mod arbiter;
 pub mod builtin;
+mod clone;
 pub mod config;
 pub mod control;
 pub mod daemonize;

@@ -297,6 +297,7 @@ impl Prepared {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
         // A scratch copy of the fd plan the child may rearrange without allocating.
         let mut scratch = self.fds.clone();
+        let (cgroup, contained) = (self.cgroup, self.contained);
         // What the child keeps of the master's fd table: everything it is handed
         // and the master's few low fds, never the per-worker ones kept above
         // HIGH_FDS (see `keep_from_children`).
@@ -315,58 +316,56 @@ impl Prepared {
         // a copy of its low part only: a fork copies the whole table, and the
         // exec then closes every fd the master holds, which at thousands of
         // workers made each spawn cost as much as all the workers before it.
+        // The memory is shared too where it can be (see `crate::clone`).
         // CLONE_VFORK holds the master until the child has exec'd or exited, so
-        // nothing changes the shared table meanwhile.
-        // SAFETY: the master is single-threaded; without CLONE_VM the child runs
-        // on a copy of the master's memory, as after fork, and the child branch
-        // below only makes async-signal-safe calls before execve/_exit.
+        // nothing changes the shared table or memory meanwhile.
         // Into its cgroup at birth (CLONE_INTO_CGROUP, Linux 5.7): moving a
         // running process there instead costs milliseconds of the kernel's
         // cgroup locking per spawn.
-        let mut joined = false;
-        let mut forked = -1;
-        if let Some((dir, _)) = self.cgroup {
+        let shared = (libc::CLONE_FILES | libc::CLONE_VFORK) as u64 | crate::clone::SHARE_MEMORY;
+        let mut call = ChildCall {
+            prepared: self,
+            status_fd: status_w.as_raw_fd(),
+            keep_below,
+            in_cgroup: false,
+            fds: &mut scratch,
+        };
+        let mut forked = Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        if let Some((dir, _)) = cgroup {
+            call.in_cgroup = true;
             let args = CloneArgs {
-                flags: (libc::CLONE_FILES | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+                flags: shared | CLONE_INTO_CGROUP,
                 exit_signal: libc::SIGCHLD as u64,
                 cgroup: dir as u64,
                 ..CloneArgs::default()
             };
-            // SAFETY: as for clone below; `args` lives across the call.
+            let argv = [
+                &args as *const CloneArgs as usize,
+                std::mem::size_of::<CloneArgs>(),
+                0,
+                0,
+                0,
+            ];
+            // SAFETY: the master is single-threaded; child_entry only makes
+            // async-signal-safe calls on memory prepared before (see
+            // `Prepared::child`); `args` and `call` outlive the call.
             forked = unsafe {
-                libc::syscall(
-                    libc::SYS_clone3,
-                    &args as *const CloneArgs,
-                    std::mem::size_of::<CloneArgs>(),
-                )
-            } as libc::pid_t;
-            joined = forked >= 0;
+                crate::clone::call(libc::SYS_clone3, argv, child_entry, (&raw mut call).cast())
+            };
         }
-        if !joined {
+        if forked.is_err() {
+            call.in_cgroup = false;
+            // clone(flags, stack, parent_tid, child_tid, tls): no new stack.
+            let argv = [(shared | libc::SIGCHLD as u64) as usize, 0, 0, 0, 0];
             // SAFETY: see above.
             forked = unsafe {
-                libc::syscall(
-                    libc::SYS_clone,
-                    libc::CLONE_FILES | libc::CLONE_VFORK | libc::SIGCHLD,
-                    0usize,
-                    0usize,
-                    0usize,
-                    0usize,
-                )
-            } as libc::pid_t;
+                crate::clone::call(libc::SYS_clone, argv, child_entry, (&raw mut call).cast())
+            };
         }
-        if forked == 0 {
-            // SAFETY: we are the child; see child() for its contract.
-            unsafe { self.child(status_w.as_raw_fd(), keep_below, joined, &mut scratch) }
-        }
-        let fork_err = io::Error::last_os_error();
         crate::signals::restore(&old_mask);
         drop(status_w);
-        if forked < 0 {
-            return Err(fork_err);
-        }
-        let pid = Pid::from_raw(forked);
-        if self.contained {
+        let pid = Pid::from_raw(forked?);
+        if contained {
             // Also from the parent, so the group exists before we ever signal it;
             // EACCES once the child has exec'd is expected and harmless.
             let _ = nix::unistd::setpgid(pid, pid);
@@ -374,7 +373,7 @@ impl Prepared {
         Ok((pid, status_r))
     }
 
-    /// The child branch. Never returns.
+    /// The child branch, from [`child_entry`]. Never returns.
     ///
     /// # Safety
     /// Must only be called in the child right after fork.
@@ -464,10 +463,14 @@ impl Prepared {
             }
             place_fds(fds).unwrap_or_else(|()| fail(status_fd, ChildStep::Fds));
             if let Some((uid, gid)) = self.credentials {
+                // The system calls themselves: libc's wrappers may signal every
+                // thread they know of to change its credentials too, and this
+                // child, in the master's memory, is not one of them.
                 let groups = [gid];
-                if (libc::geteuid() == 0 && libc::setgroups(1, groups.as_ptr()) != 0)
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
+                if (libc::geteuid() == 0
+                    && libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) != 0)
+                    || libc::syscall(libc::SYS_setgid, gid) != 0
+                    || libc::syscall(libc::SYS_setuid, uid) != 0
                 {
                     fail(status_fd, ChildStep::Credentials);
                 }
@@ -500,6 +503,31 @@ impl Prepared {
     #[cfg(test)]
     fn env_entries(&self) -> &[Vec<u8>] {
         &self._env
+    }
+}
+
+/// What the child needs from [`Prepared::spawn`]'s frame.
+struct ChildCall<'a> {
+    prepared: &'a mut Prepared,
+    status_fd: RawFd,
+    keep_below: RawFd,
+    /// Born in its cgroup (clone3 took CLONE_INTO_CGROUP).
+    in_cgroup: bool,
+    fds: &'a mut [RawFd],
+}
+
+/// The child's first function.
+///
+/// # Safety
+/// Only as the entry of [`crate::clone::call`], with `arg` a [`ChildCall`].
+unsafe extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` is the parent's ChildCall, alive while the parent is held
+    // (CLONE_VFORK).
+    let c = unsafe { &mut *arg.cast::<ChildCall<'_>>() };
+    // SAFETY: we are the child.
+    unsafe {
+        c.prepared
+            .child(c.status_fd, c.keep_below, c.in_cgroup, c.fds)
     }
 }
 

@@ -38,8 +38,13 @@ pub const MASTER_LEAF: &str = "master";
 pub enum Containment {
     /// Each worker in a cgroup of its own under `root`; with `in_leaf`, the
     /// master in `root/master` (else it stays in `root`'s parent, the
-    /// hierarchy's root, where the rule does not apply).
-    Cgroup { root: PathBuf, in_leaf: bool },
+    /// hierarchy's root, where the rule does not apply). `cpu_stat` is the
+    /// root's, held open (see [`Containment::flush_cpu`]).
+    Cgroup {
+        root: PathBuf,
+        in_leaf: bool,
+        cpu_stat: Option<File>,
+    },
     /// Each worker leads a process group; descendants that leave it escape.
     ProcessGroups,
 }
@@ -59,12 +64,12 @@ pub struct Tree {
     proc_stat: Option<File>,
     /// The last reading and when it was taken: reading `cpu.stat` makes the
     /// kernel gather per-CPU counters, about 5 µs a worker, so a status at
-    /// thousands of workers reuses readings up to [`CPU_FRESH`] old.
+    /// thousands of workers reuses readings up to [`READING_FRESH`] old.
     cpu_read: std::cell::Cell<Option<(std::time::Instant, f64)>>,
 }
 
-/// How old a tree's CPU reading in `status` may be.
-const CPU_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+/// How old a reading of a worker (its tree's CPU, its RSS) in `status` may be.
+pub const READING_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A worker's cgroup made ready before its spawn: the child writes itself into
 /// `procs`.
@@ -103,6 +108,7 @@ impl Containment {
         }
         if own.is_root {
             return Containment::Cgroup {
+                cpu_stat: File::open(root.join("cpu.stat")).ok(),
                 root,
                 in_leaf: false,
             };
@@ -112,6 +118,7 @@ impl Containment {
             .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), b"0"));
         match moved {
             Ok(()) => Containment::Cgroup {
+                cpu_stat: File::open(root.join("cpu.stat")).ok(),
                 root,
                 in_leaf: true,
             },
@@ -168,6 +175,22 @@ impl Containment {
         }))
     }
 
+    /// Before reading many workers' `cpu.stat`: reading a cgroup's first folds
+    /// its pending per-CPU counts in, which unlinks it from its parent's list of
+    /// children with pending counts, a singly linked list the kernel walks to
+    /// find it. Worker by worker that is a walk over up to all the siblings each
+    /// time (at 4096 workers, a status spent 50 to 200 ms there); reading the
+    /// root's first folds in the whole tree in one pass, and each worker's read
+    /// then has nothing to unlink.
+    pub fn flush_cpu(&self) {
+        if let Containment::Cgroup {
+            cpu_stat: Some(f), ..
+        } = self
+        {
+            let _ = read_cgroup_cpu(f);
+        }
+    }
+
     /// The master exits: back to where it came from, with whatever shares its
     /// leaf (the guardian), then our cgroups go (empty by now, or killed).
     pub fn tear_down(&self) {
@@ -175,6 +198,7 @@ impl Containment {
             Containment::Cgroup {
                 root,
                 in_leaf: true,
+                ..
             } => {
                 let movers = cgroup_pids(&root.join(MASTER_LEAF));
                 vacate(root, &movers);
@@ -266,15 +290,43 @@ impl Tree {
         }
     }
 
-    /// CPU seconds used so far and when that was read (at most [`CPU_FRESH`]
+    /// CPU seconds used so far and when that was read (at most [`READING_FRESH`]
     /// ago): the whole tree with a cgroup, else the main process and the
     /// children it reaped.
     pub fn cpu_reading(&self, now: std::time::Instant) -> Option<(std::time::Instant, f64)> {
         if let Some((at, secs)) = self.cpu_read.get()
-            && now.saturating_duration_since(at) < CPU_FRESH
+            && now.saturating_duration_since(at) < READING_FRESH
         {
             return Some((at, secs));
         }
+        self.read_cpu(now)
+    }
+
+    /// Whether [`Tree::cpu_reading`] at `now` would read the kernel's figure.
+    pub fn cpu_stale(&self, now: std::time::Instant) -> bool {
+        (self.cpu_stat.is_some() || self.proc_stat.is_some())
+            && self
+                .cpu_read
+                .get()
+                .is_none_or(|(at, _)| now.saturating_duration_since(at) >= READING_FRESH)
+    }
+
+    /// Whether the last CPU reading was taken at `t` or before (or none was).
+    pub fn cpu_read_by(&self, t: std::time::Instant) -> bool {
+        self.cpu_read.get().is_none_or(|(at, _)| at <= t)
+    }
+
+    /// When the CPU reading a status at `now` would use was taken (`now` if it
+    /// would read it, or has nothing to read).
+    pub fn cpu_taken(&self, now: std::time::Instant) -> std::time::Instant {
+        match self.cpu_read.get() {
+            Some((at, _)) if now.saturating_duration_since(at) < READING_FRESH => at,
+            _ => now,
+        }
+    }
+
+    /// Read the CPU seconds now, however recent the last reading.
+    pub fn read_cpu(&self, now: std::time::Instant) -> Option<(std::time::Instant, f64)> {
         let secs = match &self.cpu_stat {
             Some(f) => read_cgroup_cpu(f)?,
             None => read_proc_cpu(self.proc_stat.as_ref()?)?,

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::KillMode;
-use crate::trees::Tree;
+use crate::trees::{READING_FRESH, Tree};
 
 /// Where a worker is in its life. Transitions only go down this list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,6 +273,10 @@ pub struct Worker {
     pub board: Option<u32>,
     /// The CPU readings `status` reported, which its CPU% is measured from.
     pub cpu_samples: std::cell::Cell<CpuSamples>,
+    /// The last RSS reading for `status` and when it was taken: reused up to
+    /// [`READING_FRESH`] old, as the tree's CPU reading is (a `statm` read is
+    /// about 2 us, 9 ms of a status at 4096 workers).
+    pub rss_read: std::cell::Cell<Option<(Instant, Option<u64>)>>,
 }
 
 /// Two CPU readings (when, CPU seconds) a worker's CPU% is measured between, so
@@ -323,6 +327,42 @@ impl Worker {
         let percent = samples.take(self.started, at, secs);
         self.cpu_samples.set(samples);
         (Some(secs), percent)
+    }
+
+    /// Resident set size for `status`: the last reading if it is under
+    /// [`READING_FRESH`] old, else read now.
+    pub fn rss_reading(&self, now: Instant) -> Option<u64> {
+        match self.rss_read.get() {
+            Some((at, rss)) if now.saturating_duration_since(at) < READING_FRESH => rss,
+            _ => self.read_rss(now),
+        }
+    }
+
+    fn read_rss(&self, now: Instant) -> Option<u64> {
+        let rss = self.rss_bytes();
+        self.rss_read.set(Some((now, rss)));
+        rss
+    }
+
+    /// Whether a reading was taken at `t` or before (or never).
+    pub fn read_by(&self, t: Instant) -> bool {
+        self.tree.cpu_read_by(t) || self.rss_read.get().is_none_or(|(at, _)| at <= t)
+    }
+
+    /// When the older of its readings was taken, once a status at `now` has read
+    /// those that are stale.
+    pub fn readings_taken(&self, now: Instant) -> Instant {
+        let rss = match self.rss_read.get() {
+            Some((at, _)) if now.saturating_duration_since(at) < READING_FRESH => at,
+            _ => now,
+        };
+        rss.min(self.tree.cpu_taken(now))
+    }
+
+    /// Read the CPU and the RSS now, however recent the last readings.
+    pub fn take_readings(&self, now: Instant) {
+        self.tree.read_cpu(now);
+        self.read_rss(now);
     }
 
     /// Resident set size, in bytes (None once the process is gone).

@@ -219,7 +219,7 @@ pub struct WorkerStatus {
     /// Consecutive failures of this worker's slot.
     pub restarts: u64,
     pub crash_looping: bool,
-    /// Resident set size in bytes, from /proc.
+    /// Resident set size in bytes, from /proc, read at most a second before.
     pub rss_bytes: Option<u64>,
     /// `--preload` only (reading it walks the process's page tables): the worker's
     /// proportional set size (shared pages divided among their sharers) and its
@@ -230,12 +230,15 @@ pub struct WorkerStatus {
     #[serde(default)]
     pub private_bytes: Option<u64>,
     /// CPU seconds used so far: by the worker's whole tree where it has a cgroup,
-    /// else by its main process and the children it reaped.
+    /// else by its main process and the children it reaped; read at most a
+    /// second before.
     #[serde(default)]
     pub cpu_secs: Option<f64>,
-    /// CPU use in percent of one core (200 is two cores busy) since the previous
-    /// status the master answered, at least a second before, or since the spawn.
-    /// The master measures only when asked: no timer, so no reading in between.
+    /// CPU use in percent of one core (200 is two cores busy) since the reading
+    /// an earlier status used, at least a second before, or since the spawn.
+    /// The master reads when asked, and between statuses that come at most
+    /// 1.5 s apart (`top`), so that the next finds the readings taken; nobody
+    /// asking, it reads nothing.
     #[serde(default)]
     pub cpu_percent: Option<f64>,
     /// Lines of this worker's output dropped so far (it wrote faster than the

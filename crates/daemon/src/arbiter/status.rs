@@ -16,8 +16,9 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl Arbiter {
-    pub(super) fn snapshot(&self) -> snapshot::Status {
+    pub(super) fn snapshot(&mut self) -> snapshot::Status {
         let now = Instant::now();
+        self.pool.before_snapshot(now);
         let generation = self.pool.generation();
         let slots = self.pool.slots();
         let dropped = self.pool.output_dropped();
@@ -216,7 +217,7 @@ fn worker_status(
         status_text: w.status_text.clone(),
         restarts: u64::from(failures),
         crash_looping: failures >= CRASH_LOOP_AFTER,
-        rss_bytes: w.rss_bytes(),
+        rss_bytes: w.rss_reading(now),
         pss_bytes: None,
         private_bytes: None,
         cpu_secs,

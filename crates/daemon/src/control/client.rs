@@ -37,32 +37,38 @@ pub(super) struct Client {
 
 impl Client {
     pub(super) fn send(&mut self, resp: &Response) {
-        match serde_json::to_vec(resp) {
-            Ok(mut line) => {
-                line.push(b'\n');
-                self.output.extend_from_slice(&line);
-            }
-            Err(_) => self.output.extend_from_slice(b"{\"v\":1,\"ok\":false}\n"),
+        // Straight into the output buffer, which keeps its capacity: a status at
+        // thousands of workers is a megabyte or more, and a line of its own
+        // would be grown and then copied over each time.
+        let start = self.output.len();
+        if serde_json::to_writer(&mut self.output, resp).is_ok() {
+            self.output.push(b'\n');
+        } else {
+            self.output.truncate(start);
+            self.output.extend_from_slice(b"{\"v\":1,\"ok\":false}\n");
         }
     }
 
     pub(super) fn flush(&mut self) {
-        while !self.output.is_empty() {
-            match self.stream.write(&self.output) {
+        // What was written goes from the buffer once, at the end: removed after
+        // each partial write, the rest of a megabyte-sized reply was moved up
+        // every time.
+        let mut sent = 0;
+        while sent < self.output.len() {
+            match self.stream.write(&self.output[sent..]) {
                 Ok(0) => break,
-                Ok(n) => {
-                    self.output.drain(..n);
-                }
+                Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     // The peer is gone: nothing more to say to it.
                     self.output.clear();
                     self.closing = true;
-                    break;
+                    return;
                 }
             }
         }
+        self.output.drain(..sent);
     }
 }
 

@@ -15,6 +15,7 @@ use remains::Remains;
 mod spawn;
 mod template;
 mod timers;
+mod watch;
 
 use template::Template;
 
@@ -184,6 +185,8 @@ pub struct Pool {
     /// Where workers say busy or idle; `None` if it could not be created.
     scoreboard: Option<Scoreboard>,
     recycler: Recycler,
+    /// Statuses asked often: the workers' CPU readings taken between them.
+    watch: watch::Watch,
     pub worker_failures: u64,
     pub workers_spawned: u64,
 }
@@ -221,6 +224,7 @@ impl Pool {
         Pool {
             scoreboard,
             recycler: Recycler::new(),
+            watch: watch::Watch::default(),
             workers: Vec::new(),
             relays: Vec::new(),
             target: cfg.workers,

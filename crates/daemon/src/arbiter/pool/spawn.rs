@@ -244,6 +244,7 @@ impl Pool {
             kill_mode: self.kill_mode,
             board: board.map(|b| b.0),
             cpu_samples: Default::default(),
+            rss_read: Default::default(),
             id,
             slot,
             pid,

@@ -69,6 +69,9 @@ impl Pool {
         if let Some(t) = self.remains_due() {
             at(t);
         }
+        if let Some(t) = self.watch_due() {
+            at(t);
+        }
         if !stopping && self.active_in_generation() < self.target {
             // A slot's backoff that has passed is not a deadline: the slot was
             // spawned this turn, or waits on the spawn trouble's own deadline (a
@@ -139,6 +142,7 @@ impl Pool {
     pub fn check_deadlines(&mut self, now: Instant, cfg: &Config) {
         self.check_remains(now);
         self.check_templates(now, cfg.boot_timeout);
+        self.check_watch(now);
         for i in 0..self.workers.len() {
             let heartbeat_due = self.heartbeat_due(&self.workers[i], cfg);
             let counted_from = self.silence_counted_from;
