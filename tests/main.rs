@@ -9,6 +9,7 @@ mod ctl;
 mod daemon_mode;
 mod drain;
 mod examples;
+mod gunicorn_doc;
 mod gunicornc;
 mod hardening;
 mod harness;
