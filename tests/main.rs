@@ -8,6 +8,7 @@ mod control;
 mod ctl;
 mod daemon_mode;
 mod drain;
+mod env;
 mod examples;
 mod gunicorn_doc;
 mod gunicornc;

@@ -37,6 +37,8 @@ complete -c arbiterd -l max-worker-rss -d 'Recycle a worker whose RSS exceeds th
 complete -c arbiterd -l max-worker-age -d 'Recycle a worker older than this many seconds' -r
 complete -c arbiterd -l max-requests -d 'Recycle a worker after it served this many requests (0: never); only workers that count requests on the scoreboard' -r
 complete -c arbiterd -l max-requests-jitter -d 'Add 0..=J to each worker\'s --max-requests, drawn per worker' -r
+complete -c arbiterd -l env -d 'Set KEY=VALUE in the workers\' environment (repeatable; re-read on reload)' -r
+complete -c arbiterd -l env-file -d 'Read the workers\' environment from this file (systemd EnvironmentFile syntax), at start and at every reload; --env wins over it' -r -F
 complete -c arbiterd -l backlog -d 'Listen backlog' -r
 complete -c arbiterd -l umask -d 'File mode creation mask, octal' -r
 complete -c arbiterd -l chdir -d 'Change to this directory before anything else' -r -F

@@ -59,7 +59,7 @@ REPORT = {
     "env": {
         k: v
         for k, v in os.environ.items()
-        if k.startswith(("LISTEN_", "ARBITER_", "WATCHDOG_")) or k == "NOTIFY_SOCKET"
+        if k.startswith(("LISTEN_", "ARBITER_", "WATCHDOG_", "APP_")) or k == "NOTIFY_SOCKET"
     },
 }
 BODY = json.dumps(REPORT).encode()

@@ -449,6 +449,7 @@ pub(crate) mod tests {
                 templates: Vec::new(),
                 host_listen_overflows: None,
                 max_requests: None,
+                env_keys: Vec::new(),
                 recycles: Default::default(),
                 pid: 1234,
                 name: "web".into(),

@@ -79,6 +79,8 @@ pub const LONG_WITH_VALUE: &[&str] = &[
     "max-worker-age",
     "max-requests",
     "max-requests-jitter",
+    "env",
+    "env-file",
     "backlog",
     "umask",
     "chdir",

@@ -109,6 +109,18 @@ impl ChildEnv {
         }
     }
 
+    /// The configured environment (`--env`, `[env]`, env-file) over the
+    /// inherited one: a configured key replaces the master's own value.
+    pub fn overlay(&mut self, vars: &[(String, String)]) {
+        self.env.retain(|e| {
+            let key = e.split(|&b| b == b'=').next().unwrap_or_default();
+            !vars.iter().any(|(k, _)| k.as_bytes() == key)
+        });
+        for (k, v) in vars {
+            self.set(k, v);
+        }
+    }
+
     pub fn set(&mut self, key: &str, value: impl std::fmt::Display) {
         self.env.push(format!("{key}={value}").into_bytes());
     }
@@ -128,11 +140,7 @@ impl ChildEnv {
 }
 
 fn is_reserved_env(key: &OsStr) -> bool {
-    let k = key.as_bytes();
-    k.starts_with(b"LISTEN_")
-        || k.starts_with(b"ARBITER_")
-        || k == b"NOTIFY_SOCKET"
-        || k.starts_with(b"WATCHDOG_")
+    crate::config::env::is_reserved(key.as_bytes())
 }
 
 /// `struct clone_args` of clone3(2), as of Linux 5.7.

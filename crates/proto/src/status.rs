@@ -87,6 +87,10 @@ pub struct MasterStatus {
     /// `--max-requests` and `--max-requests-jitter`; `None`: off.
     #[serde(default)]
     pub max_requests: Option<MaxRequests>,
+    /// The names (never the values) of the variables the configuration sets in
+    /// the current generation's environment (`--env`, `[env]`, env-file).
+    #[serde(default)]
+    pub env_keys: Vec<String>,
     /// Recycles started since the master started (a replacement first, then a
     /// graceful stop), by reason: `max-requests`, `max-worker-age`,
     /// `max-worker-rss`, `asked` (`ARBITER_RECYCLE=1`).

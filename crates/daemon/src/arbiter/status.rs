@@ -152,6 +152,7 @@ impl Arbiter {
                     last: self.autoscaler.last.clone(),
                 }),
                 host_listen_overflows: crate::queue::host_listen_overflows(),
+                env_keys: self.cfg.env.iter().map(|(k, _)| k.clone()).collect(),
                 max_requests: self.cfg.max_requests.map(|limit| snapshot::MaxRequests {
                     limit,
                     jitter: self.cfg.max_requests_jitter,

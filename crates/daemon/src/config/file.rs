@@ -43,6 +43,8 @@ pub const KEYS: &[&str] = &[
     "max-worker-age",
     "max-requests",
     "max-requests-jitter",
+    "env",
+    "env-file",
     "reuse-port",
     "backlog",
     "umask",
@@ -86,6 +88,8 @@ struct FileConfig {
     max_worker_age: Option<At<f64>>,
     max_requests: Option<At<u64>>,
     max_requests_jitter: Option<At<u64>>,
+    env: Option<At<Vec<(String, String)>>>,
+    env_file: Option<At<String>>,
     reuse_port: Option<At<bool>>,
     backlog: Option<At<i32>>,
     umask: Option<At<String>>,
@@ -172,6 +176,25 @@ fn seconds(key: &str, v: &Value) -> Result<f64, String> {
 }
 
 /// One string or a list of strings (`bind`).
+/// `[env]`: a table of strings (numbers and booleans as they are written).
+fn env_table(v: &Value) -> Result<Vec<(String, String)>, String> {
+    let Value::Table(t) = v else {
+        return Err("env: expected a table ([env] with KEY = \"value\" lines)".into());
+    };
+    t.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Integer(i) => i.to_string(),
+                Value::Float(f) => f.to_string(),
+                Value::Boolean(b) => b.to_string(),
+                _ => return Err(format!("env.{k}: expected a string")),
+            };
+            Ok((k.clone(), v))
+        })
+        .collect()
+}
+
 fn strings(key: &str, v: &Value, what: &str) -> Result<Vec<String>, String> {
     match v {
         Value::String(s) => Ok(vec![s.clone()]),
@@ -424,6 +447,8 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
                 );
             }
             "backlog" => f.backlog = at(line, whole(name, v, COUNT).map_err(err)?),
+            "env" => f.env = at(line, env_table(v).map_err(err)?),
+            "env-file" => f.env_file = at(line, string(name, v, PATH).map_err(err)?),
             "command" => f.command = at(line, command(v).map_err(err)?),
             other => unreachable!("key {other} is in KEYS but not read"),
         }
@@ -518,6 +543,7 @@ impl Loader {
             cli.chdir = cli.chdir.map(rel);
         }
         cli.pid = cli.pid.map(rel);
+        cli.env_file = cli.env_file.map(rel);
         cli.control = cli.control.map(rel);
         if cli.log_file.as_os_str() != "-" {
             cli.log_file = rel(cli.log_file);
@@ -556,6 +582,10 @@ impl Loader {
         take!(max_worker_age, "max_worker_age", Some);
         take!(max_requests, "max_requests", Some);
         take!(max_requests_jitter, "max_requests_jitter", |v| v);
+        take!(env_file, "env_file", |v: String| Some(v.into()));
+        if let Some(At { value, .. }) = f.env {
+            cli.file_env = value;
+        }
         take!(reuse_port, "reuse_port", |v| v);
         take!(backlog, "backlog", |v| v);
         take!(umask, "umask", Some);

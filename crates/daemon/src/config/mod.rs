@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::log::Level;
 
 mod count;
+pub mod env;
 mod file;
 
 pub use count::WorkerCount;
@@ -130,6 +131,16 @@ pub struct Cli {
     /// Add 0..=J to each worker's --max-requests, drawn per worker
     #[arg(long, value_name = "J", default_value_t = 0)]
     pub max_requests_jitter: u64,
+    /// Set KEY=VALUE in the workers' environment (repeatable; re-read on reload)
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Read the workers' environment from this file (systemd EnvironmentFile
+    /// syntax), at start and at every reload; --env wins over it
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    /// The config file's `[env]` table.
+    #[arg(skip)]
+    pub file_env: Vec<(String, String)>,
     /// Set SO_REUSEPORT on the listeners
     #[arg(long)]
     pub reuse_port: bool,
@@ -306,6 +317,9 @@ pub struct Config {
     /// its own draw of 0..=`max_requests_jitter`.
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
+    /// The workers' environment beyond the master's own, in order (env-file,
+    /// then `[env]`, then `--env`).
+    pub env: Vec<(String, String)>,
     pub umask: Option<u32>,
     pub chdir: Option<PathBuf>,
     pub user: Option<nix::unistd::User>,
@@ -507,6 +521,8 @@ impl Config {
     /// Validate the command line. `--chdir` is applied by the caller before this
     /// runs, so relative paths here are relative to it, as in gunicorn.
     pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        let env = env::for_workers(cli.env_file.as_deref(), &cli.file_env, &cli.env)
+            .map_err(ConfigError)?;
         if cli.max_worker_rss == Some(0) {
             bail!("--max-worker-rss must be at least 1 MiB");
         }
@@ -633,6 +649,7 @@ impl Config {
             // 0 is gunicorn's "off"; jitter alone recycles nothing (gunicorn #1978).
             max_requests: cli.max_requests.filter(|&n| n > 0),
             max_requests_jitter: cli.max_requests_jitter,
+            env,
             umask,
             chdir: cli.chdir,
             user: cli.user.as_deref().map(resolve_user).transpose()?,
@@ -679,6 +696,11 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
     diff!("max-worker-age", max_worker_age);
     diff!("max-requests", max_requests);
     diff!("max-requests-jitter", max_requests_jitter);
+    if old.env != new.env {
+        // Names only: values may be secrets.
+        let keys = |c: &Config| c.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        changed.push(format!("env {:?} -> {:?}", keys(old), keys(new)));
+    }
     diff!("reuse-port", reuse_port);
     if old.program != new.program {
         // Not the arguments themselves: they may carry secrets.

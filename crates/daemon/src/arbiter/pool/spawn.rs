@@ -328,6 +328,7 @@ fn prepare(
     }
     let names: Vec<&str> = ctx.listeners.iter().map(|l| l.name.as_str()).collect();
     let mut env = ctx.env.clone();
+    env.overlay(&ctx.cfg.env);
     env.listeners(&names);
     env.set(contract::ENV_WORKER_ID, id);
     env.set(contract::ENV_SLOT, slot);

@@ -254,6 +254,7 @@ impl Pool {
         fds.push(theirs.as_raw_fd());
         let names: Vec<&str> = ctx.listeners.iter().map(|l| l.name.as_str()).collect();
         let mut env = ctx.env.clone();
+        env.overlay(&ctx.cfg.env);
         env.listeners(&names);
         env.set(contract::ENV_GENERATION, self.generation);
         env.set(contract::ENV_MASTER_PID, ctx.master_pid);

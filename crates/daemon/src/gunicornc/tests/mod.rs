@@ -97,6 +97,7 @@ fn status() -> Status {
             templates: Vec::new(),
             host_listen_overflows: None,
             max_requests: None,
+            env_keys: Vec::new(),
             recycles: Default::default(),
             pid: 100,
             name: "web".into(),
