@@ -307,8 +307,11 @@ fn assert_beating(d: &Daemon, workers: usize) -> serde_json::Value {
 /// holds it (TERMed meanwhile), then arbiterd exits 0 and nothing is left.
 fn assert_term_finishes_in_flight(d: &Daemon) {
     // Long enough that the worker's TERM surely comes while it sleeps: the
-    // master passes it on at once.
-    let slow = d.spawn_get("/sleep?ms=2000");
+    // master passes it on at once. The hold is also the window in which the
+    // accept must be seen in /proc: in a full parallel suite on 2 cores, the Go
+    // worker's once went unseen for all of 2 s (cause not found; see the
+    // issue note), so 5 s.
+    let slow = d.spawn_get("/sleep?ms=5000");
     let holder = d.wait_accepted(&slow);
     d.signal(Signal::SIGTERM);
     match slow.join() {
