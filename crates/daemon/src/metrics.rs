@@ -154,20 +154,8 @@ pub enum Reply<'a> {
 /// (`tcpi_last_data_recv`): the time it waited for the loop to read it. `None`
 /// for a unix socket, which keeps no such time.
 fn waited(fd: BorrowedFd<'_>) -> Option<Duration> {
-    // SAFETY: tcp_info is plain data; all zeroes is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then(|| Duration::from_millis(u64::from(info.tcpi_last_data_recv)))
+    let info = crate::queue::tcp_info(fd).ok()?;
+    Some(Duration::from_millis(u64::from(info.tcpi_last_data_recv)))
 }
 
 /// A whole HTTP/1.1 answer that closes the connection.

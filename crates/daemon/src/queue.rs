@@ -73,7 +73,8 @@ fn domain(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     Ok(d)
 }
 
-fn tcp(fd: BorrowedFd<'_>) -> io::Result<Queue> {
+/// The kernel's `TCP_INFO` for a TCP socket (a listener or a connection).
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -90,6 +91,11 @@ fn tcp(fd: BorrowedFd<'_>) -> io::Result<Queue> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+fn tcp(fd: BorrowedFd<'_>) -> io::Result<Queue> {
+    let info = tcp_info(fd)?;
     if u32::from(info.tcpi_state) != TCP_LISTEN_STATE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
