@@ -1,85 +1,131 @@
-//! `arbiterctl --pid` re-parses a master's command line from /proc with a table of
-//! arbiterd's options (`arbiter_ctl::resolve`), since arbiterctl does not link the
-//! daemon. These tests hold that table to arbiterd's clap definition: an option
-//! added, renamed or turned into a flag there without the table following would
-//! make arbiterctl read the wrong argument as the control socket or the name.
+//! `arbiter_proto::options` says which of arbiterd's options take a value and
+//! which are config-file keys, for the readers that are not arbiterd's clap parser:
+//! `arbiterctl --pid` re-parses a master's command line from /proc with it (it does
+//! not link the daemon), and the config file takes its keys from it. These tests
+//! hold it to arbiterd's clap definition: an option added, renamed or turned into
+//! a flag there without the registry following would make arbiterctl read the
+//! wrong argument as the control socket or the name, and the file refuse a key.
 
-use std::collections::BTreeSet;
-
-use arbiter_ctl::resolve::{LONG_WITH_VALUE, SHORT_WITH_VALUE, parse_master_cmdline};
+use arbiter_ctl::resolve::parse_master_cmdline;
+use arbiter_proto::options::{self, OPTIONS, Takes};
 use clap::CommandFactory;
 
-/// arbiterd's options as clap has them: (long names, short names) of the ones
-/// that take a value, and of the ones that do not. Aliases count: clap accepts them.
-struct Options {
-    long_valued: BTreeSet<String>,
-    short_valued: BTreeSet<char>,
-    long_flags: BTreeSet<String>,
-    short_flags: BTreeSet<char>,
-}
-
-fn arbiterd_options() -> Options {
+/// arbiterd's clap definition, with the defaults (actions, value counts, help and
+/// version) filled in, as the registry must match them.
+fn arbiterd_command() -> clap::Command {
     let mut cmd = arbiter_daemon::config::Cli::command();
-    // Fills in the defaults (actions, help and version) that the table must match.
     cmd.build();
-    let mut o = Options {
-        long_valued: BTreeSet::new(),
-        short_valued: BTreeSet::new(),
-        long_flags: BTreeSet::new(),
-        short_flags: BTreeSet::new(),
-    };
-    for arg in cmd.get_arguments().filter(|a| !a.is_positional()) {
-        let (longs, shorts) = if arg.get_action().takes_values() {
-            (&mut o.long_valued, &mut o.short_valued)
-        } else {
-            (&mut o.long_flags, &mut o.short_flags)
-        };
-        longs.extend(
-            arg.get_long_and_visible_aliases()
-                .into_iter()
-                .flatten()
-                .map(str::to_string),
-        );
-        longs.extend(
-            arg.get_all_aliases()
-                .into_iter()
-                .flatten()
-                .map(str::to_string),
-        );
-        shorts.extend(arg.get_short_and_visible_aliases().into_iter().flatten());
-        shorts.extend(arg.get_all_short_aliases().into_iter().flatten());
-    }
-    o
+    cmd
 }
 
+/// Every name clap accepts for `arg`: its long and its aliases, its short and its
+/// short aliases, hidden or not.
+fn names(arg: &clap::Arg) -> (Vec<&str>, Vec<char>) {
+    let mut longs: Vec<&str> = arg.get_long().into_iter().collect();
+    longs.extend(arg.get_all_aliases().into_iter().flatten());
+    let mut shorts: Vec<char> = arg.get_short().into_iter().collect();
+    shorts.extend(arg.get_all_short_aliases().into_iter().flatten());
+    (longs, shorts)
+}
+
+/// What `arg` takes, in the registry's words; an error when the registry has no
+/// word for what clap does with it.
+fn clap_takes(arg: &clap::Arg) -> Result<Takes, String> {
+    if !arg.get_action().takes_values() {
+        return Ok(Takes::Flag);
+    }
+    let n = arg.get_num_args().expect("built");
+    if arg.is_require_equals_set() {
+        return Err("a value only after `=`".into());
+    }
+    match (n.min_values(), n.max_values()) {
+        (1, 1) => Ok(Takes::Value),
+        (min, usize::MAX) => Err(format!("{min} or more values")),
+        (min, max) => Err(format!("from {min} to {max} values")),
+    }
+}
+
+/// clap's non-positional arguments, each in the registry as it is in clap: every
+/// long name and alias, every short, with the same answer to "does it take a
+/// value", the shorts belonging to the same entry as the longs.
 #[test]
-fn ctl_knows_which_arbiterd_options_take_a_value() {
-    let o = arbiterd_options();
-    let table_long: BTreeSet<String> = LONG_WITH_VALUE.iter().map(|s| s.to_string()).collect();
-    let table_short: BTreeSet<char> = SHORT_WITH_VALUE.iter().map(|&b| b as char).collect();
-    assert_eq!(
-        table_long.len(),
-        LONG_WITH_VALUE.len(),
-        "a long option is in arbiter_ctl::resolve::LONG_WITH_VALUE twice"
-    );
-    assert_eq!(
-        table_short.len(),
-        SHORT_WITH_VALUE.len(),
-        "a short option is in arbiter_ctl::resolve::SHORT_WITH_VALUE twice"
-    );
-    let missing: Vec<_> = o.long_valued.difference(&table_long).collect();
-    let extra: Vec<_> = table_long.difference(&o.long_valued).collect();
+fn every_arbiterd_option_is_in_the_registry() {
+    let cmd = arbiterd_command();
+    let mut wrong = Vec::new();
+    for arg in cmd.get_arguments().filter(|a| !a.is_positional()) {
+        let (longs, shorts) = names(arg);
+        let takes = match clap_takes(arg) {
+            Ok(t) => t,
+            Err(what) => {
+                wrong.push(format!(
+                    "{longs:?} takes {what}: options::Takes needs a way to say so"
+                ));
+                continue;
+            }
+        };
+        for long in &longs {
+            match options::by_long(long) {
+                None => wrong.push(format!("--{long} is not in options::OPTIONS")),
+                Some(o) if o.takes != takes => wrong.push(format!(
+                    "--{long}: options::OPTIONS says {:?}, clap {takes:?}",
+                    o.takes
+                )),
+                Some(_) => {}
+            }
+        }
+        for &c in &shorts {
+            match options::by_short(c) {
+                None => wrong.push(format!("-{c} (of {longs:?}) is not in options::OPTIONS")),
+                Some(o) if !longs.contains(&o.long) => wrong.push(format!(
+                    "-{c}: options::OPTIONS gives it to --{}, clap to {longs:?}",
+                    o.long
+                )),
+                Some(o) if o.takes != takes => wrong.push(format!(
+                    "-{c}: options::OPTIONS says {:?}, clap {takes:?}",
+                    o.takes
+                )),
+                Some(_) => {}
+            }
+        }
+    }
     assert!(
-        missing.is_empty() && extra.is_empty(),
-        "arbiter_ctl::resolve::LONG_WITH_VALUE is out of step with arbiterd's options: \
-         missing {missing:?}, not arbiterd options that take a value {extra:?}"
+        wrong.is_empty(),
+        "arbiter_proto::options is out of step with arbiterd's clap options:\n{}",
+        wrong.join("\n")
     );
-    let missing: Vec<_> = o.short_valued.difference(&table_short).collect();
-    let extra: Vec<_> = table_short.difference(&o.short_valued).collect();
+}
+
+/// And the other way: each registry entry is a clap option, its short that
+/// option's, so the registry names nothing arbiterd would refuse. A config-file
+/// key among them needs one most: `Loader` lays the file under the clap option of
+/// the same name.
+#[test]
+fn every_registry_option_is_an_arbiterd_option() {
+    let cmd = arbiterd_command();
+    let mut wrong = Vec::new();
+    for opt in OPTIONS {
+        let arg = cmd
+            .get_arguments()
+            .filter(|a| !a.is_positional())
+            .find(|a| names(a).0.contains(&opt.long));
+        let Some(arg) = arg else {
+            wrong.push(if opt.in_file {
+                format!("config-file key {:?} has no arbiterd option", opt.long)
+            } else {
+                format!("--{} is not an arbiterd option", opt.long)
+            });
+            continue;
+        };
+        if let Some(c) = opt.short
+            && !names(arg).1.contains(&c)
+        {
+            wrong.push(format!("-{c} is not a short of --{}", opt.long));
+        }
+    }
     assert!(
-        missing.is_empty() && extra.is_empty(),
-        "arbiter_ctl::resolve::SHORT_WITH_VALUE is out of step with arbiterd's options: \
-         missing {missing:?}, not arbiterd options that take a value {extra:?}"
+        wrong.is_empty(),
+        "arbiter_proto::options names what arbiterd's clap does not:\n{}",
+        wrong.join("\n")
     );
 }
 
@@ -87,8 +133,7 @@ fn ctl_knows_which_arbiterd_options_take_a_value() {
 /// each one, given to it in every spelling clap accepts, is found.
 #[test]
 fn ctl_reads_arbiterd_options_by_their_clap_names() {
-    let o = arbiterd_options();
-    let cmd = arbiter_daemon::config::Cli::command();
+    let cmd = arbiterd_command();
     let arg = |long: &str| {
         cmd.get_arguments()
             .find(|a| a.get_long() == Some(long))
@@ -103,8 +148,8 @@ fn ctl_reads_arbiterd_options_by_their_clap_names() {
         parse_master_cmdline(&raw)
     };
     for long in ["control", "name", "config"] {
-        assert!(o.long_valued.contains(long), "--{long} takes no value");
         let a = arg(long);
+        assert!(a.get_action().takes_values(), "--{long} takes no value");
         let mut spellings = vec![
             vec![format!("--{long}"), "v".into()],
             vec![format!("--{long}=v")],
@@ -129,7 +174,7 @@ fn ctl_reads_arbiterd_options_by_their_clap_names() {
         !daemon.get_action().takes_values(),
         "--daemon takes a value"
     );
-    assert!(o.long_flags.contains("daemon"));
+    assert_eq!(daemon.get_short(), Some('D'));
     // A flag: what follows it is an option of its own, not its value.
     for short in daemon.get_short_and_visible_aliases().into_iter().flatten() {
         let got = cmdline(&[&format!("-{short}"), "--name", "x"]);
@@ -137,5 +182,4 @@ fn ctl_reads_arbiterd_options_by_their_clap_names() {
     }
     let got = cmdline(&["--daemon", "--name", "x"]);
     assert_eq!(got.name.as_deref(), Some("x".as_ref()));
-    assert!(o.short_flags.contains(&'D'));
 }

@@ -22,6 +22,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use arbiter_proto::options::{self, Takes};
 use arbiter_proto::paths::default_control_path_for;
 
 /// Where to connect, and the master's pid when it is known beforehand.
@@ -53,59 +54,23 @@ pub struct MasterArgs {
     pub config: Option<OsString>,
 }
 
-/// arbiterd's long options that take a value (the others are flags). A copy of
-/// what arbiterd's clap definition says, kept in step by `tests/cli_table.rs`
-/// (arbiterctl does not link the daemon).
-pub const LONG_WITH_VALUE: &[&str] = &[
-    "bind",
-    "workers",
-    "max-workers",
-    "timeout",
-    "graceful-timeout",
-    "shutdown-delay",
-    "ready",
-    "ready-min",
-    "boot-timeout",
-    "kill-mode",
-    "cgroup",
-    "name",
-    "pid",
-    "control",
-    "metrics-bind",
-    "log-file",
-    "log-level",
-    "config",
-    "max-worker-rss",
-    "max-worker-age",
-    "max-requests",
-    "max-requests-jitter",
-    "env",
-    "env-file",
-    "backlog",
-    "umask",
-    "chdir",
-    "user",
-    "group",
-];
-
-/// arbiterd's short options that take a value (checked as [`LONG_WITH_VALUE`] is).
-pub const SHORT_WITH_VALUE: &[u8] = b"bwtnpc";
-
 /// Parse `/proc/PID/cmdline` (NUL-separated, `argv[0]` first) as arbiterd's parser
 /// would, for the options in [`MasterArgs`]. Stops at `--` (the worker COMMAND);
-/// the last occurrence of an option wins.
+/// the last occurrence of an option wins. Which options take a value comes from
+/// [`arbiter_proto::options`], which `tests/cli_table.rs` holds to arbiterd's clap
+/// definition (arbiterctl does not link the daemon).
 pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
     let mut args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
     if raw.ends_with(&[0]) {
         args.pop();
     }
     let mut out = MasterArgs::default();
-    let set = |out: &mut MasterArgs, key: &str, v: &[u8]| {
+    let set = |out: &mut MasterArgs, opt: &options::Opt, v: &[u8]| {
         let v = Some(OsStr::from_bytes(v).to_os_string());
-        match key {
+        match opt.long {
             "control" => out.control = v,
-            "name" | "n" => out.name = v,
-            "config" | "c" => out.config = v,
+            "name" => out.name = v,
+            "config" => out.config = v,
             _ => {}
         }
     };
@@ -121,38 +86,50 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
                 Some(eq) => (&long[..eq], Some(&long[eq + 1..])),
                 None => (long, None),
             };
-            let key = String::from_utf8_lossy(key);
-            if LONG_WITH_VALUE.contains(&key.as_ref()) {
-                let value = match inline {
-                    Some(v) => Some(v),
-                    None if i < args.len() => {
-                        i += 1;
-                        Some(args[i - 1])
+            // Not one of arbiterd's (it would have refused to start): taken alone.
+            let Some(opt) = options::by_long(&String::from_utf8_lossy(key)) else {
+                continue;
+            };
+            match opt.takes {
+                Takes::Flag => {}
+                Takes::Value => {
+                    let value = match inline {
+                        Some(v) => Some(v),
+                        None if i < args.len() => {
+                            i += 1;
+                            Some(args[i - 1])
+                        }
+                        None => None,
+                    };
+                    if let Some(v) = value {
+                        set(&mut out, opt, v);
                     }
-                    None => None,
-                };
-                if let Some(v) = value {
-                    set(&mut out, &key, v);
                 }
             }
         } else if let Some(cluster) = a.strip_prefix(b"-").filter(|c| !c.is_empty()) {
             // -D, -w4, -n web, -nweb, -n=web, -Dn web
             for (j, &c) in cluster.iter().enumerate() {
-                if SHORT_WITH_VALUE.contains(&c) {
-                    let rest = &cluster[j + 1..];
-                    let rest = rest.strip_prefix(b"=").unwrap_or(rest);
-                    let value = if !rest.is_empty() {
-                        Some(rest)
-                    } else if i < args.len() {
-                        i += 1;
-                        Some(args[i - 1])
-                    } else {
-                        None
-                    };
-                    if let Some(v) = value {
-                        set(&mut out, &(c as char).to_string(), v);
+                let Some(opt) = options::by_short(char::from(c)) else {
+                    continue;
+                };
+                match opt.takes {
+                    Takes::Flag => {}
+                    Takes::Value => {
+                        let rest = &cluster[j + 1..];
+                        let rest = rest.strip_prefix(b"=").unwrap_or(rest);
+                        let value = if !rest.is_empty() {
+                            Some(rest)
+                        } else if i < args.len() {
+                            i += 1;
+                            Some(args[i - 1])
+                        } else {
+                            None
+                        };
+                        if let Some(v) = value {
+                            set(&mut out, opt, v);
+                        }
+                        break;
                     }
-                    break;
                 }
             }
         }

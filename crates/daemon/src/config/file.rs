@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use arbiter_proto::options;
 use clap::{CommandFactory, FromArgMatches, ValueEnum};
 use toml::{Spanned, Value};
 
@@ -15,44 +16,16 @@ use super::{
     CgroupMode, Cli, Config, ConfigError, KillMode, WorkerCount, parse_log_level, parse_ready,
 };
 
-/// Every key the file takes: the long options of arbiterd that configure a
-/// master (not `--config` itself, nor `--check-config`), and `command`. `_` may be
-/// written for `-`. packaging/arbiter.toml documents each of them (a unit test
-/// checks both ways).
-pub const KEYS: &[&str] = &[
-    "bind",
-    "workers",
-    "max-workers",
-    "timeout",
-    "graceful-timeout",
-    "shutdown-delay",
-    "ready",
-    "ready-min",
-    "boot-timeout",
-    "kill-mode",
-    "cgroup",
-    "name",
-    "pid",
-    "control",
-    "metrics-bind",
-    "daemon",
-    "preload",
-    "log-file",
-    "log-level",
-    "max-worker-rss",
-    "max-worker-age",
-    "max-requests",
-    "max-requests-jitter",
-    "env",
-    "env-file",
-    "reuse-port",
-    "backlog",
-    "umask",
-    "chdir",
-    "user",
-    "group",
-    "command",
-];
+/// The file's one key that is not an option: the worker COMMAND, which the
+/// command line has after `--`.
+const COMMAND_KEY: &str = "command";
+
+/// Every key the file takes: the options [`options`] marks as file keys (the long
+/// options that configure a master), then `command`. `_` may be written for `-`.
+/// packaging/arbiter.toml documents each of them (a unit test checks both ways).
+pub fn keys() -> impl Iterator<Item = &'static str> {
+    options::file_keys().chain([COMMAND_KEY])
+}
 
 /// A value from the file and the line it is on, for errors found later (a bad
 /// `ready`, say, is only an error if the command line does not override it).
@@ -313,8 +286,8 @@ fn suggest(key: &str) -> Option<&'static str> {
         }
         prev[b.len()]
     }
-    KEYS.iter()
-        .map(|k| (distance(key, k), *k))
+    keys()
+        .map(|k| (distance(key, k), k))
         .filter(|(d, _)| *d <= 2)
         .min()
         .map(|(_, k)| k)
@@ -347,7 +320,7 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
         };
         let spelt = key.get_ref().as_str();
         let normal = spelt.replace('_', "-");
-        let Some(&name) = KEYS.iter().find(|k| **k == normal) else {
+        let Some(name) = keys().find(|k| *k == normal) else {
             let hint = match suggest(&normal) {
                 Some(k) => format!("; did you mean {k:?}?"),
                 None => "; the keys are arbiterd's long options (see arbiterd(1))".into(),
@@ -358,102 +331,115 @@ fn parse_file(text: &str) -> Result<FileConfig, FileError> {
             return Err(err(format!("{name}: given twice (also on line {first})")));
         }
         seen.push((name, line));
-        let v = value.get_ref();
-        const COUNT: &str = "a whole number such as 4";
-        const PATH: &str = "a path string";
-        const NAME: &str = "a name string";
-        match name {
-            "bind" => {
-                let what = "an address string like \"127.0.0.1:8000\" or a list of them";
-                f.bind = at(line, strings(name, v, what).map_err(err)?);
+        match read_key(&mut f, name, value.get_ref(), line) {
+            Ok(()) => {}
+            Err(Unread::Bad(message)) => return Err(err(message)),
+            // A unit test rules this out for every key; should one slip by, it is
+            // refused as a key rather than a panic in a reload.
+            Err(Unread::NoReader) => {
+                return Err(err(format!(
+                    "{name}: a key this arbiterd knows but does not read (a bug)"
+                )));
             }
-            "workers" => {
-                let count = match v {
-                    Value::String(s) => WorkerCount::parse(s).map_err(|e| format!("{name}: {e}")),
-                    _ => whole(
-                        name,
-                        v,
-                        "a whole number such as 4, or a range such as \"2..16\"",
-                    )
-                    .map(|n| WorkerCount { min: n, max: n }),
-                };
-                f.workers = at(line, count.map_err(err)?);
-            }
-            "max-workers" => f.max_workers = at(line, whole(name, v, COUNT).map_err(err)?),
-            "timeout" => f.timeout = at(line, seconds(name, v).map_err(err)?),
-            "graceful-timeout" => f.graceful_timeout = at(line, seconds(name, v).map_err(err)?),
-            "shutdown-delay" => f.shutdown_delay = at(line, seconds(name, v).map_err(err)?),
-            "ready-min" => f.ready_min = at(line, whole(name, v, COUNT).map_err(err)?),
-            "boot-timeout" => f.boot_timeout = at(line, seconds(name, v).map_err(err)?),
-            "max-worker-age" => f.max_worker_age = at(line, seconds(name, v).map_err(err)?),
-            "ready" => {
-                f.ready = at(
-                    line,
-                    string(name, v, "\"exec\" or \"notify\"").map_err(err)?,
-                )
-            }
-            "kill-mode" => {
-                let what = "\"mixed\", \"group\" or \"process\"";
-                f.kill_mode = at(line, string(name, v, what).map_err(err)?);
-            }
-            "cgroup" => f.cgroup = at(line, string(name, v, "\"auto\" or \"off\"").map_err(err)?),
-            "log-level" => {
-                let what = "\"debug\", \"info\", \"warning\", \"error\" or \"critical\"";
-                f.log_level = at(line, string(name, v, what).map_err(err)?);
-            }
-            "name" => f.name = at(line, string(name, v, NAME).map_err(err)?),
-            "user" => {
-                f.user = at(
-                    line,
-                    name_or_id(name, v, "a user name or uid").map_err(err)?,
-                )
-            }
-            "group" => {
-                f.group = at(
-                    line,
-                    name_or_id(name, v, "a group name or gid").map_err(err)?,
-                );
-            }
-            "umask" => {
-                f.umask = at(
-                    line,
-                    string(name, v, "an octal mode string such as \"022\"").map_err(err)?,
-                );
-            }
-            "pid" => f.pid = at(line, string(name, v, PATH).map_err(err)?.into()),
-            "control" => f.control = at(line, string(name, v, PATH).map_err(err)?.into()),
-            "metrics-bind" => {
-                let what = "an address string like \"127.0.0.1:9100\" or \"unix:/run/m.sock\"";
-                f.metrics_bind = at(line, string(name, v, what).map_err(err)?);
-            }
-            "log-file" => f.log_file = at(line, string(name, v, PATH).map_err(err)?.into()),
-            "chdir" => f.chdir = at(line, string(name, v, PATH).map_err(err)?.into()),
-            "daemon" => f.daemon = at(line, boolean(name, v).map_err(err)?),
-            "preload" => f.preload = at(line, boolean(name, v).map_err(err)?),
-            "reuse-port" => f.reuse_port = at(line, boolean(name, v).map_err(err)?),
-            "max-worker-rss" => {
-                f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB").map_err(err)?);
-            }
-            "max-requests" => {
-                f.max_requests = at(
-                    line,
-                    whole(name, v, "a whole number of requests").map_err(err)?,
-                );
-            }
-            "max-requests-jitter" => {
-                f.max_requests_jitter = at(
-                    line,
-                    whole(name, v, "a whole number of requests").map_err(err)?,
-                );
-            }
-            "backlog" => f.backlog = at(line, whole(name, v, COUNT).map_err(err)?),
-            "env" => f.env = at(line, env_table(v).map_err(err)?),
-            "env-file" => f.env_file = at(line, string(name, v, PATH).map_err(err)?),
-            "command" => f.command = at(line, command(v).map_err(err)?),
-            other => unreachable!("key {other} is in KEYS but not read"),
         }
     }
     Ok(f)
+}
+
+/// Why [`read_key`] stored nothing.
+#[derive(Debug, PartialEq)]
+enum Unread {
+    /// The value is not of the key's type: the message says so.
+    Bad(String),
+    /// No arm reads the key.
+    NoReader,
+}
+
+impl From<String> for Unread {
+    fn from(message: String) -> Unread {
+        Unread::Bad(message)
+    }
+}
+
+/// Check `v` for the type key `name` takes and store it in `f`. Each key's type is
+/// its own, hence one arm per key; a key of [`keys`] without one is
+/// [`Unread::NoReader`], which a unit test rules out.
+fn read_key(f: &mut FileConfig, name: &str, v: &Value, line: usize) -> Result<(), Unread> {
+    const COUNT: &str = "a whole number such as 4";
+    const PATH: &str = "a path string";
+    const NAME: &str = "a name string";
+    match name {
+        "bind" => {
+            let what = "an address string like \"127.0.0.1:8000\" or a list of them";
+            f.bind = at(line, strings(name, v, what)?);
+        }
+        "workers" => {
+            let count = match v {
+                Value::String(s) => WorkerCount::parse(s).map_err(|e| format!("{name}: {e}")),
+                _ => whole(
+                    name,
+                    v,
+                    "a whole number such as 4, or a range such as \"2..16\"",
+                )
+                .map(|n| WorkerCount { min: n, max: n }),
+            };
+            f.workers = at(line, count?);
+        }
+        "max-workers" => f.max_workers = at(line, whole(name, v, COUNT)?),
+        "timeout" => f.timeout = at(line, seconds(name, v)?),
+        "graceful-timeout" => f.graceful_timeout = at(line, seconds(name, v)?),
+        "shutdown-delay" => f.shutdown_delay = at(line, seconds(name, v)?),
+        "ready-min" => f.ready_min = at(line, whole(name, v, COUNT)?),
+        "boot-timeout" => f.boot_timeout = at(line, seconds(name, v)?),
+        "max-worker-age" => f.max_worker_age = at(line, seconds(name, v)?),
+        "ready" => f.ready = at(line, string(name, v, "\"exec\" or \"notify\"")?),
+        "kill-mode" => {
+            let what = "\"mixed\", \"group\" or \"process\"";
+            f.kill_mode = at(line, string(name, v, what)?);
+        }
+        "cgroup" => f.cgroup = at(line, string(name, v, "\"auto\" or \"off\"")?),
+        "log-level" => {
+            let what = "\"debug\", \"info\", \"warning\", \"error\" or \"critical\"";
+            f.log_level = at(line, string(name, v, what)?);
+        }
+        "name" => f.name = at(line, string(name, v, NAME)?),
+        "user" => f.user = at(line, name_or_id(name, v, "a user name or uid")?),
+        "group" => {
+            f.group = at(line, name_or_id(name, v, "a group name or gid")?);
+        }
+        "umask" => {
+            f.umask = at(
+                line,
+                string(name, v, "an octal mode string such as \"022\"")?,
+            );
+        }
+        "pid" => f.pid = at(line, string(name, v, PATH)?.into()),
+        "control" => f.control = at(line, string(name, v, PATH)?.into()),
+        "metrics-bind" => {
+            let what = "an address string like \"127.0.0.1:9100\" or \"unix:/run/m.sock\"";
+            f.metrics_bind = at(line, string(name, v, what)?);
+        }
+        "log-file" => f.log_file = at(line, string(name, v, PATH)?.into()),
+        "chdir" => f.chdir = at(line, string(name, v, PATH)?.into()),
+        "daemon" => f.daemon = at(line, boolean(name, v)?),
+        "preload" => f.preload = at(line, boolean(name, v)?),
+        "reuse-port" => f.reuse_port = at(line, boolean(name, v)?),
+        "max-worker-rss" => {
+            f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB")?);
+        }
+        "max-requests" => {
+            f.max_requests = at(line, whole(name, v, "a whole number of requests")?);
+        }
+        "max-requests-jitter" => {
+            f.max_requests_jitter = at(line, whole(name, v, "a whole number of requests")?);
+        }
+        "backlog" => f.backlog = at(line, whole(name, v, COUNT)?),
+        "env" => f.env = at(line, env_table(v)?),
+        "env-file" => f.env_file = at(line, string(name, v, PATH)?),
+        "command" => f.command = at(line, command(v)?),
+        _ => return Err(Unread::NoReader),
+    }
+    Ok(())
 }
 
 /// How to build the [`Config`], again and again: the command line as given, which
@@ -650,4 +636,14 @@ pub(super) fn check_file(text: &str) -> Result<(), String> {
     let mut cli = loader.cli.clone();
     let f = parse_file(text).map_err(|e| e.message)?;
     loader.overlay(&mut cli, f).map_err(|e| e.message)
+}
+
+/// The keys of [`keys`] that no arm of [`read_key`] reads (one that refuses the
+/// value's type has read it).
+#[cfg(test)]
+pub(super) fn keys_without_a_reader() -> Vec<&'static str> {
+    let probe = Value::Boolean(true);
+    keys()
+        .filter(|k| read_key(&mut FileConfig::default(), k, &probe, 1) == Err(Unread::NoReader))
+        .collect()
 }
