@@ -40,6 +40,7 @@ fn clap_takes(arg: &clap::Arg) -> Result<Takes, String> {
     }
     match (n.min_values(), n.max_values()) {
         (1, 1) => Ok(Takes::Value),
+        (0, usize::MAX) => Ok(Takes::Values),
         (min, usize::MAX) => Err(format!("{min} or more values")),
         (min, max) => Err(format!("from {min} to {max} values")),
     }

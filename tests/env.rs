@@ -172,3 +172,116 @@ fn the_masters_own_variables_cannot_be_set_for_workers() {
         assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
     }
 }
+
+/// `{generation: sorted env keys}` from `status --json`'s `master.generations`.
+fn generations(d: &Daemon) -> Vec<(u64, Vec<String>)> {
+    let st = crate::health::status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    st["master"]["generations"]
+        .as_array()
+        .unwrap_or_else(|| d.fail(&format!("no generations in {st}")))
+        .iter()
+        .map(|g| {
+            let mut keys: Vec<String> = g["env_keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap().to_string())
+                .collect();
+            keys.sort();
+            (g["generation"].as_u64().unwrap(), keys)
+        })
+        .collect()
+}
+
+fn keys(names: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// With `--preload` the template gets the environment and its forks inherit it;
+/// an `--env-file` given without a config file is read again at a reload; while
+/// the new generation loads, `status` shows each generation's own names.
+#[test]
+fn preloaded_workers_get_the_env_and_each_generation_keeps_its_own() {
+    let b = Daemon::builder();
+    let env_file = b.path("app.env");
+    write(&env_file, "APP_FROM_FILE=one\n");
+    let gate = b.path("gate");
+    // A generation given APP_GATE loads only once the gate exists: the reload
+    // stays in flight, both generations alive, until the test opens it.
+    write(
+        &b.path("app.py"),
+        "import json, os, time\n\
+         gate = os.environ.get('APP_GATE')\n\
+         while gate and not os.path.exists(gate):\n    time.sleep(0.02)\n\
+         def app(environ, start_response):\n    \
+         env = {k: v for k, v in os.environ.items() if k.startswith('APP_')}\n    \
+         body = json.dumps({'env': env}).encode()\n    \
+         start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', str(len(body)))])\n    \
+         return [body]\n",
+    );
+    let d = b
+        .env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("python"),
+        )
+        .args(["--preload", "-w", "2", "--ready", "notify"])
+        .arg("--env-file")
+        .arg(&env_file)
+        .args(["--env", "APP_FLAG=f", "--"])
+        .arg(python3())
+        .args(["-m", "arbiter_preload", "app:app"])
+        .start();
+    let first = want(&[("APP_FLAG", "f"), ("APP_FROM_FILE", "one")]);
+    d.wait_until(LONG, "2 workers answering the first environment", || {
+        let mut got: Vec<_> = answered(&d).into_iter().collect();
+        got.sort();
+        let g = generations(&d);
+        (got == first && g == [(1, keys(&["APP_FLAG", "APP_FROM_FILE"]))])
+            .then_some(())
+            .ok_or(format!("{got:?} {g:?}"))
+    });
+    // The template itself has it, so what it loads at import time sees it too.
+    let st = crate::health::status_at(&d.control_path()).unwrap_or_else(|e| d.fail(&e));
+    let template = st["master"]["templates"][0]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(app_env(template), first, "the template");
+
+    write(
+        &env_file,
+        &format!("APP_FROM_FILE=two\nAPP_GATE={}\n", gate.display()),
+    );
+    // HUP: arbiterctl reload would wait for the end of a reload held open.
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let both = vec![
+        (1, keys(&["APP_FLAG", "APP_FROM_FILE"])),
+        (2, keys(&["APP_FLAG", "APP_FROM_FILE", "APP_GATE"])),
+    ];
+    d.wait_until(SHORT, "both generations, each with its own names", || {
+        let g = generations(&d);
+        (g == both).then_some(()).ok_or(format!("{g:?}"))
+    });
+    // The old generation serves its own environment meanwhile.
+    let mut got: Vec<_> = answered(&d).into_iter().collect();
+    got.sort();
+    assert_eq!(got, first, "the old generation while the new one loads");
+
+    write(&gate, "");
+    let second = want(&[
+        ("APP_FLAG", "f"),
+        ("APP_FROM_FILE", "two"),
+        ("APP_GATE", &gate.display().to_string()),
+    ]);
+    d.wait_until(
+        LONG,
+        "the new generation alone, answering its environment",
+        || {
+            let mut got: Vec<_> = answered(&d).into_iter().collect();
+            got.sort();
+            let g = generations(&d);
+            (got == second && g == both[1..])
+                .then_some(())
+                .ok_or(format!("{got:?} {g:?}"))
+        },
+    );
+}

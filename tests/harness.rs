@@ -1482,6 +1482,56 @@ impl Run {
 
 // ------------------------------------------------------------------ self-tests
 
+/// Clients looping on `GET path` as fast as the server answers, until
+/// [`LoopingClients::stop`]: what a deploy under load must not break.
+pub struct LoopingClients {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl LoopingClients {
+    pub fn start(n: usize, target: &Listener, path: &str) -> LoopingClients {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..n)
+            .map(|_| {
+                let (stop, target, path) = (stop.clone(), target.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    let (mut ok, mut failures) = (0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        match http_get(&target, &path, SHORT) {
+                            Ok(r) if r.status == 200 => ok += 1,
+                            Ok(r) => failures.push(format!("status {}", r.status)),
+                            Err(e) => failures.push(format!("{:?}: {e}", e.kind())),
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        LoopingClients { stop, handles }
+    }
+
+    /// Stop them: (requests answered 200, every failure).
+    pub fn stop(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = (0, Vec::new());
+        for h in std::mem::take(&mut self.handles) {
+            let (ok, failures) = h.join().unwrap();
+            total.0 += ok;
+            total.1.extend(failures);
+        }
+        total
+    }
+}
+
+impl Drop for LoopingClients {
+    /// A test that failed midway must not leave them spinning on a dead address.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ mod preload;
 mod probes;
 mod recycle;
 mod reliability;
+mod reload_on_change;
 mod scoreboard;
 mod table;
 mod trees;

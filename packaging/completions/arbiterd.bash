@@ -35,7 +35,7 @@ _arbiterd() {
 
     case "${cmd}" in
         arbiterd)
-            opts="-b -w -t -n -p -D -c -h -V --bind --workers --max-workers --timeout --graceful-timeout --shutdown-delay --ready-min --ready --boot-timeout --kill-mode --cgroup --name --pid --control --metrics-bind --daemon --log-file --log-level --config --max-worker-rss --max-worker-age --max-requests --max-requests-jitter --env --env-file --reuse-port --backlog --umask --chdir --user --group --check-config --preload --help --version"
+            opts="-b -w -t -n -p -D -c -h -V --bind --workers --max-workers --timeout --graceful-timeout --shutdown-delay --ready-min --ready --boot-timeout --kill-mode --cgroup --name --pid --control --metrics-bind --daemon --log-file --log-level --config --max-worker-rss --max-worker-age --max-requests --max-requests-jitter --env --env-file --reuse-port --backlog --umask --chdir --user --group --check-config --preload --reload-on-change --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -178,6 +178,10 @@ _arbiterd() {
                     return 0
                     ;;
                 --group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reload-on-change)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

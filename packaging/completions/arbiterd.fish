@@ -44,6 +44,7 @@ complete -c arbiterd -l umask -d 'File mode creation mask, octal' -r
 complete -c arbiterd -l chdir -d 'Change to this directory before anything else' -r -F
 complete -c arbiterd -l user -d 'Run workers as this user (name or uid)' -r
 complete -c arbiterd -l group -d 'Run workers as this group (name or gid)' -r
+complete -c arbiterd -l reload-on-change -d 'For development: reload (as HUP does) once a burst of changes under PATH ends. No PATH: the working directory. Trees are watched whole, but for .git, __pycache__, node_modules and editors\' temp files' -r -F
 complete -c arbiterd -s D -l daemon -d 'Detach (double fork, setsid, stdio to /dev/null) once a worker serves, or fail with the reason within --boot-timeout; the working directory stays'
 complete -c arbiterd -l reuse-port -d 'Set SO_REUSEPORT on the listeners'
 complete -c arbiterd -l check-config -d 'Check the configuration (flags, config file, COMMAND) and exit: 0 if it is valid. Binds nothing; used before an upgrade to vet the new binary'

@@ -450,6 +450,7 @@ pub(crate) mod tests {
                 host_listen_overflows: None,
                 max_requests: None,
                 env_keys: Vec::new(),
+                generations: Vec::new(),
                 recycles: Default::default(),
                 pid: 1234,
                 name: "web".into(),

@@ -105,6 +105,13 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
                         set(&mut out, opt, v);
                     }
                 }
+                // None of these is read here: step over their values.
+                Takes::Values if inline.is_none() => {
+                    while i < args.len() && !args[i].starts_with(b"-") {
+                        i += 1;
+                    }
+                }
+                Takes::Values => {}
             }
         } else if let Some(cluster) = a.strip_prefix(b"-").filter(|c| !c.is_empty()) {
             // -D, -w4, -n web, -nweb, -n=web, -Dn web
@@ -127,6 +134,14 @@ pub fn parse_master_cmdline(raw: &[u8]) -> MasterArgs {
                         };
                         if let Some(v) = value {
                             set(&mut out, opt, v);
+                        }
+                        break;
+                    }
+                    Takes::Values => {
+                        if cluster.len() == j + 1 {
+                            while i < args.len() && !args[i].starts_with(b"-") {
+                                i += 1;
+                            }
                         }
                         break;
                     }
@@ -489,6 +504,15 @@ mod tests {
         assert_eq!(p(&["arbiterd", "--control"]).control, None);
         // A skipped value is not read as the name.
         assert_eq!(p(&["arbiterd", "--chdir", "-n"]).name, None);
+        // An option of none or more values takes what does not start with `-`.
+        let a = p(&["arbiterd", "--reload-on-change", "-n", "x"]);
+        assert_eq!(a.name, os("x"));
+        let a = p(&["arbiterd", "--reload-on-change", "src", "lib", "-n", "x"]);
+        assert_eq!(a.name, os("x"));
+        let a = p(&["arbiterd", "--reload-on-change=src", "-n", "x"]);
+        assert_eq!(a.name, os("x"));
+        let a = p(&["arbiterd", "--reload-on-change", "--", "-n", "x"]);
+        assert_eq!(a.name, None);
     }
 
     #[test]

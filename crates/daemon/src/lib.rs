@@ -8,6 +8,7 @@
 pub mod arbiter;
 pub mod builtin;
 mod clone;
+pub mod code_watch;
 pub mod config;
 pub mod control;
 pub mod daemonize;

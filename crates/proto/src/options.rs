@@ -17,6 +17,9 @@ pub enum Takes {
     Flag,
     /// Exactly one value: `--name web`, `--name=web`, `-n web`, `-nweb`, `-n=web`.
     Value,
+    /// None or more: `--reload-on-change`, `--reload-on-change src lib` (up to the
+    /// next argument that starts with `-`), `--reload-on-change=src`.
+    Values,
 }
 
 /// One option of arbiterd.
@@ -33,7 +36,7 @@ pub struct Opt {
     pub in_file: bool,
 }
 
-use Takes::{Flag, Value};
+use Takes::{Flag, Value, Values};
 
 /// Every option of arbiterd that is not positional (the COMMAND after `--` is
 /// not), in the order of `arbiterd --help`, clap's own `--help` and `--version`
@@ -73,6 +76,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { long: "group",               short: None,      takes: Value, in_file: true },
     Opt { long: "check-config",        short: None,      takes: Flag,  in_file: false },
     Opt { long: "preload",             short: None,      takes: Flag,  in_file: true },
+    Opt { long: "reload-on-change",    short: None,      takes: Values, in_file: true },
     Opt { long: "help",                short: Some('h'), takes: Flag,  in_file: false },
     Opt { long: "version",             short: Some('V'), takes: Flag,  in_file: false },
 ];

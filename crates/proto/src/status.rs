@@ -88,14 +88,27 @@ pub struct MasterStatus {
     #[serde(default)]
     pub max_requests: Option<MaxRequests>,
     /// The names (never the values) of the variables the configuration sets in
-    /// the current generation's environment (`--env`, `[env]`, env-file).
+    /// the environment of the generation new workers belong to (`--env`,
+    /// `[env]`, env-file).
     #[serde(default)]
     pub env_keys: Vec<String>,
+    /// Every generation with a worker or a template, oldest first, and the names
+    /// of the variables it was started with: during a reload the old generation
+    /// keeps its own.
+    #[serde(default)]
+    pub generations: Vec<GenerationEnv>,
     /// Recycles started since the master started (a replacement first, then a
     /// graceful stop), by reason: `max-requests`, `max-worker-age`,
     /// `max-worker-rss`, `asked` (`ARBITER_RECYCLE=1`).
     #[serde(default)]
     pub recycles: std::collections::BTreeMap<String, u64>,
+}
+
+/// A generation alive and its environment's names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationEnv {
+    pub generation: u64,
+    pub env_keys: Vec<String>,
 }
 
 /// `--max-requests N --max-requests-jitter J`: each worker's limit is N plus its

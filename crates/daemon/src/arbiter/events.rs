@@ -41,6 +41,8 @@ pub enum Source {
     ControlClient(ClientId),
     MetricsListener,
     MetricsClient(u64),
+    /// `--reload-on-change`: the inotify fd.
+    CodeWatch,
 }
 
 struct Registration {

@@ -17,6 +17,7 @@
 //! reload` cannot differ.
 
 mod autoscale;
+mod code_watch;
 mod ending;
 mod events;
 mod handover;
@@ -114,6 +115,8 @@ pub struct Arbiter {
     metrics: Option<MetricsServer>,
     notify: NotifySocket,
     signals: SignalPipe,
+    /// `--reload-on-change`: the code being watched.
+    code_watch: code_watch::Watching,
 
     // What they share: the configuration, the listeners, the environment children
     // start from.
@@ -194,6 +197,7 @@ impl Arbiter {
             metrics,
             notify,
             signals,
+            code_watch: code_watch::Watching::Off,
             loader,
             cfg,
             listeners,
@@ -215,6 +219,7 @@ impl Arbiter {
     /// Run until shut down; returns the exit status.
     pub fn run(mut self) -> u8 {
         self.log_start();
+        self.sync_code_watch();
         self.converge(Instant::now());
         while !(self.stopping_workers() && self.pool.is_empty()) {
             let due = self.next_deadline(Instant::now());
@@ -274,6 +279,7 @@ impl Arbiter {
             self.reload_gives_up_at(),
             self.report_due(),
             self.autoscaler.next_deadline(),
+            self.code_watch.next_deadline(),
             self.pool.next_deadline(
                 &self.cfg,
                 self.reloads.is_running(),
@@ -356,6 +362,7 @@ impl Arbiter {
                         asks.push((id, asked));
                     }
                 }
+                Source::CodeWatch => self.code_watch.on_ready(now),
             }
         }
         self.answer(asks, now);
@@ -547,6 +554,7 @@ impl Arbiter {
             self.upgrade_failed(reason);
         }
         self.check_reload(now);
+        self.check_code_changed(now);
         self.check_report(now);
         self.autoscale(now);
         self.manager.check(now, self.lineage.is_main_process());

@@ -159,9 +159,10 @@ impl Arbiter {
         }
     }
 
-    /// Re-read the config file (if any) and switch to it. Returns what it replaced.
+    /// Re-read the config file and the env-file (those given) and switch to what
+    /// they say. Returns what it replaced.
     fn apply_new_config(&mut self) -> Result<Option<Previous>, String> {
-        if self.loader.config_path().is_none() {
+        if !self.loader.has_files() {
             return Ok(None);
         }
         let new = self.loader.load().map_err(|e| e.0)?;
@@ -204,13 +205,10 @@ impl Arbiter {
         for name in restart_only {
             warning!("{name} changed in the config file: it takes effect at the next restart");
         }
-        if changes.is_empty() {
-            info!(
-                "Config file {} unchanged",
-                self.loader
-                    .config_path()
-                    .map_or(String::new(), |p| p.display().to_string())
-            );
+        if changes.is_empty()
+            && let Some(path) = self.loader.config_path()
+        {
+            info!("Config file {} unchanged", path.display());
         }
         let previous_target = self.pool.target();
         if new.workers != self.cfg.workers {

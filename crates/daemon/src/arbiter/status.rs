@@ -153,6 +153,15 @@ impl Arbiter {
                 }),
                 host_listen_overflows: crate::queue::host_listen_overflows(),
                 env_keys: self.cfg.env.iter().map(|(k, _)| k.clone()).collect(),
+                generations: self
+                    .pool
+                    .env_keys()
+                    .into_iter()
+                    .map(|(generation, keys)| snapshot::GenerationEnv {
+                        generation,
+                        env_keys: keys.to_vec(),
+                    })
+                    .collect(),
                 max_requests: self.cfg.max_requests.map(|limit| snapshot::MaxRequests {
                     limit,
                     jitter: self.cfg.max_requests_jitter,

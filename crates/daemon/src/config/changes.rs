@@ -45,6 +45,7 @@ pub fn describe_changes(old: &Config, new: &Config) -> (Vec<String>, Vec<&'stati
         changed.push(format!("env {:?} -> {:?}", keys(old), keys(new)));
     }
     diff!("reuse-port", reuse_port);
+    diff!("reload-on-change", reload_on_change);
     if old.program != new.program {
         // Not the arguments themselves: they may carry secrets.
         changed.push("command changed".to_string());

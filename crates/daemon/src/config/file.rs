@@ -55,6 +55,8 @@ struct FileConfig {
     metrics_bind: Option<At<String>>,
     daemon: Option<At<bool>>,
     preload: Option<At<bool>>,
+    /// `false`: off (`None` inside); `true`: the working directory (empty).
+    reload_on_change: Option<At<Option<Vec<String>>>>,
     log_file: Option<At<PathBuf>>,
     log_level: Option<At<String>>,
     max_worker_rss: Option<At<u64>>,
@@ -423,6 +425,16 @@ fn read_key(f: &mut FileConfig, name: &str, v: &Value, line: usize) -> Result<()
         "chdir" => f.chdir = at(line, string(name, v, PATH)?.into()),
         "daemon" => f.daemon = at(line, boolean(name, v)?),
         "preload" => f.preload = at(line, boolean(name, v)?),
+        "reload-on-change" => {
+            let paths = match v {
+                Value::Boolean(on) => on.then(Vec::new),
+                _ => {
+                    let what = "true, false, a path string or a list of them";
+                    Some(strings(name, v, what)?)
+                }
+            };
+            f.reload_on_change = at(line, paths);
+        }
         "reuse-port" => f.reuse_port = at(line, boolean(name, v)?),
         "max-worker-rss" => {
             f.max_worker_rss = at(line, whole(name, v, "a whole number of MiB")?);
@@ -494,6 +506,12 @@ impl Loader {
         self.cli.config.as_deref()
     }
 
+    /// A reload has files to read again: the config file, or an `--env-file`
+    /// given on the command line alone.
+    pub fn has_files(&self) -> bool {
+        self.cli.config.is_some() || self.cli.env_file.is_some()
+    }
+
     fn given(&self, id: &str) -> bool {
         self.explicit.iter().any(|e| e == id)
     }
@@ -530,6 +548,11 @@ impl Loader {
         }
         cli.pid = cli.pid.map(rel);
         cli.env_file = cli.env_file.map(rel);
+        // No PATH: the directory the workers start in.
+        cli.reload_on_change = cli.reload_on_change.map(|paths| match paths.is_empty() {
+            true => vec![rel(PathBuf::from("."))],
+            false => paths.into_iter().map(rel).collect(),
+        });
         cli.control = cli.control.map(rel);
         if cli.log_file.as_os_str() != "-" {
             cli.log_file = rel(cli.log_file);
@@ -563,6 +586,10 @@ impl Loader {
         take!(metrics_bind, "metrics_bind", Some);
         take!(daemon, "daemon", |v| v);
         take!(preload, "preload", |v| v);
+        take!(reload_on_change, "reload_on_change", |v: Option<
+            Vec<String>,
+        >| v
+            .map(|paths| paths.into_iter().map(PathBuf::from).collect()));
         take!(log_file, "log_file", |v| v);
         take!(max_worker_rss, "max_worker_rss", Some);
         take!(max_worker_age, "max_worker_age", Some);

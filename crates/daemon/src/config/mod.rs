@@ -171,6 +171,11 @@ pub struct Cli {
     /// template, so new code is loaded
     #[arg(long)]
     pub preload: bool,
+    /// For development: reload (as HUP does) once a burst of changes under PATH
+    /// ends. No PATH: the working directory. Trees are watched whole, but for
+    /// .git, __pycache__, node_modules and editors' temp files
+    #[arg(long, value_name = "PATH", num_args = 0..)]
+    pub reload_on_change: Option<Vec<PathBuf>>,
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -323,6 +328,8 @@ pub struct Config {
     /// The workers' environment beyond the master's own, in order (env-file,
     /// then `[env]`, then `--env`).
     pub env: Vec<(String, String)>,
+    /// `--reload-on-change`: the paths watched, absolute; empty: off.
+    pub reload_on_change: Vec<PathBuf>,
     pub umask: Option<u32>,
     pub chdir: Option<PathBuf>,
     pub user: Option<nix::unistd::User>,
@@ -622,6 +629,14 @@ impl Config {
                 other => other,
             }),
         };
+        let mut reload_on_change = Vec::new();
+        for p in cli.reload_on_change.into_iter().flatten() {
+            let p = absolute(p);
+            if let Err(e) = std::fs::metadata(&p) {
+                bail!("--reload-on-change {}: {e}", p.display());
+            }
+            reload_on_change.push(p);
+        }
         Ok(Config {
             binds,
             default_bind,
@@ -653,6 +668,7 @@ impl Config {
             max_requests: cli.max_requests.filter(|&n| n > 0),
             max_requests_jitter: cli.max_requests_jitter,
             env,
+            reload_on_change,
             umask,
             chdir: cli.chdir,
             user: cli.user.as_deref().map(resolve_user).transpose()?,

@@ -19,7 +19,7 @@ mod watch;
 
 use template::Template;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -185,6 +185,11 @@ pub struct Pool {
     /// Where workers say busy or idle; `None` if it could not be created.
     scoreboard: Option<Scoreboard>,
     recycler: Recycler,
+    /// The names of the variables the configuration set for each generation
+    /// (values are never kept): what the generation's first worker or template
+    /// was started with, which the rest of it shares, since only a reload
+    /// changes the configuration and a reload is a new generation.
+    env_keys: BTreeMap<u64, Vec<String>>,
     /// Statuses asked often: the workers' CPU readings taken between them.
     watch: watch::Watch,
     pub worker_failures: u64,
@@ -224,6 +229,7 @@ impl Pool {
         Pool {
             scoreboard,
             recycler: Recycler::new(),
+            env_keys: BTreeMap::new(),
             watch: watch::Watch::default(),
             workers: Vec::new(),
             relays: Vec::new(),
@@ -343,6 +349,37 @@ impl Pool {
     pub fn configure(&mut self, cfg: &Config) {
         self.ready_mode = ready_mode(cfg);
         self.kill_mode = cfg.kill_mode;
+    }
+
+    /// The current generation starts (or starts again) with `cfg`'s environment:
+    /// note its names, and forget those of generations with nothing left.
+    fn note_env_keys(&mut self, cfg: &Config) {
+        if self.env_keys.contains_key(&self.generation) {
+            return;
+        }
+        let alive: Vec<u64> = self.env_generations().collect();
+        self.env_keys.retain(|g, _| alive.contains(g));
+        let keys = cfg.env.iter().map(|(k, _)| k.clone()).collect();
+        self.env_keys.insert(self.generation, keys);
+    }
+
+    /// Generations with a worker or a template.
+    fn env_generations(&self) -> impl Iterator<Item = u64> + '_ {
+        self.workers
+            .iter()
+            .map(|w| w.generation)
+            .chain(self.templates.iter().map(|t| t.generation))
+    }
+
+    /// Each generation alive and the names of the variables its workers were given,
+    /// oldest first.
+    pub fn env_keys(&self) -> Vec<(u64, &[String])> {
+        let alive: Vec<u64> = self.env_generations().collect();
+        self.env_keys
+            .iter()
+            .filter(|(g, _)| alive.contains(g))
+            .map(|(g, keys)| (*g, keys.as_slice()))
+            .collect()
     }
 
     /// Start a new generation: returns its number.

@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 impl Pool {
     pub(super) fn spawn_missing(&mut self, now: Instant, ctx: &SpawnContext<'_>, ev: &mut Events) {
         self.revive_guardian(ctx.cfg, ctx.env);
+        self.note_env_keys(ctx.cfg);
         if ctx.cfg.preload {
             self.ensure_template(now, ctx, ev);
         }

@@ -98,6 +98,7 @@ fn status() -> Status {
             host_listen_overflows: None,
             max_requests: None,
             env_keys: Vec::new(),
+            generations: Vec::new(),
             recycles: Default::default(),
             pid: 100,
             name: "web".into(),
