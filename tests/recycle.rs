@@ -5,8 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -40,26 +38,7 @@ fn wait_ready(d: &Daemon, n: u64) {
 /// 4 clients looping on `GET /` for `run`, the ready count sampled every 50 ms:
 /// (requests that succeeded, failures, the lowest ready count seen).
 fn under_load(d: &Daemon, run: Duration) -> (u64, Vec<String>, u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (stop, ok, target) = (stop.clone(), ok.clone(), d.listener().clone());
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match http_get(&target, "/", SHORT) {
-                        Ok(r) if r.status == 200 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => failures.push(format!("status {}", r.status)),
-                        Err(e) => failures.push(format!("{:?}: {e}", e.kind())),
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
+    let clients = LoopingClients::start(CLIENTS, d.listener(), "/");
     let end = Instant::now() + run;
     let mut min_ready = u64::MAX;
     while Instant::now() < end {
@@ -68,12 +47,8 @@ fn under_load(d: &Daemon, run: Duration) -> (u64, Vec<String>, u64) {
         min_ready = min_ready.min(ready);
         std::thread::sleep(SAMPLE_EVERY);
     }
-    stop.store(true, Ordering::Relaxed);
-    let failures: Vec<String> = clients
-        .into_iter()
-        .flat_map(|c| c.join().unwrap())
-        .collect();
-    (ok.load(Ordering::Relaxed), failures, min_ready)
+    let (ok, failures) = clients.stop();
+    (ok, failures, min_ready)
 }
 
 /// Under load for 8 s: recycled by count, nothing lost, never below 2 ready.
