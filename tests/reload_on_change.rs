@@ -106,25 +106,26 @@ fn wait_reloads(d: &Daemon, n: usize) -> Vec<String> {
     })
 }
 
+/// Save app.py as v2: the first reload on change names it alone, and generation 2
+/// serves v2.
+fn edit_alone_reloads_to_v2(d: &Daemon, app_dir: &Path, why: &str) {
+    let app = app_dir.join("app.py");
+    std::fs::write(&app, app_source("v2")).unwrap();
+    let changed = wait_reloads(d, 1);
+    assert_eq!(
+        changed[0].split(CHANGED).nth(1),
+        Some(app.display().to_string().as_str()),
+        "{why}: {changed:?}"
+    );
+    wait_serving(d, 2, "v2");
+}
+
 #[test]
 fn editing_the_code_under_load_is_one_reload_to_the_new_code_losing_nothing() {
     let (d, app_dir) = start(|_| {});
     wait_serving(&d, 1, "v1");
     let clients = LoopingClients::start(4, d.listener(), "/");
-    // Let the clients get going before the edit, so the reload is under load.
-    d.wait_until(SHORT, "the clients are answered", || {
-        let r = d.get("/");
-        (r.status == 200).then_some(()).ok_or("not yet".to_string())
-    });
-    let app = app_dir.join("app.py");
-    std::fs::write(&app, app_source("v2")).unwrap();
-    let changed = wait_reloads(&d, 1);
-    assert_eq!(
-        changed[0].split(CHANGED).nth(1),
-        Some(app.display().to_string().as_str()),
-        "the first changed path, alone: {changed:?}"
-    );
-    wait_serving(&d, 2, "v2");
+    edit_alone_reloads_to_v2(&d, &app_dir, "the first changed path, alone");
     let (ok, failures) = clients.stop();
     assert!(
         failures.is_empty(),
@@ -196,15 +197,7 @@ fn version_control_caches_and_editor_files_are_no_change() {
     std::fs::write(app_dir.join(".git/refs/main"), "noise").unwrap();
     // Then the real edit: inotify reports in order, so had any of the above been
     // taken for a change, this edit would not start the first burst alone.
-    let app = app_dir.join("app.py");
-    std::fs::write(&app, app_source("v2")).unwrap();
-    let changed = wait_reloads(&d, 1);
-    assert_eq!(
-        changed[0].split(CHANGED).nth(1),
-        Some(app.display().to_string().as_str()),
-        "the noise was taken for a change: {changed:?}"
-    );
-    wait_serving(&d, 2, "v2");
+    edit_alone_reloads_to_v2(&d, &app_dir, "the noise was taken for a change");
     let (changed, started) = reloads(&d);
     assert_eq!(
         (changed.len(), started.len()),
