@@ -167,15 +167,6 @@ impl CodeWatch {
             }
         }
         w.say_unwatched();
-        debug!(
-            "Reload on change: watching {} directories under {}",
-            w.dirs.len(),
-            roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
         Ok(w)
     }
 
