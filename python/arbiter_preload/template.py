@@ -116,12 +116,21 @@ def _send(sock, line):
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_master(middle_pid, wait=1.0):
-    deadline = time.monotonic() + wait
-    while os.getppid() == middle_pid and time.monotonic() < deadline:
-        time.sleep(0.001)  # the middle process exits right after the pid is written
+def _die_with_master(wait=1.0):
+    """PR_SET_PDEATHSIG=SIGKILL, as an exec'd worker has, once this process is
+    the master's child. The flag is about the parent of the moment, so first wait
+    for the middle process to exit and the re-parenting to the master (a child
+    subreaper). Waiting for the parent to be the master, not for it to stop being
+    the middle process: the middle may be gone before this runs, and then the
+    parent read at the start is the master already (under load, the common case;
+    a wait on it ran out its whole second)."""
     master = os.environ.get("ARBITER_MASTER_PID")
-    if master is None or str(os.getppid()) != master:
+    if master is None:
+        return
+    deadline = time.monotonic() + wait
+    while str(os.getppid()) != master and time.monotonic() < deadline:
+        time.sleep(0.001)  # the middle process exits right after the pid is written
+    if str(os.getppid()) != master:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -136,7 +145,6 @@ def become_worker(req, sock, prepare_and_serve):
     """In the worker (the grandchild): the steps of docs/workers.md, then
     `prepare_and_serve()`, whose return value is the exit status. Never returns."""
     status = 1
-    middle_pid = os.getppid()
     try:
         os.setsid()  # 1. its own session and process group
         cgroup = req.fds.pop("cgroup", None)  # 2. its own cgroup
@@ -172,7 +180,7 @@ def become_worker(req, sock, prepare_and_serve):
             os.environ.pop("WATCHDOG_PID", None)
         # As an exec'd worker: KILL when the master dies. Only once re-parented
         # to it (the flag is about the parent of the moment).
-        _die_with_master(middle_pid)
+        _die_with_master()
         # 5. The post-fork hook and serving: the caller's.
         status = prepare_and_serve()
     except SystemExit as e:
