@@ -91,6 +91,13 @@ impl Pool {
         }
     }
 
+    /// A worker of the current generation in `slot` is being recycled.
+    pub(super) fn recycling_in(&self, slot: usize) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.slot == slot && w.generation == self.generation && w.is_recycling())
+    }
+
     /// Recycles started since the master started, by reason.
     pub fn recycles(&self) -> impl Iterator<Item = (Recycle, u64)> + '_ {
         Recycle::ALL.into_iter().zip(self.recycler.started)
